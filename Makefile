@@ -1,0 +1,38 @@
+# `make demo` and `make test` do all set-up: a virtual environment in .venv that keeps an importable
+# torch >= 2.11 (from the system site-packages) or else installs the pinned CPU build, then the package.
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.moespec-installed
+TORCH_PIN := torch==2.13.0
+JOBS ?= 2
+
+.PHONY: setup demo test test-quick bench lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(VPY) || $(PY) -m venv --system-site-packages $(VENV)
+	@if $(VPY) -c "import sys, torch; v = tuple(int(x) for x in torch.__version__.split('+')[0].split('.')[:2]); sys.exit(0 if v >= (2, 11) else 1)" 2>/dev/null; then \
+		echo "keeping the importable torch: $$($(VPY) -c 'import torch; print(torch.__version__)')"; \
+	else \
+		echo "installing the pinned CPU build $(TORCH_PIN)"; \
+		$(VPY) -m pip install -q "$(TORCH_PIN)"; \
+	fi
+	$(VPY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VPY) -m moe_spec_compile.cli demo
+
+test: $(STAMP)
+	TRITON_INTERPRET=1 $(VPY) -m pytest tests
+
+lint: $(STAMP)
+	$(VPY) -m ruff check .
+
+bench: $(STAMP)
+	$(VPY) benchmarks/bench_budget_cpu.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,42 @@
+"""moespec: make speculative decoding pay off on Mixture-of-Experts models.
+
+model --torch.compile(backend="moespec")--> MoE blocks found -> budgeted routing + fused experts
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from . import ops  # noqa: F401  (registers the moespec:: custom ops)
+from .budget import BudgetConfig, budget
+from .record import record_experts
+
+__all__ = [
+    "BudgetConfig",
+    "budget",
+    "record_experts",
+    "explain",
+    "moespec_backend",
+    "SpeculativeDecoder",
+    "ModelDrafter",
+    "NgramDrafter",
+    "TreeSpec",
+    "load_tiny",
+]
+
+# Heavier pieces load on first use, so `import moe_spec_compile` stays cheap.
+_LAZY = {
+    "explain": ".explain",
+    "moespec_backend": ".backend",
+    "SpeculativeDecoder": ".speculative",
+    "ModelDrafter": ".speculative",
+    "NgramDrafter": ".speculative",
+    "TreeSpec": ".speculative",
+    "load_tiny": ".tiny",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

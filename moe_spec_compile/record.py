@@ -1,0 +1,70 @@
+"""Record which experts each MoE block execution used.
+
+budget_apply (every rewritten router) -> emit(block, T, C, ids) -> Recorder.events
+
+Recording reads the ids back to the host, so it runs only inside ``with record_experts()``; it
+sees nothing while a captured CUDA graph replays (Python does not run then).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["ExpertEvent", "Recorder", "record_experts"]
+
+
+@dataclass(frozen=True)
+class ExpertEvent:
+    block: str  # the MoE block's module path, e.g. "model.layers.0.mlp"
+    num_tokens: int
+    budget: int | None  # the effective budget C of this pass, None when exact
+    experts: tuple[int, ...]  # ids of the experts that got tokens, ascending
+
+
+@dataclass
+class Recorder:
+    events: list[ExpertEvent] = field(default_factory=list)
+
+    def experts_per_block(self) -> dict[str, list[int]]:
+        """Number of experts used in each recorded execution, grouped by block."""
+        out: dict[str, list[int]] = {}
+        for ev in self.events:
+            out.setdefault(ev.block, []).append(len(ev.experts))
+        return out
+
+    def max_experts(self) -> int:
+        return max((len(ev.experts) for ev in self.events), default=0)
+
+
+class _Local(threading.local):
+    def __init__(self):
+        self.recorders: list[Recorder] = []
+
+
+_local = _Local()
+
+
+def active() -> bool:
+    return bool(_local.recorders)
+
+
+def emit(block: str, num_tokens: int, budget: int | None, ids: torch.Tensor) -> None:
+    experts = tuple(sorted(set(ids.reshape(-1).tolist())))
+    event = ExpertEvent(block, int(num_tokens), budget, experts)
+    for rec in _local.recorders:
+        rec.events.append(event)
+
+
+@contextlib.contextmanager
+def record_experts():
+    """``with msc.record_experts() as rec: model(x)`` -> ``rec.events``, one per MoE block execution."""
+    rec = Recorder()
+    _local.recorders.append(rec)
+    try:
+        yield rec
+    finally:
+        _local.recorders.remove(rec)
