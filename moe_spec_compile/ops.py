@@ -77,6 +77,7 @@ def budget_apply(
     weights: torch.Tensor,  # [..., k]
     remap: torch.Tensor,  # [E] from budget_topk
     to_empty: bool,  # True: dropped slots get id -1 (fused_experts); False: redirected into A
+    router_weight: torch.Tensor,  # names the block in recorded events (one graph may serve every layer)
     block: str,
     budget: int,
     policy: str,
@@ -90,12 +91,14 @@ def budget_apply(
         k = ids.shape[-1] if ids.dim() else 1
         e = remap.shape[0]
         c, _ = effective_budget(_config(budget, policy, max_tokens), ids.numel() // max(k, 1), e, k)
-        record.emit(block, ids.numel() // max(k, 1), c, new_ids[new_ids >= 0])
+        from .naming import block_of_weight
+
+        record.emit(block_of_weight(router_weight, block), ids.numel() // max(k, 1), c, new_ids[new_ids >= 0])
     return new_ids, new_weights
 
 
 @budget_apply.register_fake
-def _(ids, weights, remap, to_empty, block, budget, policy, max_tokens):
+def _(ids, weights, remap, to_empty, router_weight, block, budget, policy, max_tokens):
     return torch.empty_like(ids), torch.empty_like(weights)
 
 

@@ -1,0 +1,112 @@
+"""The `moespec` torch.compile backend.
+
+dynamo graph -> passes (discover, fuse experts, budget routers) -> compile_fx (inductor) | eager
+
+    torch.compile(model, backend="moespec", options={"budget": 16, "policy": "substitute"})
+
+Options: budget (int >= 1 or None = exact), policy ("substitute" | "truncate"), max_budget_tokens
+(passes with more tokens stay exact; default 256), inner ("inductor" | "eager"), kernels ("auto" |
+"torch" | "triton"), fuse_experts (bool, default True).
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from .budget import BudgetConfig, validate_budget, validate_max_tokens, validate_policy
+
+__all__ = ["CompileOptions", "moespec_backend", "parse_options"]
+
+_KNOWN = ("budget", "policy", "max_budget_tokens", "inner", "kernels", "fuse_experts")
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    budget: BudgetConfig
+    inner: str = "inductor"
+    kernels: str = "auto"
+    fuse_experts: bool = True
+
+
+def parse_options(options: dict | None) -> CompileOptions:
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(_KNOWN))
+    if unknown:
+        raise ValueError(f"unknown moespec option(s) {unknown}; known options are {list(_KNOWN)}")
+    cfg = BudgetConfig(
+        validate_budget(options.get("budget")),
+        validate_policy(options.get("policy", "substitute")),
+        validate_max_tokens(options.get("max_budget_tokens", 256)),
+    )
+    inner = options.get("inner", "inductor")
+    if inner not in ("inductor", "eager"):
+        raise ValueError(f"option 'inner' must be 'inductor' or 'eager', got {inner!r}")
+    kernels = options.get("kernels", "auto")
+    if kernels not in ("auto", "torch", "triton"):
+        raise ValueError(f"option 'kernels' must be 'auto', 'torch' or 'triton', got {kernels!r}")
+    fuse = options.get("fuse_experts", True)
+    if not isinstance(fuse, bool):
+        raise ValueError(f"option 'fuse_experts' must be a bool, got {fuse!r}")
+    return CompileOptions(cfg, inner, kernels, fuse)
+
+
+class _Reports(threading.local):
+    def __init__(self):
+        self.sinks: list[list] = []
+
+
+_reports = _Reports()
+_warned_no_moe = set()
+
+
+def moespec_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None = None):
+    """The backend dynamo calls for each graph it captures."""
+    from moe_spec_compile.passes import run_passes
+
+    from .naming import block_namer
+
+    opts = parse_options(options)
+    reports = run_passes(gm, example_inputs, opts.budget, impl=opts.kernels, fuse_experts=opts.fuse_experts,
+                         block_names=block_namer())
+    for sink in _reports.sinks:
+        sink.extend(reports)
+    if not reports and not _reports.sinks:
+        _note_no_moe(gm)
+    if opts.inner == "eager":
+        return gm.forward
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, example_inputs)
+
+
+def _note_no_moe(gm) -> None:
+    # One warning per compiled model: dynamo calls the backend for every graph piece, most have no MoE.
+    classes = {getattr(c, "__qualname__", str(c)) for n in gm.graph.nodes
+               for _, c in (n.meta.get("nn_module_stack") or {}).values()}
+    if any(re.search(r"(moe|expert|router)", c, re.I) for c in classes) or len(classes) < 3:
+        return  # a piece of a MoE model after a graph break, or a lone layer: the blocks are elsewhere
+    top = next((n.meta.get("nn_module_stack") for n in gm.graph.nodes if n.meta.get("nn_module_stack")), None)
+    root = list(top.values())[0][1] if top else None
+    key = getattr(root, "__qualname__", str(root))
+    if key in _warned_no_moe or not any(n.op == "call_function" for n in gm.graph.nodes):
+        return
+    _warned_no_moe.add(key)
+    warnings.warn(f"moespec: no MoE block found in a graph of {key}; it compiles unchanged "
+                  "(msc.explain(model, *args) shows what was looked at)", stacklevel=2)
+
+
+class collect_reports:
+    """Collect the BlockReports of every graph compiled inside the `with` block (used by explain)."""
+
+    def __enter__(self):
+        self.reports = []
+        _reports.sinks.append(self.reports)
+        return self.reports
+
+    def __exit__(self, *exc):
+        _reports.sinks.remove(self.reports)

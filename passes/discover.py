@@ -1,0 +1,281 @@
+"""Discovery: find each MoE block's router and experts in a dynamo FX graph, or say why not.
+
+topk node -> walk back to the router linear (softmax | sigmoid | neither) -> walk forward to where
+ids and weights leave the router -> the experts region those ids feed (module scope + data flow)
+
+Router source patterns matched (each found through views and dtype casts):
+    probs = softmax(linear(x, W_r));        w, ids = topk(probs, k)            Mixtral, Qwen, OLMoE, gpt-fast
+    s = sigmoid(linear(x, W_r)); sel = (s + bias).masked_fill(group_mask, 0)
+    ids = topk(sel, k)[1]; w = s.gather(-1, ids) (/ sum) * scale                DeepSeek-V3
+    logits = linear(x, W_r, b); v, ids = topk(logits, k); w = softmax(v)        GPT-OSS, Granite
+Everything after the top-k (renormalization, scaling) stays the model's own code.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from .graph_utils import (
+    meta_val,
+    VIEW_METHODS,
+    ancestors,
+    arg,
+    clean_path,
+    descendants,
+    external_inputs,
+    fn_name,
+    in_scope,
+    region_outputs,
+    scope,
+    scope_class,
+    shape,
+    val,
+)
+
+# Ops through which routing results flow between the top-k and the experts (weight post-processing).
+_ROUTING_OPS = VIEW_METHODS | {"getitem", "div", "mul", "add", "sub", "sum", "softmax", "gather", "masked_fill",
+                               "where", "truediv", "float", "unsqueeze", "squeeze"}
+_MOE_NAME = re.compile(r"(router|gate|gating|moe|expert)", re.IGNORECASE)
+
+
+@dataclass
+class Router:
+    topk: fx.Node
+    k: int
+    num_experts: int
+    x: fx.Node  # [..., E] what the top-k selects on
+    scores: fx.Node  # [..., E] probabilities (score_fn "identity") or logits (score_fn "softmax")
+    score_fn: str
+    kind: str  # "softmax", "sigmoid", "softmax after top-k"
+    features: list[str]
+    sorted: bool
+    linear: fx.Node | None = None  # the router's linear layer
+    closure: set[fx.Node] = field(default_factory=set)  # the top-k and the routing ops after it
+    ids_exit: fx.Node | None = None  # where the routing result leaves the router
+    weights_exit: fx.Node | None = None
+
+    @property
+    def block(self) -> str:
+        """The MoE block's module path: the parent of the router module ("model.layers.0.mlp")."""
+        path = clean_path(scope(self.topk))
+        leaf = path.rsplit(".", 1)[-1] if path else ""
+        if _MOE_NAME.search(leaf) and "." in path and re.search(r"(router|gate|gating)", leaf, re.IGNORECASE):
+            return path.rsplit(".", 1)[0]
+        return path or "<top>"
+
+
+@dataclass
+class Experts:
+    region: set[fx.Node]
+    output: fx.Node  # the one node of the region used outside it: [..., H]
+    hidden: fx.Node  # [..., H] the tokens' hidden states the experts read
+    params: list[fx.Node]  # weight tensors (placeholders / get_attr) the region reads
+    scope: str
+
+
+def is_topk(node: fx.Node) -> bool:
+    return fn_name(node) == "topk"
+
+
+def _through_views(node: fx.Node) -> fx.Node:
+    while fn_name(node) in VIEW_METHODS and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
+def _last_dim_ok(node: fx.Node, dim) -> bool:
+    s = shape(node)
+    return s is not None and dim in (-1, len(s) - 1)
+
+
+def analyze_router(node: fx.Node) -> Router | str:
+    """A Router for a top-k node, or the reason it is not a router moespec understands."""
+    x = node.args[0] if node.args else node.kwargs.get("input")
+    k = arg(node, 1, "k")
+    dim = arg(node, 2, "dim", -1)
+    largest = arg(node, 3, "largest", True)
+    is_sorted = arg(node, 4, "sorted", True)
+    if not isinstance(x, fx.Node) or shape(x) is None:
+        return "top-k input has no known shape"
+    if not isinstance(k, int) or isinstance(k, bool):
+        return "top-k's k is not a constant"
+    if not _last_dim_ok(x, dim) or largest is not True:
+        return "top-k is not over the last dimension with largest=True"
+    e = shape(x)[-1]
+    if not isinstance(e, int) or e < 2 or not 1 <= k <= e:
+        return f"top-k over {e} entries with k={k} is not a routing choice"
+
+    probs, kind, features, cur = None, None, [], x
+    for _ in range(64):
+        name = fn_name(cur)
+        if name == "softmax" and probs is None and _last_dim_ok(cur, arg(cur, 1, "dim", -1)):
+            probs, kind = cur, "softmax"
+        elif name == "sigmoid" and probs is None:
+            probs, kind = cur, "sigmoid"
+        elif name == "linear":
+            break
+        elif name in VIEW_METHODS:
+            pass
+        elif name == "add":
+            same = [a for a in cur.args if isinstance(a, fx.Node) and shape(a) == shape(cur)]
+            if len(same) != 1:
+                return "router scores pass through an add moespec does not understand"
+            features.append("bias-corrected selection")
+            cur = same[0]
+            continue
+        elif name == "masked_fill":
+            features.append("grouped top-k")
+        else:
+            return f"router scores come from '{name or cur.op}', not a linear -> softmax/sigmoid -> top-k chain"
+        nxt = cur.args[0] if cur.args else None
+        if not isinstance(nxt, fx.Node):
+            return "router scores do not come from a linear layer"
+        cur = nxt
+    else:
+        return "router chain too long"
+    weight = cur.args[1] if len(cur.args) > 1 else cur.kwargs.get("weight")
+    if shape(weight) is None or shape(weight)[0] != e:
+        return f"the router linear's weight {shape(weight)} does not produce {e} expert scores"
+
+    outputs = {u.args[1]: u for u in node.users if fn_name(u) == "getitem"}
+    if len(outputs) != len(node.users):
+        return "top-k result used other than by indexing"
+    if probs is None:
+        values = outputs.get(0)
+        if values is None or not any(fn_name(u) == "softmax" for u in values.users):
+            return "top-k on raw logits without a softmax over the chosen values"
+        kind, scores, score_fn = "softmax after top-k", x, "softmax"
+    else:
+        scores, score_fn = probs, "identity"
+    if 1 not in outputs:
+        return "top-k indices are unused"
+    return Router(node, k, e, x, scores, score_fn, kind, features, bool(is_sorted), linear=cur)
+
+
+def routing_closure(router: Router, stop: set[fx.Node]) -> str | None:
+    """Walk forward from the top-k through weight post-processing; set the exits. None or a reason."""
+    k = router.k
+    lead = val(router.x).numel() // router.num_experts
+    closure = {router.topk}
+    frontier = list(router.topk.users)
+    while frontier:
+        n = frontier.pop()
+        if n in closure or n in stop or n.op != "call_function" and n.op != "call_method":
+            continue
+        name = fn_name(n)
+        s, v = shape(n), val(n)
+        if name not in _ROUTING_OPS or s is None or v is None:
+            continue
+        if name == "sum":
+            if not s or s[-1] != 1:
+                continue
+        elif not s or s[-1] != k or v.numel() != lead * k:
+            continue
+        if name == "getitem" and n.args[0] is not router.topk and not isinstance(n.args[1], int | tuple | slice):
+            continue
+        closure.add(n)
+        frontier.extend(n.users)
+    exits = [n for n in closure if n is not router.topk and any(u not in closure for u in n.users)]
+    ids = [n for n in exits if not val(n).is_floating_point()]
+    weights = [n for n in exits if val(n).is_floating_point()]
+    if len(ids) != 1:
+        return f"routing ids leave the router in {len(ids)} places"
+    if len(weights) != 1:
+        return f"routing weights leave the router in {len(weights)} places"
+    if shape(ids[0]) != shape(weights[0]):
+        return f"routing ids {shape(ids[0])} and weights {shape(weights[0])} differ in shape"
+    if fn_name(weights[0]) == "sum":
+        return "a reduction of the routing weights leaves the router"
+    router.closure, router.ids_exit, router.weights_exit = closure, ids[0], weights[0]
+    return None
+
+
+def _is_weight(node: fx.Node, tensor_of) -> bool:
+    t = tensor_of(node)
+    return isinstance(t, torch.nn.Parameter) or (node.op == "get_attr") or (t is not None and node.op == "placeholder"
+                                                                            and t.dim() >= 2 and t.shape[0] > 1
+                                                                            and "_parameters" in _source(node))
+
+
+def _source(node: fx.Node) -> str:
+    ga = node.meta.get("grapharg")
+    return ga.source.name if ga is not None and hasattr(ga, "source") else ""
+
+
+def _add_side_effects(region: set[fx.Node], upstream: set[fx.Node]) -> None:
+    """Add user-less nodes (in-place writes such as `inv_perm[perm] = arange`) that only touch the region."""
+    graph = next(iter(region)).graph
+    for n in graph.nodes:
+        if n in region or n.users or n.op not in ("call_function", "call_method"):
+            continue
+        inputs = n.all_input_nodes
+        if any(a in region for a in inputs) and all(
+                a in region or a.op in ("placeholder", "get_attr") or a not in upstream for a in inputs):
+            region.add(n)
+    changed = True
+    while changed:  # constants made for the region only (arange for an inverse permutation)
+        changed = False
+        for a in external_inputs(region):
+            if (a.op in ("call_function", "call_method") and all(u in region for u in a.users)
+                    and all(b in region for b in a.all_input_nodes)):
+                region.add(a)
+                changed = True
+
+
+def find_experts(router: Router, tensor_of) -> Experts | str:
+    """The experts region the router's ids feed, or the reason none was found in this graph."""
+    ids_exit, w_exit = router.ids_exit, router.weights_exit
+    users = [u for u in ids_exit.users if u not in router.closure]
+    if all(u.op == "output" for u in users):
+        return "graph break: the experts run outside this graph"
+    block = scope(router.topk)
+    if re.search(r"(router|gate|gating)$", block.rsplit(".", 1)[-1], re.IGNORECASE):
+        block = block.rsplit(".", 1)[0]
+    consumer_scopes = {scope(u) for u in users if u.op != "output"}
+    deeper = [p for p in consumer_scopes if p.startswith(block + ".")]
+    if len(consumer_scopes) == 1 and deeper:
+        path = deeper[0]
+        inside = {n for n in ids_exit.graph.nodes if in_scope(n, path) and n.op in ("call_function", "call_method")}
+        outs = region_outputs(inside)
+        if len(outs) != 1:
+            return f"the experts module {clean_path(path)} has {len(outs)} outputs"
+        output = outs[0]
+        if w_exit not in ancestors([output]) and len(output.users) == 1:
+            output = next(iter(output.users))  # gpt-fast: experts return [T, k, H]; the block combines with weights
+    else:
+        path = block
+        inside = {n for n in descendants([ids_exit]) if in_scope(n, block)} - router.closure
+        outs = region_outputs(inside)
+        if len(outs) != 1:
+            return f"routing ids feed {len(outs)} separate computations in {clean_path(block)}"
+        output = outs[0]
+    upstream = ancestors([ids_exit, w_exit]) | {ids_exit, w_exit}
+    region = {n for n in ancestors([output]) | {output}
+              if n not in upstream and n.op in ("call_function", "call_method")}
+    if w_exit not in ancestors([output]):
+        return "the routing weights are not applied in the experts"
+    _add_side_effects(region, upstream)
+    others = [n for n in region_outputs(region) if n is not output]
+    if others:
+        return f"values inside the experts are used elsewhere ({others[0].name})"
+    hidden, params = [], []
+    for n in external_inputs(region):
+        if n in (ids_exit, w_exit):
+            continue
+        v = meta_val(n)
+        if n.op in ("placeholder", "get_attr") and _is_weight(n, tensor_of):
+            params.append(n)
+        elif isinstance(v, torch.Tensor) and v.is_floating_point():
+            hidden.append(n)
+        elif isinstance(v, torch.Tensor):
+            return f"the experts read an unexpected tensor {n.name}"
+    if len(hidden) != 1:
+        return f"the experts read {len(hidden)} activations, expected the hidden states only"
+    h = shape(hidden[0])[-1]
+    if shape(output) is None or shape(output)[-1] != h:
+        return f"the experts output {shape(output)} does not match the hidden size {h}"
+    return Experts(region, output, hidden[0], params, clean_path(path))
