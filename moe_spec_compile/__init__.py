@@ -9,6 +9,7 @@ import importlib
 
 from . import ops  # noqa: F401  (registers the moespec:: custom ops)
 from .budget import BudgetConfig, budget
+from .explain import explain
 from .record import record_experts
 
 __all__ = [
@@ -26,7 +27,6 @@ __all__ = [
 
 # Heavier pieces load on first use, so `import moe_spec_compile` stays cheap.
 _LAZY = {
-    "explain": ".explain",
     "moespec_backend": ".backend",
     "SpeculativeDecoder": ".speculative",
     "ModelDrafter": ".speculative",

@@ -76,7 +76,7 @@ def moespec_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | No
     for sink in _reports.sinks:
         sink.extend(reports)
     if not reports and not _reports.sinks:
-        _note_no_moe(gm)
+        _note_no_moe(gm, example_inputs)
     if opts.inner == "eager":
         return gm.forward
     from torch._inductor.compile_fx import compile_fx
@@ -84,20 +84,20 @@ def moespec_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | No
     return compile_fx(gm, example_inputs)
 
 
-def _note_no_moe(gm) -> None:
-    # One warning per compiled model: dynamo calls the backend for every graph piece, most have no MoE.
-    classes = {getattr(c, "__qualname__", str(c)) for n in gm.graph.nodes
-               for _, c in (n.meta.get("nn_module_stack") or {}).values()}
-    if any(re.search(r"(moe|expert|router)", c, re.I) for c in classes) or len(classes) < 3:
-        return  # a piece of a MoE model after a graph break, or a lone layer: the blocks are elsewhere
-    top = next((n.meta.get("nn_module_stack") for n in gm.graph.nodes if n.meta.get("nn_module_stack")), None)
-    root = list(top.values())[0][1] if top else None
-    key = getattr(root, "__qualname__", str(root))
-    if key in _warned_no_moe or not any(n.op == "call_function" for n in gm.graph.nodes):
+def _note_no_moe(gm, example_inputs) -> None:
+    """Warn once per model that holds no MoE-like module at all (a graph piece of a MoE model after a
+    graph break has no router either; its model does, so it stays quiet)."""
+    from .naming import root_of
+
+    params = [x for x in example_inputs if isinstance(x, torch.nn.Parameter)]
+    root = root_of(params[0]) if params else None
+    if root is None or id(root) in _warned_no_moe:
         return
-    _warned_no_moe.add(key)
-    warnings.warn(f"moespec: no MoE block found in a graph of {key}; it compiles unchanged "
-                  "(msc.explain(model, *args) shows what was looked at)", stacklevel=2)
+    _warned_no_moe.add(id(root))
+    if any(re.search(r"(moe|expert|router|mixtral|sparse)", type(m).__name__, re.I) for m in root.modules()):
+        return
+    warnings.warn(f"moespec: no MoE block found in {type(root).__name__}; it compiles unchanged "
+                  "(msc.explain(model, *args) shows what was looked at)", stacklevel=3)
 
 
 class collect_reports:

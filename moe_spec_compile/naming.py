@@ -17,6 +17,7 @@ import torch
 
 _names: dict[int, str] = {}
 _by_ptr: dict[int, str] = {}
+_roots: dict[int, torch.nn.Module] = {}  # id(param) -> the outermost module holding it
 
 
 def _is_module(obj) -> bool:
@@ -42,6 +43,7 @@ def _rebuild() -> None:
                     owners.append((obj, name, p))
     _names.clear()
     _by_ptr.clear()
+    _roots.clear()
     for module, name, p in owners:
         parts, m = [name], module
         seen = set()
@@ -50,8 +52,15 @@ def _rebuild() -> None:
             m, child_name = parent[id(m)]
             parts.append(child_name)
         _names[id(p)] = ".".join(q for q in reversed(parts) if q != "_orig_mod")  # torch.compile's wrapper
+        _roots[id(p)] = m
         if p.device.type != "meta":
             _by_ptr.setdefault(p.data_ptr(), _names[id(p)])
+
+
+def root_of(p: torch.Tensor) -> torch.nn.Module | None:
+    if id(p) not in _roots:
+        _rebuild()
+    return _roots.get(id(p))
 
 
 def param_name(p: torch.Tensor) -> str | None:

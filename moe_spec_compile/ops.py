@@ -58,8 +58,11 @@ def budget_topk(
         return values, indices, identity
     keep = budget_set(_probs(scores, score_fn), c)  # [E]
     if policy == "substitute":
-        values, indices = torch.topk(x.masked_fill(~keep, float("-inf")), k, dim=-1, sorted=sorted)
-        return values, indices, identity
+        # Rank A's experts above all others, even where the model itself masked them to -inf (grouped
+        # top-k): such experts rank by index after A's finite ones. Ties go to the lower index.
+        key = torch.where(keep, x.clamp(min=torch.finfo(x.dtype).min), float("-inf"))
+        indices = torch.sort(key, dim=-1, descending=True, stable=True).indices[..., :k]
+        return x.gather(-1, indices), indices, identity
     values, indices = torch.topk(x, k, dim=-1, sorted=sorted)
     best = torch.argmax(torch.where(keep, _probs(scores, score_fn).reshape(-1, e).float().sum(0), -1.0))
     return values, indices, torch.where(keep, identity, best)
@@ -93,7 +96,7 @@ def budget_apply(
         c, _ = effective_budget(_config(budget, policy, max_tokens), ids.numel() // max(k, 1), e, k)
         from .naming import block_of_weight
 
-        record.emit(block_of_weight(router_weight, block), ids.numel() // max(k, 1), c, new_ids[new_ids >= 0])
+        record.emit(block_of_weight(router_weight, block), ids.numel() // max(k, 1), c, new_ids[new_ids >= 0], block)
     return new_ids, new_weights
 
 

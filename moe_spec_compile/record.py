@@ -23,6 +23,7 @@ class ExpertEvent:
     num_tokens: int
     budget: int | None  # the effective budget C of this pass, None when exact
     experts: tuple[int, ...]  # ids of the experts that got tokens, ascending
+    compiled_as: str = ""  # the block name the graph was compiled for (differs when one graph serves many)
 
 
 @dataclass
@@ -52,9 +53,9 @@ def active() -> bool:
     return bool(_local.recorders)
 
 
-def emit(block: str, num_tokens: int, budget: int | None, ids: torch.Tensor) -> None:
+def emit(block: str, num_tokens: int, budget: int | None, ids: torch.Tensor, compiled_as: str = "") -> None:
     experts = tuple(sorted(set(ids.reshape(-1).tolist())))
-    event = ExpertEvent(block, int(num_tokens), budget, experts)
+    event = ExpertEvent(block, int(num_tokens), budget, experts, compiled_as or block)
     for rec in _local.recorders:
         rec.events.append(event)
 

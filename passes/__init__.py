@@ -118,6 +118,10 @@ def run_passes(gm: fx.GraphModule, example_inputs, cfg: BudgetConfig, impl: str 
             continue
         plans.append((router, experts, name))
     counters["routers_found"] += len(plans)
+    # Auxiliary top-ks inside a router found (DeepSeek's group selection) are not blocks of their own.
+    router_scopes = {clean_path(scope(r.topk)) for r, _, _ in plans} | {
+        r.name for r in reports if r.num_experts is not None}
+    reports = [r for r in reports if r.num_experts is not None or r.name not in router_scopes]
 
     wanted = set()
     for router, experts, _ in plans:
@@ -147,7 +151,6 @@ def run_passes(gm: fx.GraphModule, example_inputs, cfg: BudgetConfig, impl: str 
         budget_pass.rewrite(gm, fake_mode, router, cfg, name, to_empty)
         counters["routers_budgeted"] += 1
         reports.append(BlockReport(name, router.num_experts, router.k, kind, True, experts_note, reason))
-    gm.graph.eliminate_dead_code()
-    gm.graph.lint()
+    gm.graph.lint()  # no eliminate_dead_code: it drops in-place writes (DeepSeek's group_mask.scatter_)
     gm.recompile()
     return reports

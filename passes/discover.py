@@ -161,6 +161,7 @@ def routing_closure(router: Router, stop: set[fx.Node]) -> str | None:
     k = router.k
     lead = val(router.x).numel() // router.num_experts
     closure = {router.topk}
+    downstream = descendants([router.topk])
     frontier = list(router.topk.users)
     while frontier:
         n = frontier.pop()
@@ -170,16 +171,17 @@ def routing_closure(router: Router, stop: set[fx.Node]) -> str | None:
         s, v = shape(n), val(n)
         if name not in _ROUTING_OPS or s is None or v is None:
             continue
-        if name == "sum":
-            if not s or s[-1] != 1:
-                continue
-        elif not s or s[-1] != k or v.numel() != lead * k:
-            continue
+        if not s or s[-1] not in (k, 1) or v.numel() not in (lead * k, lead):
+            continue  # routing values [..., k], or per-token normalizers [..., 1] (sum, + eps)
+        if any(a in downstream and a not in closure for a in n.all_input_nodes):
+            continue  # mixes routing values with something computed from them outside (a one-hot mask)
         if name == "getitem" and n.args[0] is not router.topk and not isinstance(n.args[1], int | tuple | slice):
             continue
         closure.add(n)
         frontier.extend(n.users)
-    exits = [n for n in closure if n is not router.topk and any(u not in closure for u in n.users)]
+    # Exits: routing values [..., k] used outside the closure ([..., 1] normalizers are not results).
+    exits = [n for n in closure if n is not router.topk and val(n).numel() == lead * k and fn_name(n) != "sum"
+             and any(u not in closure for u in n.users)]
     ids = [n for n in exits if not val(n).is_floating_point()]
     weights = [n for n in exits if val(n).is_floating_point()]
     if len(ids) != 1:
@@ -188,8 +190,6 @@ def routing_closure(router: Router, stop: set[fx.Node]) -> str | None:
         return f"routing weights leave the router in {len(weights)} places"
     if shape(ids[0]) != shape(weights[0]):
         return f"routing ids {shape(ids[0])} and weights {shape(weights[0])} differ in shape"
-    if fn_name(weights[0]) == "sum":
-        return "a reduction of the routing weights leaves the router"
     router.closure, router.ids_exit, router.weights_exit = closure, ids[0], weights[0]
     return None
 
@@ -207,21 +207,26 @@ def _source(node: fx.Node) -> str:
 
 
 def _add_side_effects(region: set[fx.Node], upstream: set[fx.Node]) -> None:
-    """Add user-less nodes (in-place writes such as `inv_perm[perm] = arange`) that only touch the region."""
+    """Grow the region by what only it uses: user-less in-place writes that touch it (`out.add_(bias)`,
+    `inv_perm[perm] = arange`), and the nodes feeding only those (a bias gathered per token)."""
     graph = next(iter(region)).graph
-    for n in graph.nodes:
-        if n in region or n.users or n.op not in ("call_function", "call_method"):
-            continue
-        inputs = n.all_input_nodes
-        if any(a in region for a in inputs) and all(
-                a in region or a.op in ("placeholder", "get_attr") or a not in upstream for a in inputs):
-            region.add(n)
+
+    def weight_or_size(a: fx.Node) -> bool:
+        return a.op in ("placeholder", "get_attr") or not isinstance(meta_val(a), torch.Tensor)
+
     changed = True
-    while changed:  # constants made for the region only (arange for an inverse permutation)
+    while changed:
         changed = False
+        for n in graph.nodes:
+            if n in region or n.users or n.op not in ("call_function", "call_method"):
+                continue
+            inputs = n.all_input_nodes
+            if any(a in region for a in inputs) and all(a in region or a not in upstream for a in inputs):
+                region.add(n)
+                changed = True
         for a in external_inputs(region):
             if (a.op in ("call_function", "call_method") and all(u in region for u in a.users)
-                    and all(b in region for b in a.all_input_nodes)):
+                    and all(b in region or weight_or_size(b) for b in a.all_input_nodes)):
                 region.add(a)
                 changed = True
 
@@ -240,7 +245,7 @@ def find_experts(router: Router, tensor_of) -> Experts | str:
     if len(consumer_scopes) == 1 and deeper:
         path = deeper[0]
         inside = {n for n in ids_exit.graph.nodes if in_scope(n, path) and n.op in ("call_function", "call_method")}
-        outs = region_outputs(inside)
+        outs = [n for n in region_outputs(inside) if val(n) is not None]  # shared SymInt sizes don't count
         if len(outs) != 1:
             return f"the experts module {clean_path(path)} has {len(outs)} outputs"
         output = outs[0]
@@ -249,7 +254,7 @@ def find_experts(router: Router, tensor_of) -> Experts | str:
     else:
         path = block
         inside = {n for n in descendants([ids_exit]) if in_scope(n, block)} - router.closure
-        outs = region_outputs(inside)
+        outs = [n for n in region_outputs(inside) if val(n) is not None]
         if len(outs) != 1:
             return f"routing ids feed {len(outs)} separate computations in {clean_path(block)}"
         output = outs[0]
@@ -259,7 +264,7 @@ def find_experts(router: Router, tensor_of) -> Experts | str:
     if w_exit not in ancestors([output]):
         return "the routing weights are not applied in the experts"
     _add_side_effects(region, upstream)
-    others = [n for n in region_outputs(region) if n is not output]
+    others = [n for n in region_outputs(region) if n is not output and val(n) is not None]
     if others:
         return f"values inside the experts are used elsewhere ({others[0].name})"
     hidden, params = [], []
