@@ -26,7 +26,8 @@ demo: $(STAMP)
 	$(VPY) -m moe_spec_compile.cli demo
 
 test: $(STAMP)
-	TRITON_INTERPRET=1 $(VPY) -m pytest tests
+	# -P: keep the repo root off sys.path, or transformers would import our kernels/ as the `kernels` hub package
+	TRITON_INTERPRET=1 $(VPY) -P -m pytest tests
 
 lint: $(STAMP)
 	$(VPY) -m ruff check .

@@ -61,7 +61,7 @@ def budget_topk(
         # Rank A's experts above all others, even where the model itself masked them to -inf (grouped
         # top-k): such experts rank by index after A's finite ones. Ties go to the lower index.
         key = torch.where(keep, x.clamp(min=torch.finfo(x.dtype).min), float("-inf"))
-        indices = torch.sort(key, dim=-1, descending=True, stable=True).indices[..., :k]
+        indices = torch.sort(key, dim=-1, descending=True, stable=True).indices[..., :k].contiguous()
         return x.gather(-1, indices), indices, identity
     values, indices = torch.topk(x, k, dim=-1, sorted=sorted)
     best = torch.argmax(torch.where(keep, _probs(scores, score_fn).reshape(-1, e).float().sum(0), -1.0))
