@@ -92,8 +92,7 @@ def block_namer():
     """A callable (router, tensor_of) -> global block name or None, for run_passes."""
 
     def name(router, tensor_of):
-        weight = router.linear.args[1] if len(router.linear.args) > 1 else router.linear.kwargs.get("weight")
-        t = tensor_of(weight) if weight is not None else None
+        t = tensor_of(router.weight) if router.weight is not None else None
         full = param_name(t) if isinstance(t, torch.nn.Parameter) else None
         return _block_of(full) if full else None
 

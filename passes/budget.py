@@ -59,7 +59,7 @@ def rewrite(gm: fx.GraphModule, fake_mode, router: Router, cfg: BudgetConfig, bl
     later = max((ids_exit, w_exit), key=pos.__getitem__)
     with g.inserting_after(later):
         applied = call(g, fake_mode, torch.ops.moespec.budget_apply.default,
-                       (ids_exit, w_exit, outs[2], to_empty, router.linear.args[1], block, budget, cfg.policy,
+                       (ids_exit, w_exit, outs[2], to_empty, router.weight, block, budget, cfg.policy,
                         max_tokens))
     with g.inserting_after(applied):
         new_ids = call(g, fake_mode, operator.getitem, (applied, 0))

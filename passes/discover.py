@@ -20,7 +20,6 @@ import torch
 import torch.fx as fx
 
 from .graph_utils import (
-    meta_val,
     VIEW_METHODS,
     ancestors,
     arg,
@@ -29,9 +28,9 @@ from .graph_utils import (
     external_inputs,
     fn_name,
     in_scope,
+    meta_val,
     region_outputs,
     scope,
-    scope_class,
     shape,
     val,
 )
@@ -57,6 +56,12 @@ class Router:
     closure: set[fx.Node] = field(default_factory=set)  # the top-k and the routing ops after it
     ids_exit: fx.Node | None = None  # where the routing result leaves the router
     weights_exit: fx.Node | None = None
+
+    @property
+    def weight(self) -> fx.Node | None:
+        """The router's weight as the graph receives it (through dtype casts such as DeepSeek's .type())."""
+        w = self.linear.args[1] if len(self.linear.args) > 1 else self.linear.kwargs.get("weight")
+        return _through_views(w) if isinstance(w, fx.Node) else None
 
     @property
     def block(self) -> str:

@@ -11,11 +11,12 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from moe_models import GptFastMoE, TinyLM, build
 
 import moe_spec_compile as msc
 from moe_spec_compile.backend import parse_options
 from moe_spec_compile.passes import counters
+
+from moe_models import GptFastMoE, TinyLM, build
 
 
 @pytest.mark.parametrize("options,needle", [

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from moe_models import ALL_CASES, build
-from reference import reference_budget
 
 import moe_spec_compile as msc
+
+from moe_models import ALL_CASES, build
+from reference import reference_budget
 
 # Experts that moespec replaces with fused_experts; "eager" breaks the graph: routing only.
 EXPECT_FUSED = {"grouped_mm": True, "batched_mm": True, "eager": False, "plain": True}
