@@ -83,6 +83,14 @@ def select_config(t: int, k: int, e: int, h: int, i: int, dtype: torch.dtype, de
 
 
 @triton.jit
+def _tile_rows(sorted_ptr, pid_m, num_pairs, BLOCK_M: tl.constexpr):
+    """The padded rows of M tile pid_m: (rows, pair t*k+j of each row, row holds a pair), each (BLOCK_M,)."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pairs = tl.load(sorted_ptr + offs_m)
+    return offs_m, pairs, pairs < num_pairs
+
+
+@triton.jit
 def _gate_up_kernel(
     x_ptr, stride_xt, stride_xh,  # (T, H) hidden
     w_ptr, stride_we, stride_wn, stride_wk,  # (E, 2I, H) w_gate_up, any strides
@@ -91,51 +99,47 @@ def _gate_up_kernel(
     sorted_ptr,  # (P,) pair t*k+j per padded row, T*k = padding
     tile_expert_ptr,  # (P // BLOCK_M,) expert per M tile, -1 = unused
     num_pairs, H, N_INTER, top_k, num_tiles, alpha, limit,  # N_INTER = I
-    ROW_STEP: tl.constexpr,  # gate row of column n: n * ROW_STEP; up row: n * ROW_STEP + UP_OFFSET
-    UP_OFFSET,  # I (concatenated [gate; up]) or 1 (GPT-OSS's interleaved rows)
+    INTERLEAVED: tl.constexpr,  # gate = rows 0::2, up = rows 1::2 (GPT-OSS); else [gate; up]
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Grid (num_tiles * cdiv(I, BLOCK_N),): tile-fastest, so programs on one expert's consecutive
     tiles share its weight block in L2. Each computes act(x @ gate^T) * (x @ up^T) for BLOCK_M pairs
-    and BLOCK_N intermediate columns."""
+    and BLOCK_N intermediate columns, as one dot against 2*BLOCK_N weight rows ordered gate, up, gate,
+    up... (for GPT-OSS that is the storage order, so transposed weights load contiguously)."""
     pid = tl.program_id(0)
     pid_m = pid % num_tiles
     pid_n = pid // num_tiles
     expert = tl.load(tile_expert_ptr + pid_m).to(tl.int64)
     if expert < 0:
         return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pairs = tl.load(sorted_ptr + offs_m)
-    row_ok = pairs < num_pairs
+    offs_m, pairs, row_ok = _tile_rows(sorted_ptr, pid_m, num_pairs, BLOCK_M)
     tokens = tl.where(row_ok, pairs // top_k, 0).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N_INTER
-    gate_rows = offs_n * ROW_STEP
-    up_rows = gate_rows + UP_OFFSET
+    j = tl.arange(0, 2 * BLOCK_N)
+    if INTERLEAVED:
+        w_rows = pid_n * 2 * BLOCK_N + j
+    else:
+        w_rows = pid_n * BLOCK_N + j // 2 + (j % 2) * N_INTER
+    w_ok = pid_n * BLOCK_N + j // 2 < N_INTER  # (2 * BLOCK_N,)
     offs_k = tl.arange(0, BLOCK_K)
 
     x_ptrs = x_ptr + tokens[:, None] * stride_xt + offs_k[None, :] * stride_xh  # (BLOCK_M, BLOCK_K)
-    w_base = w_ptr + expert * stride_we + offs_k[:, None] * stride_wk
-    g_ptrs = w_base + gate_rows[None, :] * stride_wn  # (BLOCK_K, BLOCK_N)
-    u_ptrs = w_base + up_rows[None, :] * stride_wn
-    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    w_ptrs = w_ptr + expert * stride_we + w_rows[None, :] * stride_wn + offs_k[:, None] * stride_wk  # (BK, 2BN)
+    acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
         k_ok = offs_k < H - k0
         x = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        wg = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        wu = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc_g = tl.dot(x, wg, acc_g, input_precision=DOT_PRECISION)
-        acc_u = tl.dot(x, wu, acc_u, input_precision=DOT_PRECISION)
+        w = tl.load(w_ptrs, mask=k_ok[:, None] & w_ok[None, :], other=0.0)
+        acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
         x_ptrs += BLOCK_K * stride_xh
-        g_ptrs += BLOCK_K * stride_wk
-        u_ptrs += BLOCK_K * stride_wk
+        w_ptrs += BLOCK_K * stride_wk
 
     if HAS_BIAS:
-        b_row = b_ptr + expert * stride_be
-        acc_g += tl.load(b_row + gate_rows * stride_bn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        acc_u += tl.load(b_row + up_rows * stride_bn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        bias = tl.load(b_ptr + expert * stride_be + w_rows * stride_bn, mask=w_ok, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    acc_g, acc_u = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))  # (BLOCK_M, BLOCK_N) each
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N_INTER
     if ACTIVATION == "silu":
         h = acc_g * tl.sigmoid(acc_g) * acc_u
     elif ACTIVATION == "gelu":
@@ -177,9 +181,7 @@ def _down_kernel(
     expert = tl.load(tile_expert_ptr + pid_m).to(tl.int64)
     if expert < 0:
         return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pairs = tl.load(sorted_ptr + offs_m)
-    row_ok = pairs < num_pairs
+    offs_m, pairs, row_ok = _tile_rows(sorted_ptr, pid_m, num_pairs, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < H
     k_span = tl.cdiv(tl.cdiv(N_INTER, BLOCK_K), SPLIT_K) * BLOCK_K
@@ -199,8 +201,9 @@ def _down_kernel(
         w_ptrs += BLOCK_K * stride_wk
 
     if HAS_BIAS:
-        bias = tl.load(b_ptr + expert * stride_be + offs_n * stride_bn, mask=n_ok & (pid_k == 0), other=0.0)
-        acc += bias.to(tl.float32)[None, :]
+        if pid_k == 0:  # the bias joins one split only
+            bias = tl.load(b_ptr + expert * stride_be + offs_n * stride_bn, mask=n_ok, other=0.0)
+            acc += bias.to(tl.float32)[None, :]
     safe_pairs = tl.where(row_ok, pairs, 0).to(tl.int64)
     acc *= tl.load(tw_ptr + safe_pairs, mask=row_ok, other=0.0).to(tl.float32)[:, None]
     out_ptrs = out_ptr + pid_k.to(tl.int64) * stride_os + safe_pairs[:, None] * stride_op + offs_n[None, :] * stride_oh
@@ -223,10 +226,11 @@ def _combine_kernel(
     acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
     for j in range(top_k):
         pair = t * top_k + j
-        e = tl.load(ids_ptr + pair + offs_h * 0)  # (BLOCK_H,) the slot's expert, broadcast by the load
-        used = h_ok & (e >= 0) & (e < num_experts)
+        e = tl.load(ids_ptr + pair)
+        used = (e >= 0) & (e < num_experts)
         for s in tl.static_range(SPLIT_K):
-            acc += tl.load(part_ptr + s * stride_ps + pair * stride_pp + offs_h * stride_ph, mask=used, other=0.0)
+            part = tl.load(part_ptr + s * stride_ps + pair * stride_pp + offs_h * stride_ph, mask=h_ok, other=0.0)
+            acc += tl.where(used, part, 0.0)  # an empty slot's rows were never written: drop whatever is there
     tl.store(out_ptr + t * stride_ot + offs_h * stride_oh, acc.to(out_ptr.dtype.element_ty), mask=h_ok)
 
 
@@ -301,7 +305,7 @@ def fused_experts(
             inter, inter.stride(0), inter.stride(1),
             meta.sorted_pairs, meta.tile_expert,
             t * k, h, i, k, tiles, float(alpha), float(limit),
-            ROW_STEP=2 if interleaved else 1, UP_OFFSET=1 if interleaved else i,
+            INTERLEAVED=bool(interleaved),
             ACTIVATION=activation, HAS_BIAS=b_gate_up is not None, DOT_PRECISION=precision,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **launch,
         )

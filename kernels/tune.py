@@ -1,0 +1,171 @@
+"""`moespec tune`: time the fused-experts tile configurations per token count, write the tuned table.
+
+shape + token counts -> random budgeted routing -> time every candidate of _configs() -> best per T
+                     -> kernels/configs/E=..,H=..,I=..,dtype=..,device=...json (config.py reads it)
+
+    moespec tune --model qwen3-30b-a3b                      # on a GPU: every bucket, full search
+    moespec tune --shape 128,2048,768 --k 8 --tokens 1,16,64 --budget 32
+    TRITON_INTERPRET=1 moespec tune --shape 6,32,16 --k 2 --tokens 1,8 --dtype float32 --max-configs 2 --out /tmp/t
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import triton
+
+from . import config as kconfig
+from .fused_moe import _configs, _default_config, _interpreted, _num_sms, fused_experts
+
+__all__ = ["MODEL_SHAPES", "TOKEN_BUCKETS", "random_routing", "expert_weights", "time_us", "tune_shape", "main"]
+
+# name: (E, H, I, k, activation, interleaved and biased and stored transposed like GPT-OSS)
+MODEL_SHAPES = {
+    "mixtral-8x7b": (8, 4096, 14336, 2, "silu", False),
+    "qwen3-30b-a3b": (128, 2048, 768, 8, "silu", False),
+    "olmoe-1b-7b": (64, 2048, 1024, 8, "silu", False),
+    "deepseek-v3": (256, 7168, 2048, 8, "silu", False),
+    "gpt-oss-20b": (32, 2880, 2880, 4, "swiglu_clamp", True),
+}
+TOKEN_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+
+
+def random_routing(t: int, k: int, e: int, budget: int, gen: torch.Generator, device="cpu"):
+    """ids [T, k] int32: each token picks k distinct experts among `budget` random ones (a budgeted
+    verify pass); weights [T, k] summing to 1 per token."""
+    budget = max(k, min(budget, e))
+    pool = torch.randperm(e, generator=gen)[:budget]
+    pick = torch.rand(t, budget, generator=gen).argsort(dim=1)[:, :k]  # [T, k] distinct per row
+    ids = pool[pick].to(torch.int32)
+    weights = torch.rand(t, k, generator=gen)
+    return ids.to(device), (weights / weights.sum(1, keepdim=True)).to(device)
+
+
+def expert_weights(e: int, h: int, i: int, dtype, device, gpt_oss: bool = False, seed: int = 0):
+    """(w_gate_up [E, 2I, H], w_down [E, H, I], b_gate_up, b_down), random, scaled like trained weights;
+    GPT-OSS's are transposed views of [E, H, 2I] / [E, I, H] storage, with biases."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    if gpt_oss:
+        wgu = torch.randn(e, h, 2 * i, generator=gen, device=device, dtype=dtype).mul_(h**-0.5).transpose(1, 2)
+        wd = torch.randn(e, i, h, generator=gen, device=device, dtype=dtype).mul_(i**-0.5).transpose(1, 2)
+        bgu = torch.randn(e, 2 * i, generator=gen, device=device, dtype=dtype).mul_(0.1)
+        bd = torch.randn(e, h, generator=gen, device=device, dtype=dtype).mul_(0.1)
+        return wgu, wd, bgu, bd
+    wgu = torch.randn(e, 2 * i, h, generator=gen, device=device, dtype=dtype).mul_(h**-0.5)
+    wd = torch.randn(e, h, i, generator=gen, device=device, dtype=dtype).mul_(i**-0.5)
+    return wgu, wd, None, None
+
+
+def time_us(fn, reps: int = 50, warmup: int = 5) -> list[float]:
+    """Per-call times in microseconds: CUDA events on a GPU (after `warmup` calls), wall clock elsewhere."""
+    for _ in range(warmup):
+        fn()
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    times = []
+    for _ in range(reps):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e6)
+    return times
+
+
+def _candidates(t: int, k: int, e: int, h: int, i: int, dtype, device, max_configs: int | None):
+    """The defaults first, then _configs() without M tiles far larger than the pairs per expert."""
+    default = _default_config(t, k, e, h, i, dtype, _num_sms(device))
+    per_expert = t * k / max(1, min(e, t * k))
+    cands = [c for c in _configs(dtype) if c["BLOCK_M"] <= max(16, 2 * triton.next_power_of_2(int(per_expert)))]
+    cands = [default] + [c for c in cands if c != default]
+    if max_configs is not None and len(cands) > max_configs:
+        step = len(cands) / max_configs
+        cands = [cands[int(j * step)] for j in range(max_configs)]
+    return cands
+
+
+def tune_shape(e, h, i, k, tokens, dtype, device, budget=None, activation="silu", gpt_oss=False,
+               max_configs=None, reps=20, log=print) -> dict[int, dict[str, int]]:
+    """{T: fastest config} over the candidates, timed on random routing with `budget` experts."""
+    wgu, wd, bgu, bd = expert_weights(e, h, i, dtype, device, gpt_oss)
+    gen = torch.Generator().manual_seed(0)
+    table = {}
+    for t in tokens:
+        x = torch.randn(t, h, generator=gen).to(device=device, dtype=dtype)
+        ids, tw = random_routing(t, k, e, budget or e, gen, device)
+        best = None
+        for cfg in _candidates(t, k, e, h, i, dtype, device, max_configs):
+            args = (x, ids, tw, wgu, wd, activation, bgu, bd, gpt_oss)
+            run = lambda args=args, cfg=cfg: fused_experts(*args, config=cfg)
+            try:
+                us = statistics.median(time_us(run, reps=reps, warmup=2))
+            except Exception as err:  # a config the device cannot run (shared memory, registers)
+                log(f"  T={t} skip {cfg}: {type(err).__name__}")
+                continue
+            if best is None or us < best[0]:
+                best = (us, cfg)
+        if best is None:
+            raise RuntimeError(f"no configuration ran for T={t}")
+        log(f"T={t:4d} {best[0]:10.1f} us  {best[1]}")
+        table[t] = best[1]
+    return table
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moespec tune", description=__doc__.split("\n\n")[0])
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--model", choices=sorted(MODEL_SHAPES), help="a model's expert shape")
+    what.add_argument("--shape", help="E,H,I")
+    p.add_argument("--k", type=int, help="top-k (default: the model's, else 8)")
+    p.add_argument("--tokens", default=",".join(map(str, TOKEN_BUCKETS)), help="token counts to tune")
+    p.add_argument("--budget", type=int, help="experts the routing may use (default: all E)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--max-configs", type=int, help="time at most this many candidates per token count")
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--out", type=Path, default=kconfig.CONFIG_DIR, help="directory of the tables")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.model:
+        e, h, i, k, activation, gpt_oss = MODEL_SHAPES[args.model]
+    else:
+        e, h, i = (int(v) for v in args.shape.split(","))
+        k, activation, gpt_oss = 8, "silu", False
+    k = min(args.k or k, e)
+    dtype = getattr(torch, args.dtype)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and not _interpreted():
+        print("moespec tune: no CUDA device; set TRITON_INTERPRET=1 to tune tiny shapes on the CPU", file=sys.stderr)
+        return 2
+    if kconfig.env_config():
+        print(f"moespec tune: unset {kconfig.ENV_VAR}; it would pin every candidate", file=sys.stderr)
+        return 2
+    tokens = [int(v) for v in args.tokens.split(",")]
+    name = kconfig.device_name(device)
+    print(f"tuning E={e} H={h} I={i} k={k} {args.dtype} on {name}")
+    table = tune_shape(e, h, i, k, tokens, dtype, device, args.budget, activation, gpt_oss, args.max_configs,
+                       args.reps)
+    path = kconfig.table_path(name, e, h, i, dtype, args.out)
+    meta = dict(device=name, E=e, H=h, I=i, k=k, dtype=args.dtype, budget=args.budget or e,
+                torch=torch.__version__, triton=triton.__version__,
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    kconfig.write_table(path, table, meta)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
