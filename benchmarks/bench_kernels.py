@@ -1,0 +1,242 @@
+"""How close do the Triton fused experts come to reading expert weights at copy bandwidth, and how much
+faster are they than transformers' experts implementations (grouped_mm, batched_mm, the eager loop)?
+
+model shape x T x budget C -> random budgeted routing -> median us per implementation (CUDA graphs where
+they capture) -> expert-weight bytes / us against the measured copy bandwidth -> benchmarks/results/
+
+    python benchmarks/bench_kernels.py                         # a GPU: every model shape, T, budget
+    python benchmarks/bench_kernels.py --models qwen3-30b-a3b olmoe-1b-7b --tokens 1 16 64
+    python benchmarks/bench_kernels.py --smoke                 # the CPU: tiny shapes under TRITON_INTERPRET=1
+
+Legend: T tokens, E experts, k top-k, H hidden, I intermediate, C budget (experts a pass may load).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+SMOKE = "--smoke" in sys.argv
+if SMOKE and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are first imported
+
+import transformers  # noqa: E402
+import triton  # noqa: E402
+from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts  # noqa: E402
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts  # noqa: E402
+
+from moe_spec_compile.kernels import fused_experts  # noqa: E402
+from moe_spec_compile.kernels.tune import MODEL_SHAPES, expert_weights, random_routing, time_us  # noqa: E402
+from moe_spec_compile.ops import fused_experts_torch  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TOKENS = (1, 4, 16, 32, 64, 128, 256)
+BASELINES = ("grouped_mm", "batched_mm", "eager")
+SMOKE_SHAPES = {"tiny": (8, 64, 32, 2, "silu", False), "tiny-gpt-oss": (8, 48, 32, 2, "swiglu_clamp", True)}
+
+
+def copy_bandwidth(device, nbytes: int = 1 << 30, reps: int = 20) -> float:
+    """Bytes per microsecond of a device-to-device copy (read + write), the roofline for weight streaming."""
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    us = statistics.median(time_us(lambda: dst.copy_(src), reps=reps, warmup=3))
+    return 2 * src.numel() / us
+
+
+def baseline_module(e, h, i, gpt_oss, wgu, wd, bgu, bd):
+    """transformers' experts module holding our weights (no copy): Qwen3-MoE's layout for the SiLU
+    models (the same math as Mixtral's, OLMoE's and DeepSeek-V3's), GPT-OSS's own class for GPT-OSS."""
+    if gpt_oss:
+        cfg = transformers.GptOssConfig(hidden_size=h, intermediate_size=i, num_local_experts=e)
+        with torch.device("meta"):
+            mod = GptOssExperts(cfg)
+        mod.gate_up_proj = torch.nn.Parameter(wgu.transpose(1, 2), requires_grad=False)  # [E, H, 2I] storage
+        mod.down_proj = torch.nn.Parameter(wd.transpose(1, 2), requires_grad=False)  # [E, I, H]
+        mod.gate_up_proj_bias = torch.nn.Parameter(bgu, requires_grad=False)
+        mod.down_proj_bias = torch.nn.Parameter(bd, requires_grad=False)
+    else:
+        cfg = transformers.Qwen3MoeConfig(hidden_size=h, moe_intermediate_size=i, num_experts=e, hidden_act="silu")
+        with torch.device("meta"):
+            mod = Qwen3MoeExperts(cfg)
+        mod.gate_up_proj = torch.nn.Parameter(wgu, requires_grad=False)
+        mod.down_proj = torch.nn.Parameter(wd, requires_grad=False)
+    return mod.eval()
+
+
+def _graphed(fn, try_graph=True):
+    """(callable, "graph") replaying fn in a CUDA graph, or (fn, "eager") where it does not capture."""
+    if not (try_graph and torch.cuda.is_available()):
+        return fn, "eager"
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return graph.replay, "graph"
+    except Exception:  # host syncs (the eager loop's nonzero), dynamic shapes
+        torch.cuda.synchronize()
+        return fn, "eager"
+
+
+def _fits(t, k, h, i, elem, device) -> bool:
+    """batched_mm gathers one weight copy per (token, slot): skip it where that cannot fit."""
+    if device.type != "cuda":
+        return True
+    free, _ = torch.cuda.mem_get_info(device)
+    return t * k * 3 * h * i * elem < 0.6 * free
+
+
+def bench_case(name, shape, t, c, dtype, device, reps, weights, check):
+    e, h, i, k, activation, gpt_oss = shape
+    wgu, wd, bgu, bd, module = weights
+    gen = torch.Generator().manual_seed(t * 1000 + c)
+    x = torch.randn(t, h, generator=gen).to(device=device, dtype=dtype)
+    ids, tw = random_routing(t, k, e, c, gen, device)
+    tw = tw.to(dtype)
+    loaded = int(torch.unique(ids).numel())
+    per_expert = (wgu.shape[1] * h + h * i) * wgu.element_size() + (
+        (bgu.numel() + bd.numel()) // e * bgu.element_size() if bgu is not None else 0)
+    weight_bytes = loaded * per_expert
+    args = (x, ids, tw, wgu, wd, activation, bgu, bd, gpt_oss)
+    impls = {"moespec": lambda: fused_experts(*args)}
+    for impl in BASELINES:
+        if impl == "batched_mm" and not _fits(t, k, h, i, wgu.element_size(), device):
+            continue
+
+        def run(impl=impl):
+            module.config._experts_implementation = impl
+            return module(x, ids.long(), tw)
+
+        impls[impl] = run
+    if check:
+        ref = fused_experts_torch(*args).float()
+        for impl, fn in impls.items():
+            err = (fn().float() - ref).abs().max().item()
+            scale = ref.abs().max().item() + 1e-6
+            if err > 5e-2 * scale:
+                raise AssertionError(f"{name} T={t} C={c} {impl}: max error {err:.3g} vs reference scale {scale:.3g}")
+    rows = []
+    for impl, fn in impls.items():
+        with torch.no_grad():
+            timed, mode = _graphed(fn, try_graph=impl != "eager")  # the eager loop syncs on nonzero()
+            us = time_us(timed, reps=reps, warmup=2)
+        med = statistics.median(us)
+        rows.append(dict(model=name, T=t, k=k, C=c, E=e, H=h, I=i, impl=impl, mode=mode, median_us=med,
+                         p10_us=_quantile(us, 0.1), p90_us=_quantile(us, 0.9), experts_loaded=loaded,
+                         weight_bytes=weight_bytes, weight_bytes_per_us=weight_bytes / med))
+    return rows
+
+
+def _quantile(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def _summarize(rows, copy_bw):
+    """moespec rows gain the fraction of copy bandwidth and the ratio to each baseline (>1: faster)."""
+    by_case = {}
+    for r in rows:
+        by_case.setdefault((r["model"], r["T"], r["C"]), {})[r["impl"]] = r
+    for impls in by_case.values():
+        ours = impls["moespec"]
+        ours["frac_copy_bw"] = ours["weight_bytes_per_us"] / copy_bw
+        for impl, r in impls.items():
+            if impl != "moespec":
+                ours[f"speedup_vs_{impl}"] = r["median_us"] / ours["median_us"]
+        base = [r["median_us"] for impl, r in impls.items() if impl != "moespec"]
+        if base:
+            ours["speedup_vs_best_torch"] = min(base) / ours["median_us"]
+    return by_case
+
+
+def _markdown(by_case, meta) -> str:
+    lines = [f"# bench_kernels: {meta['device']}, {meta['date']}", "",
+             f"torch {meta['torch']}, triton {meta['triton']}, transformers {meta['transformers']}, "
+             f"dtype {meta['dtype']}, copy bandwidth {meta['copy_bytes_per_us'] / 1e3:.0f} GB/s", "",
+             "| model | T | C | experts | moespec us | % copy bw | grouped_mm us | batched_mm us | eager us | "
+             "x best torch |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for (model, t, c), impls in by_case.items():
+        ours = impls["moespec"]
+        cell = lambda impl, impls=impls: f"{impls[impl]['median_us']:.1f}" if impl in impls else "-"
+        best = ours.get("speedup_vs_best_torch")
+        lines.append(f"| {model} | {t} | {c} | {ours['experts_loaded']} | {ours['median_us']:.1f} | "
+                     f"{100 * ours['frac_copy_bw']:.0f} | {cell('grouped_mm')} | {cell('batched_mm')} | "
+                     f"{cell('eager')} | {f'{best:.2f}' if best else '-'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--smoke", action="store_true", help="tiny shapes; runs on the CPU under TRITON_INTERPRET=1")
+    p.add_argument("--models", nargs="*", help=f"default: all of {sorted(MODEL_SHAPES)}")
+    p.add_argument("--tokens", nargs="*", type=int, default=list(TOKENS))
+    p.add_argument("--budgets", nargs="*", default=["k", "2k", "4k", "E"], help="C as k, 2k, 4k, E or a number")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--reps", type=int, default=100)
+    p.add_argument("--no-check", action="store_true", help="skip the correctness check against the torch reference")
+    p.add_argument("--out", type=Path, help="results directory (default: benchmarks/results/; smoke: none)")
+    args = p.parse_args(argv)
+
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.smoke:
+        print("bench_kernels: the model shapes need a CUDA GPU (the Triton interpreter would take days on them); "
+              "run with --smoke for tiny shapes on the CPU", file=sys.stderr)
+        return 2
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = getattr(torch, args.dtype)
+    if args.smoke:
+        shapes = SMOKE_SHAPES
+        dtype = torch.float32 if not cuda else dtype  # bf16 is wrong under the interpreter
+        tokens, reps = [t for t in args.tokens if t <= 4] or [1], min(args.reps, 3)
+    else:
+        shapes = {m: MODEL_SHAPES[m] for m in (args.models or MODEL_SHAPES)}
+        tokens, reps = args.tokens, args.reps
+    copy_bw = copy_bandwidth(device, nbytes=(1 << 30) if cuda else (1 << 24))
+    rows = []
+    for name, shape in shapes.items():
+        e, h, i, k, _, gpt_oss = shape
+        wgu, wd, bgu, bd = expert_weights(e, h, i, dtype, device, gpt_oss)
+        weights = (wgu, wd, bgu, bd, baseline_module(e, h, i, gpt_oss, wgu, wd, bgu, bd))
+        budgets = sorted({min(e, {"k": k, "2k": 2 * k, "4k": 4 * k, "E": e}.get(b) or int(b)) for b in args.budgets})
+        for t in tokens:
+            for c in budgets:
+                case = bench_case(name, shape, t, c, dtype, device, reps, weights, check=not args.no_check)
+                rows += case
+                ours = case[0]
+                print(f"{name:14s} T={t:4d} C={c:4d} experts={ours['experts_loaded']:4d} "
+                      + " ".join(f"{r['impl']}={r['median_us']:.1f}us" for r in case), flush=True)
+        del weights, wgu, wd, bgu, bd
+        if cuda:
+            torch.cuda.empty_cache()
+
+    by_case = _summarize(rows, copy_bw)
+    meta = dict(device=torch.cuda.get_device_name(device) if cuda else f"cpu ({platform.processor() or 'unknown'}), "
+                "TRITON_INTERPRET=1", date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                torch=torch.__version__, triton=triton.__version__, transformers=transformers.__version__,
+                dtype=str(dtype).removeprefix("torch."), copy_bytes_per_us=copy_bw, smoke=args.smoke, reps=reps)
+    print(_markdown(by_case, meta))
+    out = args.out or (None if args.smoke else RESULTS)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        stem = f"bench_kernels-{meta['device'].split(',')[0].replace(' ', '_')}-{meta['date'][:10]}"
+        (out / f"{stem}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
+        (out / f"{stem}.md").write_text(_markdown(by_case, meta))
+        print(f"wrote {out / stem}.json and .md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
