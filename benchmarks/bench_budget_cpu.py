@@ -14,6 +14,7 @@ import datetime
 import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -75,7 +76,7 @@ def main(argv=None) -> int:
         "device": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "transformers": transformers.__version__,
         "date": datetime.date.today().isoformat(),
-        "command": "python benchmarks/bench_budget_cpu.py " + " ".join(argv or []),
+        "command": "python benchmarks/bench_budget_cpu.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "layers": args.layers, "tokens": args.tokens, "repeats": args.repeats, "rows": rows,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
