@@ -25,7 +25,7 @@ _NUM_WARPS = 8
 @triton.jit
 def _align_kernel(
     ids_ptr,  # (T*k,) int32 or int64, -1 = empty slot
-    sorted_ptr,  # (P,) int32 out, pre-filled with T*k: pair index t*k+j per padded row
+    sorted_ptr,  # (P,) int32 out: pair index t*k+j per padded row, T*k = padding
     tile_expert_ptr,  # (P // BLOCK_M,) int32 out: expert of each M tile, -1 past the last used tile
     num_padded_ptr,  # (1,) int32 out: padded rows in use
     num_pairs,  # T*k
@@ -35,9 +35,11 @@ def _align_kernel(
     BLOCK_E: tl.constexpr,  # next power of two >= E
     CHUNK: tl.constexpr,  # pairs handled per step
     TILE_CHUNK: tl.constexpr,  # tiles labelled per step
+    FILL: tl.constexpr,  # rows marked as padding per step
 ):
-    """Grid (1,). Pass 1 counts pairs per expert; pass 2 scatters each pair to its padded row, keeping
-    the (token, slot) order inside an expert (stable); pass 3 labels each M tile with its expert."""
+    """Grid (1,). Pass 1 counts pairs per expert; pass 2 marks every row padding, then scatters each
+    pair to its padded row, keeping the (token, slot) order inside an expert (stable); pass 3 labels
+    each M tile with its expert."""
     experts = tl.arange(0, BLOCK_E)
     real = experts < num_experts
 
@@ -52,6 +54,11 @@ def _align_kernel(
     ends = tl.cumsum(padded, axis=0)
     total = tl.sum(padded, axis=0)
     tl.store(num_padded_ptr, total)
+
+    for start in range(0, num_tiles * BLOCK_M, FILL):  # every row starts as padding ...
+        rows = start + tl.arange(0, FILL)
+        tl.store(sorted_ptr + rows, num_pairs, mask=rows < num_tiles * BLOCK_M)
+    tl.debug_barrier()  # ... before any thread scatters a pair over it (one program: a CTA barrier suffices)
 
     running = ends - padded  # next free row of each expert's group
     for start in range(0, num_pairs, CHUNK):
@@ -100,7 +107,7 @@ def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> R
         ids = ids.contiguous()
     num_pairs = ids.numel()
     rows = padded_rows(num_pairs, num_experts, block_m)
-    sorted_pairs = torch.full((rows,), num_pairs, dtype=torch.int32, device=ids.device)  # [P]
+    sorted_pairs = torch.empty((rows,), dtype=torch.int32, device=ids.device)  # [P]
     tile_expert = torch.empty((rows // block_m,), dtype=torch.int32, device=ids.device)  # [P // BLOCK_M]
     num_padded = torch.empty((1,), dtype=torch.int32, device=ids.device)
     block_e = triton.next_power_of_2(max(num_experts, 2))
@@ -108,6 +115,7 @@ def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> R
     tile_chunk = max(16, min(triton.next_power_of_2(tile_expert.shape[0]), _ONEHOT_ELEMS // block_e))
     _align_kernel[(1,)](
         ids, sorted_pairs, tile_expert, num_padded, num_pairs, num_experts, tile_expert.shape[0],
-        BLOCK_M=block_m, BLOCK_E=block_e, CHUNK=chunk, TILE_CHUNK=tile_chunk, num_warps=_NUM_WARPS,
+        BLOCK_M=block_m, BLOCK_E=block_e, CHUNK=chunk, TILE_CHUNK=tile_chunk, FILL=1024,
+        num_warps=_NUM_WARPS,
     )
     return RoutingMeta(sorted_pairs, tile_expert, num_padded, block_m)
