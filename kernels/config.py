@@ -95,3 +95,6 @@ def write_table(path: Path, table: dict[int, dict[str, int]], meta: dict) -> Non
     body = {**meta, "configs": {str(t): check_config(cfg) for t, cfg in sorted(table.items())}}
     path.write_text(json.dumps(body, indent=1) + "\n")
     _read_table.cache_clear()
+    from .fused_moe import _select
+
+    _select.cache_clear()

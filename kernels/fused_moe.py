@@ -12,6 +12,8 @@ in the weights' dtype (what the down GEMM's dot consumes); the down GEMM writes 
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
 
 import torch
 import triton
@@ -77,9 +79,15 @@ def _default_config(t: int, k: int, e: int, h: int, i: int, dtype: torch.dtype, 
 def select_config(t: int, k: int, e: int, h: int, i: int, dtype: torch.dtype, device: torch.device,
                   config_dir=None) -> dict[str, int]:
     """The tuned table's bucket closest to T (else the defaults), then MOESPEC_KERNEL_CONFIG on top."""
-    table = _cfg.load_table(_cfg.device_name(device), e, h, i, dtype, config_dir)
+    pinned = os.environ.get(_cfg.ENV_VAR, "")
+    return dict(_select(t, k, e, h, i, dtype, torch.device(device), str(config_dir or ""), pinned))
+
+
+@functools.lru_cache(maxsize=1024)
+def _select(t, k, e, h, i, dtype, device, config_dir, pinned) -> dict[str, int]:  # no file reads per call
+    table = _cfg.load_table(_cfg.device_name(device), e, h, i, dtype, config_dir or None)
     cfg = _cfg.pick_bucket(table, t) if table else _default_config(t, k, e, h, i, dtype, _num_sms(device))
-    return _cfg.check_config({**cfg, **_cfg.env_config()})
+    return _cfg.check_config({**cfg, **(_cfg.parse_config(pinned) if pinned else {})})
 
 
 @triton.jit
@@ -284,7 +292,7 @@ def fused_experts(
         return out.zero_()
     cfg = select_config(t, k, e, h, i, w_gate_up.dtype, hidden.device)
     if config:
-        cfg = _cfg.check_config({**cfg, **config, **_cfg.env_config()})
+        cfg = _cfg.check_config({**cfg, **config, **_cfg.env_config()})  # the env var still wins
     wdtype = w_gate_up.dtype
     x = hidden if hidden.dtype == wdtype else hidden.to(wdtype)
     precision = "ieee" if wdtype == torch.float32 else "tf32"  # fp32 stays exact; tf32 is unused for 16-bit
