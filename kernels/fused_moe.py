@@ -46,8 +46,8 @@ def _configs(dtype: torch.dtype) -> list[dict[str, int]]:
         for bn in (32, 64, 128):
             for bk in ((64, 128, 256) if wide else (32, 64)):
                 for split in (1, 2, 4):
-                    for warps in (4, 8):
-                        for stages in ((3, 4, 5) if wide else (2, 3)):
+                    for warps in (4, 8) if bm >= 32 else (4,):  # 8 warps cannot split a 16-row tile well
+                        for stages in ((3, 4) if wide else (2, 3)):
                             if bm * bk + 2 * bk * bn > 3 * 128 * 128:  # registers/smem per stage
                                 continue
                             out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split,
