@@ -88,28 +88,23 @@ def clean_path(path: str) -> str:
     return path
 
 
-def ancestors(nodes: Iterable[fx.Node]) -> set[fx.Node]:
+def _closure(nodes: Iterable[fx.Node], step) -> set[fx.Node]:
     seen: set[fx.Node] = set()
     stack = list(nodes)
     while stack:
-        n = stack.pop()
-        for a in n.all_input_nodes:
-            if a not in seen:
-                seen.add(a)
-                stack.append(a)
+        for nxt in step(stack.pop()):
+            if nxt not in seen:
+                seen.add(nxt)
+                stack.append(nxt)
     return seen
+
+
+def ancestors(nodes: Iterable[fx.Node]) -> set[fx.Node]:
+    return _closure(nodes, lambda n: n.all_input_nodes)
 
 
 def descendants(nodes: Iterable[fx.Node]) -> set[fx.Node]:
-    seen: set[fx.Node] = set()
-    stack = list(nodes)
-    while stack:
-        n = stack.pop()
-        for u in n.users:
-            if u not in seen:
-                seen.add(u)
-                stack.append(u)
-    return seen
+    return _closure(nodes, lambda n: n.users)
 
 
 def external_inputs(region: set[fx.Node]) -> list[fx.Node]:
