@@ -1,0 +1,24 @@
+"""Speculation-aware decoding: draft trees, tree verification under an expert budget, KV compaction,
+one CUDA graph per (tree size, budget) bucket.
+
+prompt -> prefill (exact) -> [draft tree -> verify (budget C) -> accept path + bonus -> compact KV]*
+"""
+
+from .accept import SamplingConfig
+from .decoder import GenerateOutput, GenerateStats, SpeculativeDecoder, VerifyStats
+from .drafters import Drafter, ModelDrafter, NgramDrafter
+from .tree import DraftTree, StaticTree, TreeSpec
+
+__all__ = [
+    "SpeculativeDecoder",
+    "GenerateOutput",
+    "GenerateStats",
+    "VerifyStats",
+    "SamplingConfig",
+    "Drafter",
+    "ModelDrafter",
+    "NgramDrafter",
+    "DraftTree",
+    "StaticTree",
+    "TreeSpec",
+]

@@ -1,0 +1,285 @@
+"""The speculative decoding loop: prefill, then draft -> verify -> accept until done.
+
+prompt --prefill (exact)--> root; loop: draft tree below root -> one verify pass of the padded tree
+(tree mask, budget C) -> accept path + bonus -> compact the KV cache -> next root
+
+Legend: L prompt length, n tree nodes (root included), N padded pass size, S cache slots, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..budget import budget as budget_ctx
+from ..budget import validate_budget, validate_policy
+from ..record import record_experts
+from .accept import Acceptance, SamplingConfig, accept_greedy, accept_sample
+from .buckets import DEFAULT_BUDGET_BUCKETS, DEFAULT_TREE_BUCKETS, VerifyRunner, pick_bucket
+from .drafters import Drafter, NgramDrafter
+from .kv import Masks, TreeCache, forward, takes_cache_position
+from .tree import DraftTree, StaticTree, TreeSpec, ancestors, as_tree_shape
+
+__all__ = ["SpeculativeDecoder", "GenerateOutput", "GenerateStats", "VerifyStats"]
+
+_UNSET = object()
+
+
+@dataclass
+class VerifyStats:
+    tree_size: int  # nodes drafted + root
+    bucket: int  # the padded pass size N
+    budget: int | None  # the budget bucket C' this pass ran under (None: exact)
+    accepted: int  # tokens this step emitted (accepted drafted tokens + the bonus)
+    experts_per_layer: dict[str, int] | None = None  # distinct experts each MoE block used (None: not recorded)
+    budget_bound: bool | None = None  # some block used all C' experts it was allowed
+
+
+@dataclass
+class GenerateStats:
+    steps: int = 0  # verify passes
+    new_tokens: int = 0
+    accepted_per_step: list[int] = field(default_factory=list)  # tokens emitted per step (bonus included)
+    verify: list[VerifyStats] = field(default_factory=list)
+    time_prefill: float = 0.0
+    time_draft: float = 0.0
+    time_verify: float = 0.0
+    time_accept: float = 0.0
+
+    @property
+    def tokens_per_step(self) -> float:
+        """Mean accepted length: tokens emitted per verify pass, bonus included."""
+        return sum(self.accepted_per_step) / max(len(self.accepted_per_step), 1)
+
+    @property
+    def buckets(self) -> list[tuple[int, int | None]]:
+        return sorted({(v.bucket, v.budget) for v in self.verify}, key=lambda b: (b[0], b[1] or 0))
+
+    def summary(self) -> dict:
+        total = self.time_prefill + self.time_draft + self.time_verify + self.time_accept
+        bound = [v.budget_bound for v in self.verify if v.budget_bound is not None]
+        return {
+            "steps": self.steps,
+            "new_tokens": self.new_tokens,
+            "tokens_per_step": round(self.tokens_per_step, 3),
+            "buckets": self.buckets,
+            "budget_bound_fraction": round(sum(bound) / len(bound), 3) if bound else None,
+            "time_s": {"prefill": self.time_prefill, "draft": self.time_draft, "verify": self.time_verify,
+                       "accept": self.time_accept, "total": total},
+        }
+
+
+@dataclass
+class GenerateOutput:
+    sequences: torch.Tensor  # [1, L + new tokens]
+    stats: GenerateStats
+
+
+class SpeculativeDecoder:
+    """Speculative decoding of a (MoE) target with a drafter, verifying draft trees under an expert budget.
+
+        dec = SpeculativeDecoder(target, drafter=ModelDrafter(draft), tree=TreeSpec(32, 5, 4), budget=16)
+        out = dec.generate(input_ids, max_new_tokens=128)        # out.sequences, out.stats
+
+    target: a transformers causal LM, plain or already ``torch.compile``-d; ``compile=True`` compiles it
+    here with backend="moespec" (``compile_options`` go to the backend, e.g. ``{"inner": "eager"}``).
+    Budgets only bind inside a moespec-compiled target. drafter: ModelDrafter, NgramDrafter or anything
+    with the Drafter interface (default NgramDrafter()). tree: int K (a chain), TreeSpec, or a list of
+    paths. budget: None (exact), an int C, or a callable ``step -> C`` (a schedule; each value goes to its
+    bucket). The prefill is always exact; the budget applies to verify passes only.
+    cuda_graphs: capture each (tree size, budget) bucket's verify pass once (default: on CUDA).
+    collect_expert_stats: record experts per layer per verify pass (reads ids back to the host; default:
+    when not replaying graphs, where Python does not run). Batch size 1.
+    """
+
+    def __init__(self, target, drafter: Drafter | None = None, tree=4, budget=None, policy: str = "substitute",
+                 compile: bool = False, compile_options: dict | None = None, tree_buckets=DEFAULT_TREE_BUCKETS,
+                 budget_buckets=DEFAULT_BUDGET_BUCKETS, cuda_graphs: bool | None = None,
+                 collect_expert_stats: bool | None = None, timing: bool = True):
+        self.target = target
+        self.eager_target = getattr(target, "_orig_mod", target)  # prefill runs here: exact, any length
+        self.verify_model = target
+        if compile:
+            options = {"policy": validate_policy(policy), "max_budget_tokens": None, **(compile_options or {})}
+            self.verify_model = torch.compile(self.eager_target, backend="moespec", dynamic=False, options=options)
+        self.drafter = drafter if drafter is not None else NgramDrafter()
+        self.tree = as_tree_shape(tree)
+        self.budget = budget if callable(budget) else validate_budget(budget)
+        self.policy = validate_policy(policy)
+        self.tree_buckets, self.budget_buckets = tuple(tree_buckets), tuple(budget_buckets)
+        self.device = next(self.eager_target.parameters()).device
+        self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
+        if self.cuda_graphs and self.device.type != "cuda":
+            raise ValueError("cuda_graphs=True needs the target on a CUDA device")
+        self.collect_expert_stats = not self.cuda_graphs if collect_expert_stats is None else collect_expert_stats
+        self.timing = timing
+        self.vocab_size = self.eager_target.config.get_text_config(decoder=True).vocab_size
+        if hasattr(self.drafter, "vocab_size") and self.drafter.vocab_size is None:
+            self.drafter.vocab_size = self.vocab_size
+        self._cache_position = takes_cache_position(self.eager_target)
+        self.cache: TreeCache | None = None
+        self.runner: VerifyRunner | None = None
+
+    # --- the loop ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 128, do_sample: bool = False,
+                 temperature: float = 1.0, top_p: float = 1.0, top_k: int | None = None, eos_token_id=_UNSET,
+                 generator: torch.Generator | None = None, tree=_UNSET, budget=_UNSET) -> GenerateOutput:
+        """Generate up to max_new_tokens after input_ids [1, L]; stops after the first EOS (included).
+
+        With do_sample=False the output equals the target's own greedy decoding when the budget is None.
+        Sampling keeps the target's distribution (after temperature, top_k, top_p) exactly."""
+        ids = self._check_input(input_ids)
+        sampling = SamplingConfig(do_sample, temperature, top_p, top_k)
+        shape = self.tree if tree is _UNSET else as_tree_shape(tree)
+        schedule = self.budget if budget is _UNSET else (budget if callable(budget) else validate_budget(budget))
+        eos = self._eos_set(eos_token_id)
+        stats = GenerateStats()
+        self._allocate(ids.shape[1] + max_new_tokens, shape)
+
+        t = self._clock()
+        root = self.prefill(ids, sampling, generator)
+        self.drafter.start(ids, self.cache.max_len)
+        stats.time_prefill = self._clock() - t
+        new = [root]
+        while len(new) < max_new_tokens and root not in eos:
+            c = schedule(stats.steps) if callable(schedule) else schedule
+            t0 = self._clock()
+            tree_ = self.draft(root, shape)
+            t1 = self._clock()
+            logits, vstat = self.verify(tree_, c)
+            t2 = self._clock()
+            acc = self.accept(tree_, logits, sampling, generator)
+            t3 = self._clock()
+            emitted = acc.tokens[1:] + [acc.bonus]
+            new.extend(emitted)
+            root = acc.bonus
+            vstat.accepted = len(emitted)
+            stats.steps += 1
+            stats.accepted_per_step.append(len(emitted))
+            stats.verify.append(vstat)
+            stats.time_draft += t1 - t0
+            stats.time_verify += t2 - t1
+            stats.time_accept += t3 - t2
+            if eos & set(emitted):
+                break
+        new = _truncate(new, max_new_tokens, eos)
+        stats.new_tokens = len(new)
+        out = torch.cat([ids, torch.tensor([new], dtype=ids.dtype, device=ids.device)], dim=1)
+        return GenerateOutput(out, stats)
+
+    def prefill(self, ids: torch.Tensor, sampling: SamplingConfig, generator=None) -> int:
+        """Exact (never budgeted) forward of the prompt through the uncompiled target -> first token."""
+        n = ids.shape[1]
+        pos = torch.arange(n, device=self.device)
+        with budget_ctx(None):
+            logits = forward(self.eager_target, self.cache, ids[0], pos, self.masks.causal(n, 0, self.device), pos,
+                             self._cache_position)
+        self.cache.length = n
+        root = DraftTree.root_only(ids[0, -1])
+        if not sampling.do_sample:
+            return int(logits[-1].argmax())
+        return accept_sample(root, logits[-1:], sampling, generator).bonus
+
+    def draft(self, root: int, shape) -> DraftTree:
+        return self.drafter.draft(root, shape)
+
+    def verify(self, tree: DraftTree, c: int | None) -> tuple[torch.Tensor, VerifyStats]:
+        """One forward of the padded tree through the target under budget bucket C' -> logits [n, V].
+
+        Padding repeats the root (same token, position and mask row), so a padded row computes
+        exactly the root's output; its only effect is to weigh the root more in the budget's expert
+        scores (s_e sums router probabilities over the pass's rows)."""
+        n = tree.size
+        big_n = pick_bucket(n, self.tree_buckets)
+        c_b = pick_bucket(c, self.budget_buckets)
+        dev, prefix = self.device, self.cache.length
+        if prefix + big_n > self.cache.max_len:
+            raise RuntimeError(f"KV cache of {self.cache.max_len} slots is full ({prefix} + {big_n})")
+        pad = big_n - n
+        tokens = torch.cat([tree.tokens, tree.tokens[:1].expand(pad)])
+        depth = torch.cat([tree.depth, tree.depth.new_zeros(pad)])
+        self._anc = ancestors(tree.parents, int(self._max_depth))
+        anc = torch.zeros(big_n, big_n, dtype=torch.bool, device=dev)
+        anc[:n, :n] = self._anc
+        anc[n:, 0] = True  # padding rows see what the root sees
+        pos = prefix + depth
+        mask = self.masks.tree(anc, prefix, pos, pos)
+        slots = prefix + torch.arange(big_n, device=dev)
+        stat = VerifyStats(tree_size=n, bucket=big_n, budget=c_b, accepted=0)
+        if self.collect_expert_stats and not self.cuda_graphs:
+            with record_experts() as rec:
+                logits = self.runner(tokens, pos, mask, slots, c_b)
+            _expert_stats(stat, rec.events)
+        else:
+            logits = self.runner(tokens, pos, mask, slots, c_b)
+        return logits[:n, : self.vocab_size], stat
+
+    def accept(self, tree: DraftTree, logits: torch.Tensor, sampling: SamplingConfig, generator=None) -> Acceptance:
+        """Pick the path and the bonus (accept.py), then move the path's KV into place after the prefix."""
+        if sampling.do_sample:
+            acc = accept_sample(tree, logits, sampling, generator)
+        else:
+            acc = accept_greedy(tree, logits, self._anc)
+        self.cache.compact(acc.order, self.cache.length)
+        self.cache.length += len(acc.path)
+        self.drafter.accept(acc.path, acc.tokens + [acc.bonus])
+        return acc
+
+    # --- helpers -----------------------------------------------------------------------------------
+    def _check_input(self, input_ids) -> torch.Tensor:
+        ids = torch.as_tensor(input_ids)
+        if ids.dim() == 1:
+            ids = ids[None]
+        if ids.dim() != 2 or ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be [1, L] with L >= 1, got shape {tuple(ids.shape)}")
+        if ids.shape[0] != 1:
+            raise ValueError(f"SpeculativeDecoder supports batch size 1 only, got a batch of {ids.shape[0]}; "
+                             "loop over the rows (acceptance lengths differ per row)")
+        return ids.to(self.device)
+
+    def _eos_set(self, eos_token_id) -> set[int]:
+        if eos_token_id is _UNSET:
+            eos_token_id = getattr(getattr(self.eager_target, "generation_config", None), "eos_token_id", None)
+        if eos_token_id is None:
+            return set()
+        return {int(e) for e in (eos_token_id if isinstance(eos_token_id, (list, tuple, set)) else [eos_token_id])}
+
+    def _allocate(self, seq_len: int, shape) -> None:
+        """(Re)allocate the target's cache when the sequence may not fit; keep it (and its graphs) if it does."""
+        nodes = shape.max_nodes + 1
+        self._max_depth = shape.depth
+        extra = pick_bucket(nodes, self.tree_buckets) + 1
+        need = seq_len + extra
+        if isinstance(shape, TreeSpec):
+            need += shape.top_k * max(shape.depth - 1, 0)  # the drafter's fed nodes
+        elif isinstance(shape, StaticTree):
+            need += nodes
+        if self.cache is None or self.cache.max_len < need:
+            max_len = -(-need // 64) * 64
+            self.cache = TreeCache.for_model(self.eager_target, max_len, self.device)
+            self.masks = Masks(self.eager_target, max_len)
+            self.runner = VerifyRunner(self.verify_model, self.cache, self.cuda_graphs, self._cache_position)
+        self.cache.length = 0
+
+    def _clock(self) -> float:
+        if self.timing and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+
+def _expert_stats(stat: VerifyStats, events) -> None:
+    if not events:
+        return
+    stat.experts_per_layer = {ev.block: len(ev.experts) for ev in events}
+    stat.budget_bound = any(ev.budget is not None and len(ev.experts) >= ev.budget for ev in events)
+
+
+def _truncate(tokens: list[int], max_new_tokens: int, eos: set[int]) -> list[int]:
+    tokens = tokens[:max_new_tokens]
+    for i, t in enumerate(tokens):
+        if t in eos:
+            return tokens[: i + 1]
+    return tokens

@@ -1,0 +1,271 @@
+"""Drafters: propose a token tree below the root for the target to verify.
+
+start(prompt) -> [draft(root, shape) -> DraftTree -> accept(path, tokens)] per step
+
+The interface (duck-typed; subclass :class:`Drafter` for the docstrings):
+
+    start(input_ids [1, L], max_len)   a new sequence: the prompt; at most max_len tokens in all
+    draft(root: int, shape) -> DraftTree
+        root is the newest token (emitted by the target, in no KV cache yet); shape is a TreeSpec or a
+        StaticTree; return at most shape.max_nodes drafted nodes (fewer, even none, is fine)
+    accept(path: list[int], tokens: list[int])
+        path: the accepted node ids of the last DraftTree, root first; tokens: their tokens followed
+        by the bonus token, which will be the next root
+
+An EAGLE head would keep the target's hidden states from verification (not passed here today) and
+otherwise follow ModelDrafter: draft level by level, keep its own cache in step in accept().
+
+Legend: V vocabulary, K top_k, D depth, F drafted nodes fed through the draft model in one step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .kv import Masks, TreeCache, forward, takes_cache_position
+from .tree import DraftTree, StaticTree, TreeSpec
+
+__all__ = ["Drafter", "ModelDrafter", "NgramDrafter"]
+
+
+class Drafter:
+    """Base class documenting the drafter interface (see the module docstring)."""
+
+    def start(self, input_ids: torch.Tensor, max_len: int) -> None:
+        raise NotImplementedError
+
+    def draft(self, root: int, shape: TreeSpec | StaticTree) -> DraftTree:
+        raise NotImplementedError
+
+    def accept(self, path: list[int], tokens: list[int]) -> None:
+        raise NotImplementedError
+
+
+class ModelDrafter(Drafter):
+    """A small causal LM sharing the target's vocabulary drafts the tree, one tree level per forward.
+
+    Its KV cache is pre-allocated and kept in step with the accepted tokens: tree nodes it fed while
+    drafting sit after its prefix; accept() moves the accepted ones into place (device-side index
+    copies) and queues the rest (at most the path's last node, plus the bonus) for the next draft's
+    first forward. Drafting is greedy on the draft's log-probabilities whatever the target samples
+    with; sampling acceptance keeps the target's distribution exact regardless (accept.py)."""
+
+    def __init__(self, model, vocab_size: int | None = None):
+        self.model = model.eval()
+        self.vocab_size = vocab_size
+        self.cache: TreeCache | None = None
+        self._cache_position = takes_cache_position(model)
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    # --- interface ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def start(self, input_ids: torch.Tensor, max_len: int) -> None:
+        if self.cache is None or self.cache.max_len < max_len:
+            self.cache = TreeCache.for_model(self.model, max_len, self.device)
+            self.masks = Masks(self.model, max_len)
+        self.cache.length = 0
+        self._feed_chain(input_ids[0].tolist())
+        self._pending: list[int] = []
+
+    @torch.no_grad()
+    def draft(self, root: int, shape: TreeSpec | StaticTree) -> DraftTree:
+        logits = self._feed_chain(self._pending + [root])  # commits the pending tokens and the root
+        self._pending = []
+        root_logp = torch.log_softmax(logits[-1].float(), -1)  # [V]
+        root_t = torch.tensor([root], dtype=torch.long, device=self.device)
+        if shape.max_nodes == 0:
+            self._gid, self._gid_fed, self._num_fed = torch.zeros(1, dtype=torch.long), torch.full((1,), -1), 0
+            return DraftTree.root_only(root_t)
+        if isinstance(shape, TreeSpec):
+            return self._draft_dynamic(root_t, root_logp, shape)
+        return self._draft_static(root_t, root_logp, shape)
+
+    def accept(self, path: list[int], tokens: list[int]) -> None:
+        fed = self._gid_fed[self._gid[torch.tensor(path[1:], dtype=torch.long)]].tolist()  # fed slot or -1
+        used = [f for f in fed if f >= 0]
+        if used:  # the fed nodes of the path are a prefix of it: every inner node was expanded
+            order = torch.tensor(used + [f for f in range(self._num_fed) if f not in used], device=self.device)
+            self.cache.compact(order, self.cache.length)
+            self.cache.length += len(used)
+        self._pending = tokens[1 + len(used) : -1]  # accepted but never fed (at most the last node)
+
+    # --- helpers -----------------------------------------------------------------------------------
+    def _feed_chain(self, tokens: list[int]) -> torch.Tensor:
+        """Commit tokens (causal, after the prefix) -> logits [len, V]."""
+        n, start = len(tokens), self.cache.length
+        dev = self.device
+        pos = start + torch.arange(n, device=dev)
+        mask = self.masks.causal(n, start, dev)
+        logits = forward(self.model, self.cache, torch.tensor(tokens, device=dev), pos, mask, pos,
+                         self._cache_position)
+        self.cache.length += n
+        return logits[:, : self.vocab_size] if self.vocab_size else logits
+
+    def _begin_tree(self, max_fed: int) -> None:
+        dev = self.device
+        self._num_fed = 0
+        self._fed_anc = torch.zeros(max_fed, max_fed, dtype=torch.bool, device=dev)  # [F, F]
+        self._fed_pos = torch.zeros(max_fed, dtype=torch.long, device=dev)  # [F]
+
+    def _feed_level(self, tokens: torch.Tensor, fed_parent: torch.Tensor, depth: int) -> torch.Tensor:
+        """Feed one tree level: tokens [m] whose parents are fed nodes fed_parent [m] (-1: the root,
+        which is committed) -> log-probs [m, V]. The level's nodes get fed ids num_fed .. +m-1."""
+        dev = self.device
+        m, prefix = tokens.shape[0], self.cache.length
+        f = self._num_fed + torch.arange(m, device=dev)
+        rows = self._fed_anc[fed_parent.clamp(min=0)] & (fed_parent >= 0)[:, None]  # [m, F]
+        rows[torch.arange(m, device=dev), f] = True
+        self._fed_anc[f] = rows
+        pos = torch.full((m,), prefix - 1 + depth, dtype=torch.long, device=dev)  # the root sits at prefix-1
+        self._fed_pos[f] = pos
+        mask = self.masks.tree(rows, prefix, pos, self._fed_pos)
+        logits = forward(self.model, self.cache, tokens, pos, mask, prefix + f, self._cache_position)
+        self._num_fed += m
+        if self.vocab_size:
+            logits = logits[:, : self.vocab_size]
+        return torch.log_softmax(logits.float(), -1)
+
+    def _draft_dynamic(self, root: torch.Tensor, root_logp: torch.Tensor, spec: TreeSpec) -> DraftTree:
+        """EAGLE-2: expand the top_k children of the top_k best frontier nodes per level (scores are
+        cumulative draft log-probs), then keep the total_tokens best candidates. Candidate ids (gid):
+        0 is the root; a parent always has a lower gid than its children and a score >= theirs, so a
+        stable sort by score keeps every kept node's parent."""
+        k, dev = spec.top_k, self.device
+        self._begin_tree(k * (spec.depth - 1))
+        score, tok = root_logp.topk(k)  # [K]
+        scores, toks, parents, depths, fed_of = [score], [tok], [torch.zeros(k, dtype=torch.long, device=dev)], [1], []
+        front_gid = torch.arange(1, k + 1, device=dev)
+        front_score, front_tok, front_fed_parent = score, tok, torch.full((k,), -1, device=dev)
+        next_gid = k + 1
+        for d in range(1, spec.depth):
+            fed_ids = self._num_fed + torch.arange(k, device=dev)
+            fed_of.append((front_gid, fed_ids))
+            logp = self._feed_level(front_tok, front_fed_parent, d)  # [K, V]
+            top_lp, top_tok = logp.topk(k, dim=-1)  # [K, K]
+            child_score = (front_score[:, None] + top_lp).reshape(-1)  # [K*K]
+            child_gid = next_gid + torch.arange(k * k, device=dev)
+            scores.append(child_score)
+            toks.append(top_tok.reshape(-1))
+            parents.append(front_gid.repeat_interleave(k))
+            depths.append(d + 1)
+            best = torch.sort(child_score, descending=True, stable=True).indices[:k]
+            front_gid, front_score, front_tok = child_gid[best], child_score[best], top_tok.reshape(-1)[best]
+            front_fed_parent = fed_ids.repeat_interleave(k)[best]
+            next_gid += k * k
+        all_score = torch.cat(scores)  # [G-1], gids 1..G-1
+        keep = torch.sort(all_score, descending=True, stable=True).indices[: spec.total_tokens]
+        sel = torch.sort(keep).values + 1  # kept gids in gid order (parents first)
+        all_tok = torch.cat([root, *toks])
+        all_parent = torch.cat([torch.full((1,), -1, device=dev), *parents])
+        all_depth = torch.cat([torch.zeros(1, dtype=torch.long, device=dev)]
+                              + [torch.full((t.shape[0],), d, dtype=torch.long, device=dev)
+                                 for t, d in zip(toks, depths)])
+        gid = torch.cat([torch.zeros(1, dtype=torch.long, device=dev), sel])  # local node -> gid
+        local = torch.full((next_gid,), -1, dtype=torch.long, device=dev)
+        local[gid] = torch.arange(gid.shape[0], device=dev)
+        tree_parents = torch.where(all_parent[gid] >= 0, local[all_parent[gid].clamp(min=0)], -1)
+        self._remember(gid, next_gid, fed_of)
+        return DraftTree(all_tok[gid], tree_parents, all_depth[gid])
+
+    def _draft_static(self, root: torch.Tensor, root_logp: torch.Tensor, shape: StaticTree) -> DraftTree:
+        """Fixed tree: node (r_1, .., r_d) takes the r_d-th best token at its parent. Feed every
+        level's inner nodes in one forward."""
+        dev = self.device
+        parents = shape.parents()  # host, root first
+        n = len(parents)
+        paths = ((),) + shape.paths
+        inner = sorted({p for p in parents[1:]})
+        self._begin_tree(max(len(inner) - 1, 1))
+        tokens = torch.zeros(n, dtype=torch.long, device=dev)
+        tokens[0] = root[0]
+        fed_id = {0: -1}
+        logp_of = {0: root_logp[None]}  # node -> [1, V] log-probs (per level batch, row picked below)
+        row_of = {0: 0}
+        for d in range(1, shape.depth + 1):
+            level = [i for i in range(1, n) if len(paths[i]) == d]
+            need = max(paths[i][-1] for i in level) + 1
+            for i in level:
+                p = parents[i]
+                top = logp_of[p][row_of[p]].topk(need).indices
+                tokens[i] = top[paths[i][-1]]
+            feed = [i for i in level if i in inner]
+            if feed:
+                fp = torch.tensor([fed_id[parents[i]] for i in feed], device=dev)
+                base = self._num_fed
+                logp = self._feed_level(tokens[torch.tensor(feed, device=dev)], fp, d)
+                for r, i in enumerate(feed):
+                    fed_id[i], logp_of[i], row_of[i] = base + r, logp, r
+        tree = DraftTree.from_lists([0] * n, parents, dev)
+        tree.tokens = tokens
+        self._gid = torch.arange(n)
+        self._gid_fed = torch.tensor([fed_id.get(i, -1) for i in range(n)])
+        return tree
+
+    def _remember(self, gid: torch.Tensor, num_gids: int, fed_of) -> None:
+        """Host copies of local node -> gid and gid -> fed id, read in accept()."""
+        gid_fed = torch.full((num_gids,), -1, dtype=torch.long, device=gid.device)
+        for gids, fed in fed_of:
+            gid_fed[gids] = fed
+        self._gid, self._gid_fed = gid.cpu(), gid_fed.cpu()
+
+
+class NgramDrafter(Drafter):
+    """Prompt lookup: find the longest n-gram (max_ngram down to min_ngram) ending the context that
+    occurred before, and propose what followed it. With a TreeSpec of top_k > 1 (or a StaticTree),
+    several earlier occurrences are merged into a trie; no model runs. Host-side Python."""
+
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1, max_matches: int = 16):
+        if not 1 <= min_ngram <= max_ngram:
+            raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
+        self.max_ngram, self.min_ngram, self.max_matches = max_ngram, min_ngram, max_matches
+        self.device = torch.device("cpu")
+
+    def start(self, input_ids: torch.Tensor, max_len: int) -> None:
+        self.device = input_ids.device
+        self.history: list[int] = []
+        self.index: dict[tuple[int, ...], list[int]] = {}  # n-gram -> positions just after it
+        self._extend(input_ids[0].tolist())
+
+    def _extend(self, tokens: list[int]) -> None:
+        for t in tokens:
+            self.history.append(t)
+            end = len(self.history)
+            for n in range(self.min_ngram, self.max_ngram + 1):
+                if end >= n:
+                    self.index.setdefault(tuple(self.history[end - n :]), []).append(end)
+
+    def _continuations(self, ctx: list[int], depth: int) -> list[list[int]]:
+        for n in range(self.max_ngram, self.min_ngram - 1, -1):
+            if len(ctx) < n:
+                continue
+            key = tuple(ctx[-n:])
+            ends = [e for e in self.index.get(key, []) if e < len(ctx)]
+            if ends:
+                return [ctx[e : e + depth] for e in reversed(ends[-self.max_matches :])]
+        return []
+
+    def draft(self, root: int, shape: TreeSpec | StaticTree) -> DraftTree:
+        ctx = self.history + [root]
+        depth, total = shape.depth, shape.max_nodes
+        branch = shape.top_k if isinstance(shape, TreeSpec) else 1 + max((p[-1] for p in shape.paths), default=0)
+        tokens, parents, children = [root], [-1], [{}]
+        for cont in self._continuations(ctx, depth):
+            node = 0
+            for t in cont:
+                if t in children[node]:
+                    node = children[node][t]
+                    continue
+                if len(tokens) - 1 >= total or len(children[node]) >= branch:
+                    break
+                children[node][t] = len(tokens)
+                tokens.append(t)
+                parents.append(node)
+                children.append({})
+                node = len(tokens) - 1
+        return DraftTree.from_lists(tokens, parents, self.device)
+
+    def accept(self, path: list[int], tokens: list[int]) -> None:
+        self._extend(tokens[:-1])

@@ -1,0 +1,145 @@
+"""Draft trees: the shapes a user asks for, and the trees drafters hand to verification.
+
+tree= int K | TreeSpec(total_tokens, depth, top_k) | list of paths -> a shape -> drafter -> DraftTree
+
+Legend: n tree nodes (node 0 is the root, the last accepted token, not yet in any KV cache),
+V vocabulary, D depth. Nodes are ordered so that a parent always comes before its children.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["TreeSpec", "StaticTree", "DraftTree", "as_tree_shape", "ancestors"]
+
+
+@dataclass(frozen=True)
+class TreeSpec:
+    """An EAGLE-2 style dynamic tree: at each depth expand the top_k children of the top_k best nodes
+    (by cumulative draft log-probability), then keep the total_tokens best drafted nodes overall.
+
+    ``total_tokens`` counts drafted nodes; a verify pass holds them plus the root (total_tokens + 1).
+    ``TreeSpec(K, K, 1)`` is a chain of K tokens (what ``tree=K`` means)."""
+
+    total_tokens: int
+    depth: int
+    top_k: int
+
+    def __post_init__(self):
+        for name in ("total_tokens", "depth", "top_k"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"TreeSpec.{name} must be an int >= 0, got {v!r}")
+        if self.total_tokens and (self.depth < 1 or self.top_k < 1):
+            raise ValueError(f"TreeSpec with total_tokens > 0 needs depth >= 1 and top_k >= 1, got {self}")
+
+    @property
+    def max_nodes(self) -> int:
+        """Drafted nodes at most (the root not counted)."""
+        return min(self.total_tokens, self.candidates)
+
+    @property
+    def candidates(self) -> int:
+        """Nodes the expansion produces before the final top-total_tokens cut."""
+        if not self.total_tokens:
+            return 0
+        return self.top_k + (self.depth - 1) * self.top_k * self.top_k
+
+
+@dataclass(frozen=True)
+class StaticTree:
+    """A fixed tree given as paths of child ranks from the root, e.g. ``[(0,), (1,), (0, 0)]``: the
+    root's best and second-best children, and the best child of the best child (Medusa/EAGLE-1 style).
+    Every prefix of a path must be a path too (it is added when missing)."""
+
+    paths: tuple[tuple[int, ...], ...]
+
+    def __init__(self, paths):
+        norm = set()
+        for p in paths:
+            p = tuple(int(r) for r in p)
+            if not p or min(p) < 0:
+                raise ValueError(f"static tree paths must be non-empty tuples of ranks >= 0, got {p!r}")
+            for i in range(1, len(p) + 1):
+                norm.add(p[:i])
+        object.__setattr__(self, "paths", tuple(sorted(norm, key=lambda q: (len(q), q))))
+
+    @property
+    def max_nodes(self) -> int:
+        return len(self.paths)
+
+    @property
+    def depth(self) -> int:
+        return max((len(p) for p in self.paths), default=0)
+
+    def parents(self) -> list[int]:
+        """Parent node index of every node, root first (-1), nodes in path order."""
+        index = {(): 0}
+        out = [-1]
+        for i, p in enumerate(self.paths, start=1):
+            index[p] = i
+            out.append(index[p[:-1]])
+        return out
+
+
+def as_tree_shape(tree) -> TreeSpec | StaticTree:
+    """int K -> a chain of K drafted tokens; TreeSpec and StaticTree as they are; a list of paths -> StaticTree."""
+    if isinstance(tree, (TreeSpec, StaticTree)):
+        return tree
+    if isinstance(tree, int) and not isinstance(tree, bool):
+        if tree < 0:
+            raise ValueError(f"tree=K needs K >= 0, got {tree}")
+        return TreeSpec(tree, tree, 1)
+    if isinstance(tree, (list, tuple)):
+        return StaticTree(tree)
+    raise TypeError(f"tree must be an int K, a TreeSpec or a list of paths, got {type(tree).__name__}")
+
+
+@dataclass
+class DraftTree:
+    """What a drafter proposes below the root; all tensors live on the model's device.
+
+    tokens [n] int64: node tokens, tokens[0] = the root.  parents [n] int64: parents[0] = -1 and
+    parents[i] < i.  depth [n] int64: depth[0] = 0.  Siblings are listed in the drafter's order of
+    preference (sampling acceptance tries them in that order)."""
+
+    tokens: torch.Tensor
+    parents: torch.Tensor
+    depth: torch.Tensor
+
+    @property
+    def size(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @classmethod
+    def root_only(cls, root: torch.Tensor) -> DraftTree:
+        dev = root.device
+        zero = torch.zeros(1, dtype=torch.long, device=dev)
+        return cls(root.reshape(1).long(), zero - 1, zero)
+
+    @classmethod
+    def from_lists(cls, tokens: list[int], parents: list[int], device) -> DraftTree:
+        depth = [0] * len(tokens)
+        for i in range(1, len(tokens)):
+            if not 0 <= parents[i] < i:
+                raise ValueError(f"node {i}: parent {parents[i]} must come before it")
+            depth[i] = depth[parents[i]] + 1
+        as_t = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)
+        return cls(as_t(tokens), as_t(parents), as_t(depth))
+
+
+def ancestors(parents: torch.Tensor, max_depth: int) -> torch.Tensor:
+    """anc [n, n] bool: anc[i, j] is True when node j is node i itself or one of its ancestors.
+
+    Device-side, no host sync: climb the parent pointers max_depth times."""
+    n = parents.shape[0]
+    rows = torch.arange(n, device=parents.device)
+    up = parents.clamp(min=0)  # the root is its own parent
+    anc = torch.eye(n, dtype=torch.bool, device=parents.device)
+    cur = rows
+    for _ in range(max_depth):
+        cur = up[cur]
+        anc[rows, cur] = True
+    return anc
