@@ -1,0 +1,186 @@
+"""Speculative decoding against plain references: the target's own greedy generate (budget None),
+KV recomputed from scratch, and the budget recorded per verify pass.
+
+Target: a tiny random Qwen3-MoE (tests/moe_models.py); drafts: a tiny dense Qwen3, the target itself
+(every draft accepted, so long paths and overshoot get exercised) and n-gram lookup."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from torch._dynamo.utils import counters
+
+import moe_spec_compile as msc
+from moe_spec_compile.speculative.buckets import pick_bucket
+from moe_spec_compile.speculative.tree import StaticTree, TreeSpec, ancestors, as_tree_shape
+
+from moe_models import COMMON, build
+
+STATIC = [(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0)]
+
+
+@pytest.fixture(scope="module")
+def target():
+    return build("qwen3_moe")[0]
+
+
+@pytest.fixture(scope="module")
+def draft():
+    torch.manual_seed(1)
+    cfg = transformers.Qwen3Config(**{**COMMON, "num_hidden_layers": 1}, intermediate_size=64, head_dim=12)
+    return transformers.AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def reference(model, prompt, n, eos=None):
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, do_sample=False,
+                         eos_token_id=eos, pad_token_id=0)
+    return out[0].tolist()
+
+
+def make_drafter(kind, target, draft):
+    return {"draft": lambda: msc.ModelDrafter(draft), "self": lambda: msc.ModelDrafter(target),
+            "ngram": lambda: msc.NgramDrafter()}[kind]()
+
+
+PROMPTS = [torch.tensor([[5, 17, 33, 2, 90, 41, 8]]), torch.tensor([[11]]),
+           torch.tensor([[3, 4, 5, 3, 4, 5, 3, 4, 5, 60, 61, 3, 4]])]
+
+
+@pytest.mark.parametrize("kind", ["draft", "self", "ngram"])
+@pytest.mark.parametrize("tree", [3, TreeSpec(8, 3, 2), STATIC], ids=["chain3", "dyn8-3-2", "static6"])
+def test_greedy_equals_generate(target, draft, kind, tree):
+    """Budget None, greedy: token for token the target's own generate, several prompts and lengths."""
+    dec = msc.SpeculativeDecoder(target, drafter=make_drafter(kind, target, draft), tree=tree)
+    for prompt, n in zip(PROMPTS, (24, 9, 17)):
+        out = dec.generate(prompt, max_new_tokens=n, eos_token_id=None)
+        assert out.sequences[0].tolist() == reference(target, prompt, n)
+        assert out.stats.new_tokens == n
+        if kind == "self":  # the draft is the target: whole paths get accepted
+            assert out.stats.tokens_per_step > 1.5
+
+
+@pytest.mark.parametrize("family", ["mixtral", "olmoe", "deepseek_v3", "gpt_oss"])
+def test_families(family):
+    """Other families' attention and caches (DeepSeek-V3: MLA key/value dims; GPT-OSS: sliding layers,
+    with more tokens than its window of 16)."""
+    model = build(family)[0]
+    prompt = torch.randint(0, 96, (1, 9), generator=torch.Generator().manual_seed(0))
+    dec = msc.SpeculativeDecoder(model, drafter=msc.ModelDrafter(model), tree=TreeSpec(6, 3, 2))
+    assert dec.generate(prompt, max_new_tokens=20, eos_token_id=None).sequences[0].tolist() == \
+        reference(model, prompt, 20)
+
+
+@pytest.mark.parametrize("at", [0, 1, 4, 9])
+def test_eos_and_max_new_tokens_exact(target, at):
+    """EOS at generated position `at` (also inside an accepted path: the self-draft accepts whole
+    chains) stops right after it, as generate does; max_new_tokens cuts overshooting paths."""
+    prompt = PROMPTS[0]
+    free = reference(target, prompt, 16)[7:]
+    eos = free[at]
+    want = reference(target, prompt, 16, eos=eos)
+    dec = msc.SpeculativeDecoder(target, drafter=msc.ModelDrafter(target), tree=5)
+    assert dec.generate(prompt, max_new_tokens=16, eos_token_id=eos).sequences[0].tolist() == want
+    for n in (1, 2, 3, 7):
+        assert dec.generate(prompt, max_new_tokens=n, eos_token_id=None).sequences[0].tolist() == \
+            prompt[0].tolist() + free[:n]
+
+
+def test_kv_compaction_matches_recompute(target, draft):
+    """After generation the compacted caches (target's and drafter's) hold the KV a fresh forward of
+    the accepted sequence computes."""
+    drafter = msc.ModelDrafter(draft)
+    dec = msc.SpeculativeDecoder(target, drafter=drafter, tree=TreeSpec(10, 4, 3))
+    out = dec.generate(PROMPTS[2], max_new_tokens=20, eos_token_id=None)
+    seq = out.sequences
+    for model, cache in ((target, dec.cache), (draft, drafter.cache)):
+        n = cache.length
+        assert n >= seq.shape[1] - 2
+        with torch.no_grad():
+            ref = model(seq[:, :n], use_cache=True).past_key_values
+        for i, layer in enumerate(cache.layers):
+            assert torch.allclose(layer.keys[:, :, :n], ref.layers[i].keys, atol=1e-5)
+            assert torch.allclose(layer.values[:, :, :n], ref.layers[i].values, atol=1e-5)
+
+
+def test_batch_refused(target):
+    dec = msc.SpeculativeDecoder(target, tree=2)
+    with pytest.raises(ValueError, match="batch size 1"):
+        dec.generate(torch.zeros(2, 4, dtype=torch.long), max_new_tokens=2)
+
+
+@pytest.fixture(scope="module")
+def compiled(target):
+    """The target compiled by the moespec backend (eager inner compiler: fast on the CPU)."""
+    torch._dynamo.reset()
+    return msc.SpeculativeDecoder(target, drafter=msc.ModelDrafter(target), tree=TreeSpec(8, 3, 2), compile=True,
+                                  compile_options={"inner": "eager"})
+
+
+def test_budget_bounds_every_verify_pass(target, compiled):
+    """Each verify pass records at most C' experts per MoE layer (C' = C's bucket); None stays exact."""
+    prompt = PROMPTS[0]
+    assert compiled.generate(prompt, max_new_tokens=12, eos_token_id=None).sequences[0].tolist() == \
+        reference(target, prompt, 12)
+    for c, bucket in ((4, 4), (5, 6), (8, 8)):
+        stats = compiled.generate(prompt, max_new_tokens=12, eos_token_id=None, budget=c).stats
+        assert stats.verify and all(v.budget == bucket for v in stats.verify)
+        for v in stats.verify:
+            assert len(v.experts_per_layer) == 2 and max(v.experts_per_layer.values()) <= bucket
+        assert any(v.budget_bound for v in stats.verify)
+
+
+def test_budget_switches_never_recompile(compiled):
+    """A budget schedule switches budget buckets mid-generation without recompiling; a new tree size
+    compiles its bucket once, and only once."""
+    prompt = PROMPTS[0]
+    compiled.generate(prompt, max_new_tokens=6, eos_token_id=None)  # the bucket of TreeSpec(8, 3, 2)
+    frames = counters["frames"]["total"]
+    out = compiled.generate(prompt, max_new_tokens=16, eos_token_id=None, budget=lambda step: [4, None, 12][step % 3])
+    assert {b for _, b in out.stats.buckets} == {4, None, 12}
+    assert counters["frames"]["total"] == frames
+    for _ in range(2):
+        out = compiled.generate(prompt, max_new_tokens=8, eos_token_id=None, tree=TreeSpec(20, 4, 3), budget=6)
+    assert out.stats.buckets == [(24, 6)]
+    assert counters["frames"]["total"] == frames + 1
+
+
+def test_stats(target, draft):
+    dec = msc.SpeculativeDecoder(target, drafter=msc.ModelDrafter(draft), tree=3)
+    stats = dec.generate(PROMPTS[0], max_new_tokens=10, eos_token_id=None).stats
+    assert stats.steps == len(stats.accepted_per_step) == len(stats.verify)
+    assert 1 <= stats.tokens_per_step <= 4
+    assert sum(stats.accepted_per_step) >= 9
+    s = stats.summary()
+    assert s["time_s"]["verify"] > 0 and s["time_s"]["draft"] > 0 and s["buckets"] == [(4, None)]
+
+
+def test_tree_shapes_and_buckets():
+    assert as_tree_shape(4) == TreeSpec(4, 4, 1)
+    assert TreeSpec(32, 5, 4).max_nodes == 32 and TreeSpec(100, 2, 3).max_nodes == 3 + 9
+    assert StaticTree([(0, 1)]).paths == ((0,), (0, 1)) and StaticTree([(0, 1), (1,)]).parents() == [-1, 0, 0, 1]
+    with pytest.raises(ValueError):
+        TreeSpec(4, 0, 2)
+    parents = torch.tensor([-1, 0, 0, 1, 3])
+    anc = ancestors(parents, 3)
+    assert anc[4].tolist() == [True, True, False, True, True] and anc[2].tolist() == [True, False, True, False, False]
+    assert [pick_bucket(n, (1, 4, 8)) for n in (1, 3, 8, 9)] == [1, 4, 8, 9] and pick_bucket(None, (4,)) is None
+
+
+def test_ngram_drafter_proposes_continuations():
+    d = msc.NgramDrafter(max_ngram=2)
+    d.start(torch.tensor([[1, 2, 3, 4, 9, 1, 2, 5]]), 64)
+    tree = d.draft(1, TreeSpec(6, 3, 2))  # context ... 5, 1 -> "1" followed by 2 twice, then 3 4 / 5 (root)
+    assert tree.tokens.tolist()[:3] == [1, 2, 5] or tree.tokens.tolist()[:3] == [1, 2, 3]
+    assert tree.parents.tolist()[1] == 0 and tree.size <= 7
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graphs_equal_eager():
+    model = build("qwen3_moe")[0].cuda()
+    prompt = PROMPTS[0].cuda()
+    dec = msc.SpeculativeDecoder(model, drafter=msc.ModelDrafter(model), tree=TreeSpec(8, 3, 2), cuda_graphs=True)
+    for _ in range(2):
+        assert dec.generate(prompt, max_new_tokens=16, eos_token_id=None).sequences[0].tolist() == \
+            reference(model, prompt, 16)
+    assert dec.runner.captures == 1
