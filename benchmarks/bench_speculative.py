@@ -69,7 +69,8 @@ def throughput(args, target, draft, prompt, device) -> list[dict]:
             cases.append(("speculative", tree, drafter, [None, *args.budgets]))
     for mode, tree, drafter_name, budgets in cases:
         drafter = {"model": lambda: msc.ModelDrafter(draft), "ngram": lambda: msc.NgramDrafter(),
-                   "none": lambda: msc.NgramDrafter()}[drafter_name]()
+                   "self": lambda: msc.ModelDrafter(target), "none": lambda: msc.NgramDrafter()}[drafter_name]()
+        torch._dynamo.reset()  # fresh compile caches: every decoder compiles the same forward
         dec = msc.SpeculativeDecoder(target, drafter=drafter, tree=tree, compile=not args.no_compile,
                                      compile_options=opts, collect_expert_stats=False)
         for c in budgets:
@@ -87,6 +88,7 @@ def throughput(args, target, draft, prompt, device) -> list[dict]:
 def verify_latency(args, target, prompt, device) -> list[dict]:
     """One verify pass per (N, C) through the decoder's runner: eager call vs replayed graph (CUDA)."""
     rows = []
+    torch._dynamo.reset()
     dec = msc.SpeculativeDecoder(target, drafter=msc.NgramDrafter(), tree=0, compile=not args.no_compile,
                                  compile_options={"inner": args.inner}, collect_expert_stats=False)
     dec.generate(prompt, max_new_tokens=2, eos_token_id=None)  # allocates the cache, prefix = prompt
@@ -143,7 +145,8 @@ def main(argv=None) -> int:
     p.add_argument("--config", action="store_true", help="config-built model even when the bundled one exists")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--trees", type=lambda s: [parse_tree(t) for t in s.split(";")], default="4;16,4,4")
-    p.add_argument("--drafters", type=lambda s: s.split(","), default="ngram,model")
+    p.add_argument("--drafters", type=lambda s: s.split(","), default="ngram,model,self",
+                   help="ngram; model (the draft model); self (the target drafts for itself: acceptance upper bound)")
     p.add_argument("--budgets", type=lambda s: [int(b) for b in s.split(",")], default="4,8,16")
     p.add_argument("--sizes", type=lambda s: [int(b) for b in s.split(",")], default="8,16,32,64")
     p.add_argument("--repeats", type=int, default=3)

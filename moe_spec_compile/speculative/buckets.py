@@ -41,8 +41,10 @@ def pick_bucket(value: int | None, buckets) -> int | None:
 class VerifyRunner:
     """Runs padded verify passes of a target; one CUDA graph per (N, C') when use_graphs."""
 
-    def __init__(self, model, cache: TreeCache, use_graphs: bool, cache_position: bool = False):
+    def __init__(self, model, cache: TreeCache, use_graphs: bool, cache_position: bool = False,
+                 policy: str = "substitute"):
         self.model = model
+        self.policy = policy
         self.cache = cache
         self.use_graphs = use_graphs
         self.cache_position = cache_position
@@ -54,7 +56,7 @@ class VerifyRunner:
     def __call__(self, tokens, positions, mask, slots, c: int | None) -> torch.Tensor:
         """tokens, positions, slots [N]; mask [1, 1, N, S] (or a dict of them) -> logits [N, V]."""
         if not self.use_graphs:
-            with budget_ctx(c, max_budget_tokens=None):
+            with self._budget(c):
                 return forward(self.model, self.cache, tokens, positions, mask, slots, self.cache_position)
         n = tokens.shape[0]
         buf = self._buffers(n, mask)
@@ -69,6 +71,10 @@ class VerifyRunner:
         graph, logits = self.graphs[key]
         graph.replay()
         return logits
+
+    def _budget(self, c: int | None):
+        """Budget C' for this pass whatever its size (max_budget_tokens only keeps prefills exact)."""
+        return budget_ctx(c, policy=self.policy, max_budget_tokens=None)
 
     def _buffers(self, n: int, mask) -> dict:
         if n not in self.static:
@@ -92,12 +98,12 @@ class VerifyRunner:
             self.pool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), budget_ctx(c, max_budget_tokens=None):
+        with torch.cuda.stream(side), self._budget(c):
             for _ in range(2):
                 self._run_static(buf)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool), budget_ctx(c, max_budget_tokens=None):
+        with torch.cuda.graph(graph, pool=self.pool), self._budget(c):
             logits = self._run_static(buf)
         self.captures += 1
         return graph, logits

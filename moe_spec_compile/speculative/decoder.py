@@ -84,7 +84,9 @@ class SpeculativeDecoder:
         out = dec.generate(input_ids, max_new_tokens=128)        # out.sequences, out.stats
 
     target: a transformers causal LM, plain or already ``torch.compile``-d; ``compile=True`` compiles it
-    here with backend="moespec" (``compile_options`` go to the backend, e.g. ``{"inner": "eager"}``).
+    here with backend="moespec" (``compile_options`` go to the backend, e.g. ``{"inner": "eager"}``), one
+    graph per tree-size bucket (dynamo's recompile limit is raised to fit the buckets; a target compiled
+    by the caller needs the same, ``torch._dynamo.config.recompile_limit``).
     Budgets only bind inside a moespec-compiled target. drafter: ModelDrafter, NgramDrafter or anything
     with the Drafter interface (default NgramDrafter()). tree: int K (a chain), TreeSpec, or a list of
     paths. budget: None (exact), an int C, or a callable ``step -> C`` (a schedule; each value goes to its
@@ -104,9 +106,10 @@ class SpeculativeDecoder:
         if compile:
             options = {"policy": validate_policy(policy), "max_budget_tokens": None, **(compile_options or {})}
             self.verify_model = torch.compile(self.eager_target, backend="moespec", dynamic=False, options=options)
+            _allow_recompiles(len(tree_buckets) + 8)
         self.drafter = drafter if drafter is not None else NgramDrafter()
         self.tree = as_tree_shape(tree)
-        self.budget = budget if callable(budget) else validate_budget(budget)
+        self.budget = _check_budget(budget)
         self.policy = validate_policy(policy)
         self.tree_buckets, self.budget_buckets = tuple(tree_buckets), tuple(budget_buckets)
         self.device = next(self.eager_target.parameters()).device
@@ -134,41 +137,48 @@ class SpeculativeDecoder:
         ids = self._check_input(input_ids)
         sampling = SamplingConfig(do_sample, temperature, top_p, top_k)
         shape = self.tree if tree is _UNSET else as_tree_shape(tree)
-        schedule = self.budget if budget is _UNSET else (budget if callable(budget) else validate_budget(budget))
+        schedule = self.budget if budget is _UNSET else _check_budget(budget)
         eos = self._eos_set(eos_token_id)
         stats = GenerateStats()
         self._allocate(ids.shape[1] + max_new_tokens, shape)
 
         t = self._clock()
         root = self.prefill(ids, sampling, generator)
-        self.drafter.start(ids, self.cache.max_len)
+        drafting = shape.max_nodes > 0  # tree=0: plain autoregressive decoding through the same verify path
+        if drafting:
+            self.drafter.start(ids, self.cache.max_len)
         stats.time_prefill = self._clock() - t
         new = [root]
         while len(new) < max_new_tokens and root not in eos:
             c = schedule(stats.steps) if callable(schedule) else schedule
-            t0 = self._clock()
-            tree_ = self.draft(root, shape)
-            t1 = self._clock()
-            logits, vstat = self.verify(tree_, c)
-            t2 = self._clock()
-            acc = self.accept(tree_, logits, sampling, generator)
-            t3 = self._clock()
-            emitted = acc.tokens[1:] + [acc.bonus]
+            emitted = self._step(root, shape, c, sampling, generator, drafting, stats)
             new.extend(emitted)
-            root = acc.bonus
-            vstat.accepted = len(emitted)
-            stats.steps += 1
-            stats.accepted_per_step.append(len(emitted))
-            stats.verify.append(vstat)
-            stats.time_draft += t1 - t0
-            stats.time_verify += t2 - t1
-            stats.time_accept += t3 - t2
+            root = emitted[-1]
             if eos & set(emitted):
                 break
         new = _truncate(new, max_new_tokens, eos)
         stats.new_tokens = len(new)
         out = torch.cat([ids, torch.tensor([new], dtype=ids.dtype, device=ids.device)], dim=1)
         return GenerateOutput(out, stats)
+
+    def _step(self, root: int, shape, c, sampling, generator, drafting: bool, stats: GenerateStats) -> list[int]:
+        """draft -> verify -> accept; returns the tokens emitted (accepted drafted tokens, then the bonus)."""
+        t0 = self._clock()
+        tree = self.draft(root, shape) if drafting else DraftTree.root_only(torch.tensor(root, device=self.device))
+        t1 = self._clock()
+        logits, vstat = self.verify(tree, c)
+        t2 = self._clock()
+        acc = self.accept(tree, logits, sampling, generator, drafting)
+        t3 = self._clock()
+        emitted = acc.tokens[1:] + [acc.bonus]
+        vstat.accepted = len(emitted)
+        stats.steps += 1
+        stats.accepted_per_step.append(len(emitted))
+        stats.verify.append(vstat)
+        stats.time_draft += t1 - t0
+        stats.time_verify += t2 - t1
+        stats.time_accept += t3 - t2
+        return emitted
 
     def prefill(self, ids: torch.Tensor, sampling: SamplingConfig, generator=None) -> int:
         """Exact (never budgeted) forward of the prompt through the uncompiled target -> first token."""
@@ -217,7 +227,8 @@ class SpeculativeDecoder:
             logits = self.runner(tokens, pos, mask, slots, c_b)
         return logits[:n, : self.vocab_size], stat
 
-    def accept(self, tree: DraftTree, logits: torch.Tensor, sampling: SamplingConfig, generator=None) -> Acceptance:
+    def accept(self, tree: DraftTree, logits: torch.Tensor, sampling: SamplingConfig, generator=None,
+               tell_drafter: bool = True) -> Acceptance:
         """Pick the path and the bonus (accept.py), then move the path's KV into place after the prefix."""
         if sampling.do_sample:
             acc = accept_sample(tree, logits, sampling, generator)
@@ -225,7 +236,8 @@ class SpeculativeDecoder:
             acc = accept_greedy(tree, logits, self._anc)
         self.cache.compact(acc.order, self.cache.length)
         self.cache.length += len(acc.path)
-        self.drafter.accept(acc.path, acc.tokens + [acc.bonus])
+        if tell_drafter:
+            self.drafter.accept(acc.path, acc.tokens + [acc.bonus])
         return acc
 
     # --- helpers -----------------------------------------------------------------------------------
@@ -261,13 +273,30 @@ class SpeculativeDecoder:
             max_len = -(-need // 64) * 64
             self.cache = TreeCache.for_model(self.eager_target, max_len, self.device)
             self.masks = Masks(self.eager_target, max_len)
-            self.runner = VerifyRunner(self.verify_model, self.cache, self.cuda_graphs, self._cache_position)
+            self.runner = VerifyRunner(self.verify_model, self.cache, self.cuda_graphs, self._cache_position,
+                                       self.policy)
         self.cache.length = 0
 
     def _clock(self) -> float:
         if self.timing and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
+
+
+def _allow_recompiles(n: int) -> None:
+    """One graph per tree-size bucket: dynamo's per-function limit (8 by default, shared by every
+    torch.compile of the same model class) would otherwise fall back to eager without a word."""
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    if getattr(cfg, name) < n:
+        setattr(cfg, name, n)
+
+
+def _check_budget(budget):
+    if budget == "auto":
+        raise NotImplementedError("budget='auto' needs a cost model that picks C per step, which this package does "
+                                  "not have yet; pass None, an int C, or a callable step -> C")
+    return budget if callable(budget) else validate_budget(budget)
 
 
 def _expert_stats(stat: VerifyStats, events) -> None:

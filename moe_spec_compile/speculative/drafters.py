@@ -84,7 +84,8 @@ class ModelDrafter(Drafter):
         return self._draft_static(root_t, root_logp, shape)
 
     def accept(self, path: list[int], tokens: list[int]) -> None:
-        fed = self._gid_fed[self._gid[torch.tensor(path[1:], dtype=torch.long)]].tolist()  # fed slot or -1
+        nodes = torch.tensor(path[1:], dtype=torch.long, device=self._gid.device)
+        fed = self._gid_fed[self._gid[nodes]].tolist()  # each path node's fed id, or -1 (one host read)
         used = [f for f in fed if f >= 0]
         if used:  # the fed nodes of the path are a prefix of it: every inner node was expanded
             order = torch.tensor(used + [f for f in range(self._num_fed) if f not in used], device=self.device)
@@ -205,11 +206,11 @@ class ModelDrafter(Drafter):
         return tree
 
     def _remember(self, gid: torch.Tensor, num_gids: int, fed_of) -> None:
-        """Host copies of local node -> gid and gid -> fed id, read in accept()."""
+        """Local node -> gid and gid -> fed id (on the device), read in accept()."""
         gid_fed = torch.full((num_gids,), -1, dtype=torch.long, device=gid.device)
         for gids, fed in fed_of:
             gid_fed[gids] = fed
-        self._gid, self._gid_fed = gid.cpu(), gid_fed.cpu()
+        self._gid, self._gid_fed = gid, gid_fed
 
 
 class NgramDrafter(Drafter):
