@@ -1,0 +1,42 @@
+"""The bundled tiny MoE: a Qwen3-MoE target (32 experts, top-4) and a dense Qwen3 draft trained on the
+Python standard library (train.py), with their byte-level BPE tokenizer. Loaded offline from the package.
+
+load_tiny() -> (target, draft, tokenizer); MODEL_CARD.md says how they were made and how good they are.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+__all__ = ["HERE", "load_tiny", "heldout_text"]
+
+HERE = Path(__file__).resolve().parent
+
+
+def load_tiny(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+              experts_implementation: str | None = None):
+    """(target, draft, tokenizer) from the package's files, in eval mode; nothing is downloaded.
+
+    The checkpoints are stored in fp16; `dtype` is what the models are loaded as (fp32 by default, which
+    the CPU computes exactly). experts_implementation: transformers' "grouped_mm" (default), "batched_mm"
+    or "eager"."""
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    if not (HERE / "target" / "model.safetensors").exists():
+        raise FileNotFoundError(f"the bundled checkpoints are missing under {HERE}; "
+                                "run `python -m moe_spec_compile.tiny.train` to make them")
+    kwargs = {"dtype": dtype, "local_files_only": True}
+    if experts_implementation is not None:
+        kwargs["experts_implementation"] = experts_implementation
+    target = AutoModelForCausalLM.from_pretrained(HERE / "target", **kwargs).to(device).eval()
+    draft = AutoModelForCausalLM.from_pretrained(HERE / "draft", dtype=dtype, local_files_only=True).to(device).eval()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(HERE / "tokenizer.json"), eos_token="<|endoftext|>",
+                                        pad_token="<|endoftext|>")
+    return target, draft, tokenizer
+
+
+def heldout_text() -> str:
+    """A slice of the held-out split (stdlib files the models never trained on), shipped for tests/demos."""
+    return (HERE / "heldout_sample.txt").read_text(encoding="utf-8")
