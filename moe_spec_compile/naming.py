@@ -84,6 +84,7 @@ def block_of_weight(weight: torch.Tensor, fallback: str) -> str:
     ptr = weight.data_ptr()
     if ptr not in _by_ptr:
         _rebuild()
+        _by_ptr.setdefault(ptr, "")  # a miss stays a miss: no module scan on every recorded pass
     full = _by_ptr.get(ptr)
     return _block_of(full) if full else fallback
 
