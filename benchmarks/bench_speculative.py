@@ -73,6 +73,8 @@ def throughput(args, target, draft, prompt, device) -> list[dict]:
         torch._dynamo.reset()  # fresh compile caches: every decoder compiles the same forward
         dec = msc.SpeculativeDecoder(target, drafter=drafter, tree=tree, compile=not args.no_compile,
                                      compile_options=opts, collect_expert_stats=False)
+        for c in budgets:  # warm-up over every budget: a dynamic tree meets new size buckets in later steps
+            dec.generate(prompt, max_new_tokens=n, eos_token_id=None, budget=c)
         for c in budgets:
             run = lambda c=c, d=dec: d.generate(prompt, max_new_tokens=n, eos_token_id=None, budget=c)
             med, lo, hi, out = timed(run, args.repeats, device)
