@@ -5,7 +5,8 @@ unbudgeted target, (b) mean accepted length, tokens/s, experts per layer per ver
 held-out windows of T tokens, each scored as one budgeted pass -> (c) loss and next-token accuracy
 
 Budget None is the exact target: under it the speculative output equals the target's own greedy decoding,
-so (a) is measured against that run. The target is compiled here with backend="moespec".
+so (a) is measured against that run. The target is compiled here with backend="moespec". Each requested
+budget is made a budget bucket of the decoder, so verify passes and scored windows run under the same C.
 """
 
 from __future__ import annotations
@@ -115,14 +116,18 @@ def speculative_run(decoder, prompts: Sequence[torch.Tensor], budget: int | None
 def evaluate(target, drafter, prompts: Sequence[torch.Tensor], heldout: torch.Tensor, budgets: Sequence,
              policy: str = "substitute", tree=None, max_new_tokens: int = 32, window: int = 32,
              max_windows: int = 32, compile_options: dict | None = None) -> list[QualityRow]:
-    """One QualityRow per budget (None first: the exact reference for agreement)."""
+    """One QualityRow per budget (None first: the exact reference for agreement).
+
+    prompts: token tensors [L] for (a) and (b); heldout [N] for (c); drafter: e.g. msc.ModelDrafter(draft)."""
     from .speculative import SpeculativeDecoder, TreeSpec
+    from .speculative.buckets import DEFAULT_BUDGET_BUCKETS
 
     tree = tree if tree is not None else TreeSpec(total_tokens=16, depth=4, top_k=4)
-    decoder = SpeculativeDecoder(target, drafter=drafter, tree=tree, policy=policy, compile=True,
-                                 compile_options=compile_options)
-    scorer = _compiled(target, compile_options)
     budgets = [None] + [b for b in budgets if b is not None]
+    buckets = tuple(sorted(set(DEFAULT_BUDGET_BUCKETS) | set(budgets[1:])))  # no rounding C up to a bucket
+    decoder = SpeculativeDecoder(target, drafter=drafter, tree=tree, policy=policy, compile=True,
+                                 compile_options=compile_options, budget_buckets=buckets)
+    scorer = _compiled(target, compile_options)
     speculative_run(decoder, prompts, None, max_new_tokens)  # warm-up: compile each tree-size bucket, untimed
     rows, reference = [], None
     for c in budgets:
