@@ -2,7 +2,8 @@
 
 for each budget C: speculative decoding (verify passes budgeted) -> (a) greedy agreement with the
 unbudgeted target, (b) mean accepted length, tokens/s, experts per layer per verify pass;
-held-out windows of T tokens, each scored as one budgeted pass -> (c) loss and next-token accuracy
+held-out windows of T tokens, each scored as one budgeted pass -> (c) loss, next-token accuracy and
+agreement of each position's argmax with the exact pass (a teacher-forced, per-position form of (a))
 
 Budget None is the exact target: under it the speculative output equals the target's own greedy decoding,
 so (a) is measured against that run. The target is compiled here with backend="moespec". Each requested
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -28,6 +29,7 @@ class WindowScore:
     loss: float  # mean next-token cross-entropy (nats) inside the windows
     accuracy: float  # next-token top-1 accuracy inside the windows
     experts_per_layer: float  # mean distinct experts per MoE block per pass
+    predictions: torch.Tensor = field(default=None, repr=False)  # [n * window] argmax at each scored position
 
 
 @dataclass
@@ -41,6 +43,7 @@ class QualityRow:
     budget_bound: float | None  # fraction of verify passes where some block used all C experts
     heldout_loss: float  # (c)
     heldout_accuracy: float  # (c)
+    heldout_agreement: float  # held-out positions whose argmax equals the exact pass's (1.0 for budget None)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -76,16 +79,17 @@ def score_windows(model, tokens: torch.Tensor, window: int = 32, budget: int | N
         raise ValueError(f"need at least {window + 1} tokens to score one window, got {tokens.numel()}")
     device = next(getattr(model, "_orig_mod", model).parameters()).device
     loss = correct = count = 0.0
-    experts = []
+    experts, preds = [], []
     for w in range(n):
         x = tokens[w * window : (w + 1) * window + 1].to(device)
         with budget_ctx(budget, policy=policy), record_experts() as rec:
             logits = compiled(x[None, :-1], use_cache=False).logits[0].float()
         loss += torch.nn.functional.cross_entropy(logits, x[1:], reduction="sum").item()
-        correct += (logits.argmax(-1) == x[1:]).sum().item()
+        preds.append(logits.argmax(-1).cpu())
+        correct += (preds[-1] == x[1:].cpu()).sum().item()
         count += window
         experts += [len(ev.experts) for ev in rec.events]
-    return WindowScore(loss / count, correct / count, sum(experts) / max(len(experts), 1))
+    return WindowScore(loss / count, correct / count, sum(experts) / max(len(experts), 1), torch.cat(preds))
 
 
 def speculative_run(decoder, prompts: Sequence[torch.Tensor], budget: int | None, max_new_tokens: int):
@@ -129,13 +133,14 @@ def evaluate(target, drafter, prompts: Sequence[torch.Tensor], heldout: torch.Te
                                  compile_options=compile_options, budget_buckets=buckets)
     scorer = _compiled(target, compile_options)
     speculative_run(decoder, prompts, None, max_new_tokens)  # warm-up: compile each tree-size bucket, untimed
-    rows, reference = [], None
+    rows, reference, exact = [], None, None
     for c in budgets:
         outs, summary = speculative_run(decoder, prompts, c, max_new_tokens)
-        if reference is None:
-            reference = outs
         scores = score_windows(target, heldout, window, c, policy, max_windows, compiled=scorer)
+        if reference is None:
+            reference, exact = outs, scores.predictions
         rows.append(QualityRow(c, policy, greedy_agreement(reference, outs), summary["mean_accepted"],
                                summary["tokens_per_s"], summary["verify_experts_per_layer"],
-                               summary["budget_bound"], scores.loss, scores.accuracy))
+                               summary["budget_bound"], scores.loss, scores.accuracy,
+                               (scores.predictions == exact).float().mean().item()))
     return rows

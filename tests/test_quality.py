@@ -52,6 +52,7 @@ def test_score_windows_exact_matches_manual_and_budget_binds():
     budgeted = score_windows(target, tokens, window=16, budget=3, options={"inner": "eager"}, max_windows=4)
     assert budgeted.experts_per_layer <= 3 < exact.experts_per_layer
     assert budgeted.loss != exact.loss
+    assert exact.predictions.shape == (64,) and (budgeted.predictions != exact.predictions).any()
 
 
 def test_evaluate_rows():
@@ -63,7 +64,8 @@ def test_evaluate_rows():
                     compile_options={"inner": "eager"})
     assert [r.budget for r in rows] == [None, 3]
     exact, budgeted = rows
-    assert exact.agreement == 1.0 and exact.budget_bound is None
+    assert exact.agreement == 1.0 and exact.heldout_agreement == 1.0 and exact.budget_bound is None
+    assert 0.0 <= budgeted.heldout_agreement <= 1.0
     assert 0.0 <= budgeted.agreement <= 1.0 and budgeted.mean_accepted >= 1.0
     assert budgeted.verify_experts_per_layer <= 3 < exact.verify_experts_per_layer
     # exact speculative decoding reproduces the target's greedy output
