@@ -111,9 +111,17 @@ def budget_set(probs: torch.Tensor, c: int) -> torch.Tensor:
     probs [..., E]: each token's router probabilities. Ties go to the lower index: topk on the
     scores is not stable, so rank by (score, -index) through a stable descending sort.
     """
-    e = probs.shape[-1]
-    scores = probs.reshape(-1, e).float().sum(0)  # [E]
-    order = torch.sort(scores, descending=True, stable=True).indices  # stable: equal scores keep index order
-    keep = torch.zeros(e, dtype=torch.bool, device=probs.device)
+    return keep_top(expert_scores(probs), c)
+
+
+def expert_scores(probs: torch.Tensor) -> torch.Tensor:
+    """s_e = sum over the pass's tokens of each expert's router probability: [..., E] -> [E] fp32."""
+    return probs.reshape(-1, probs.shape[-1]).float().sum(0)
+
+
+def keep_top(scores: torch.Tensor, c: int) -> torch.Tensor:
+    """Bool mask [E] of the C highest scores; a stable sort keeps equal scores in index order."""
+    order = torch.sort(scores, descending=True, stable=True).indices
+    keep = torch.zeros(scores.shape[0], dtype=torch.bool, device=scores.device)
     keep[order[:c]] = True
     return keep

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from . import record
-from .budget import BudgetConfig, budget_set, effective_budget
+from .budget import BudgetConfig, effective_budget, expert_scores, keep_top
 
 __all__ = ["budget_topk", "budget_apply", "fused_experts_torch", "ACTIVATIONS"]
 
@@ -56,7 +56,8 @@ def budget_topk(
     if c is None:
         values, indices = torch.topk(x, k, dim=-1, sorted=sorted)
         return values, indices, identity
-    keep = budget_set(_probs(scores, score_fn), c)  # [E]
+    s = expert_scores(_probs(scores, score_fn))  # [E]
+    keep = keep_top(s, c)
     if policy == "substitute":
         # Rank A's experts above all others, even where the model itself masked them to -inf (grouped
         # top-k): such experts rank by index after A's finite ones. Ties go to the lower index.
@@ -64,7 +65,7 @@ def budget_topk(
         indices = torch.sort(key, dim=-1, descending=True, stable=True).indices[..., :k].contiguous()
         return x.gather(-1, indices), indices, identity
     values, indices = torch.topk(x, k, dim=-1, sorted=sorted)
-    best = torch.argmax(torch.where(keep, _probs(scores, score_fn).reshape(-1, e).float().sum(0), -1.0))
+    best = torch.argmax(s)  # A's best expert: the target of dropped slots when the model's own experts run
     return values, indices, torch.where(keep, identity, best)
 
 
