@@ -211,6 +211,17 @@ def _source(node: fx.Node) -> str:
     return ga.source.name if ga is not None and hasattr(ga, "source") else ""
 
 
+def shape_source(hidden: fx.Node, want: tuple) -> fx.Node | None:
+    """A node shaped like the experts' output on the hidden states' view chain ([B, S, H] before
+    `.view(-1, H)`), for fused_experts' result to take its shape from (no raw SymInts in the graph)."""
+    node = hidden
+    while node is not None:
+        if shape(node) == want:
+            return node
+        node = node.args[0] if fn_name(node) in VIEW_METHODS and isinstance(node.args[0], fx.Node) else None
+    return None
+
+
 def _add_side_effects(region: set[fx.Node], upstream: set[fx.Node]) -> None:
     """Grow the region by what only it uses: user-less in-place writes that touch it (`out.add_(bias)`,
     `inv_perm[perm] = arange`), and the nodes feeding only those (a bias gathered per token)."""
@@ -288,4 +299,6 @@ def find_experts(router: Router, tensor_of) -> Experts | str:
     h = shape(hidden[0])[-1]
     if shape(output) is None or shape(output)[-1] != h:
         return f"the experts output {shape(output)} does not match the hidden size {h}"
+    if len(shape(output)) != 2 and shape_source(hidden[0], shape(output)) is None:  # [T, H]: fused's own shape
+        return f"the experts output {shape(output)} has no same-shaped source among the hidden states' views"
     return Experts(region, output, hidden[0], params, clean_path(path))

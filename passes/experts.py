@@ -23,7 +23,7 @@ import torch.fx as fx
 
 from moe_spec_compile.ops import ACTIVATIONS, fused_experts_torch
 
-from .discover import Experts
+from .discover import Experts, shape_source
 from .graph_utils import call, fn_name, meta_val, shape
 
 _GATE = re.compile(r"(^|_)(w1|gate|wi_0|gate_proj)($|_)")
@@ -231,10 +231,8 @@ def rewrite(gm: fx.GraphModule, fake_mode, experts: Experts, layout: Layout, ids
         fused = call(g, fake_mode, torch.ops.moespec.fused_experts.default,
                      (x, ids2, w2, wgu, wdn, layout.activation, bgu, bdn, layout.interleaved,
                       float(layout.alpha), float(layout.limit), impl))
-        if shape(out) == shape(experts.hidden):
-            res = call(g, fake_mode, "view_as", (fused, experts.hidden), method=True)
-        else:  # e.g. [B, S, H] from [B*S, H]: only the leading dimension may be symbolic
-            res = call(g, fake_mode, "reshape", (fused, -1, *shape(out)[1:]), method=True)
+        like = x if len(shape(out)) == 2 else shape_source(experts.hidden, shape(out))  # checked by discovery
+        res = call(g, fake_mode, "view_as", (fused, like), method=True)
         dtype = meta_val(out).dtype
         if meta_val(res).dtype != dtype:
             res = call(g, fake_mode, "to", (res, dtype), method=True)
