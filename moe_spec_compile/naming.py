@@ -10,7 +10,6 @@ parameter to its full path; the map is cached and rebuilt when a parameter is mi
 from __future__ import annotations
 
 import gc
-import re
 import warnings
 
 import torch
@@ -71,11 +70,9 @@ def param_name(p: torch.Tensor) -> str | None:
 
 def _block_of(full: str) -> str:
     """"model.layers.0.mlp.gate.weight" -> "model.layers.0.mlp" (the router's parent block)."""
-    module = full.rsplit(".", 1)[0]
-    leaf = module.rsplit(".", 1)[-1]
-    if "." in module and re.search(r"(router|gate|gating)", leaf, re.I):
-        return module.rsplit(".", 1)[0]
-    return module
+    from moe_spec_compile.passes.graph_utils import parent_block
+
+    return parent_block(full.rsplit(".", 1)[0])
 
 
 def block_of_weight(weight: torch.Tensor, fallback: str) -> str:

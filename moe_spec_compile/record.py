@@ -30,16 +30,6 @@ class ExpertEvent:
 class Recorder:
     events: list[ExpertEvent] = field(default_factory=list)
 
-    def experts_per_block(self) -> dict[str, list[int]]:
-        """Number of experts used in each recorded execution, grouped by block."""
-        out: dict[str, list[int]] = {}
-        for ev in self.events:
-            out.setdefault(ev.block, []).append(len(ev.experts))
-        return out
-
-    def max_experts(self) -> int:
-        return max((len(ev.experts) for ev in self.events), default=0)
-
 
 class _Local(threading.local):
     def __init__(self):

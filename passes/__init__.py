@@ -21,8 +21,8 @@ from moe_spec_compile.budget import BudgetConfig
 
 from . import budget as budget_pass
 from . import experts as experts_pass
-from .discover import Router, analyze_router, find_experts, is_topk, routing_closure
-from .graph_utils import clean_path, fake_mode_of, scope, scope_class
+from .discover import analyze_router, find_experts, is_topk, routing_closure
+from .graph_utils import clean_path, fake_mode_of, looks_like_moe, scope
 
 __all__ = ["BlockReport", "counters", "run_passes"]
 
@@ -80,10 +80,6 @@ def _capture(gm: fx.GraphModule, example_inputs, wanted: set[fx.Node]) -> dict:
     return values
 
 
-def _looks_like_moe(router: Router) -> bool:
-    return bool(re.search(r"(router|gate|gating|moe|expert)", scope(router.topk) + scope_class(router.topk), re.I))
-
-
 def run_passes(gm: fx.GraphModule, example_inputs, cfg: BudgetConfig, impl: str = "auto",
                fuse_experts: bool = True, block_names=None) -> list[BlockReport]:
     """Rewrite `gm` in place; return one report per MoE block (found or declined)."""
@@ -97,7 +93,7 @@ def run_passes(gm: fx.GraphModule, example_inputs, cfg: BudgetConfig, impl: str 
         name = clean_path(scope(node)) or node.name
         router = analyze_router(node)
         if isinstance(router, str):
-            if re.search(r"(router|gate|gating|moe|expert)", scope(node) + scope_class(node), re.I):
+            if looks_like_moe(node):
                 reports.append(BlockReport(name, None, None, "?", False, "left alone", router))
                 counters["routers_declined"] += 1
             continue
@@ -112,7 +108,7 @@ def run_passes(gm: fx.GraphModule, example_inputs, cfg: BudgetConfig, impl: str 
             counters["routers_declined"] += 1
             continue
         experts = find_experts(router, tensor_of) if fuse_experts else "experts rewrite disabled"
-        if isinstance(experts, str) and experts.startswith("graph break") and not _looks_like_moe(router):
+        if isinstance(experts, str) and experts.startswith("graph break") and not looks_like_moe(router.topk):
             reports.append(BlockReport(name, router.num_experts, router.k, router.kind, False, "left alone",
                                        "a top-k over a linear layer whose indices leave the graph, not a MoE router"))
             continue

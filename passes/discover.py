@@ -13,7 +13,6 @@ Everything after the top-k (renormalization, scaling) stays the model's own code
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +28,7 @@ from .graph_utils import (
     fn_name,
     in_scope,
     meta_val,
+    parent_block,
     region_outputs,
     scope,
     shape,
@@ -38,7 +38,6 @@ from .graph_utils import (
 # Ops through which routing results flow between the top-k and the experts (weight post-processing).
 _ROUTING_OPS = VIEW_METHODS | {"getitem", "div", "mul", "add", "sub", "sum", "softmax", "gather", "masked_fill",
                                "where", "truediv", "float", "unsqueeze", "squeeze"}
-_MOE_NAME = re.compile(r"(router|gate|gating|moe|expert)", re.IGNORECASE)
 
 
 @dataclass
@@ -66,11 +65,7 @@ class Router:
     @property
     def block(self) -> str:
         """The MoE block's module path: the parent of the router module ("model.layers.0.mlp")."""
-        path = clean_path(scope(self.topk))
-        leaf = path.rsplit(".", 1)[-1] if path else ""
-        if _MOE_NAME.search(leaf) and "." in path and re.search(r"(router|gate|gating)", leaf, re.IGNORECASE):
-            return path.rsplit(".", 1)[0]
-        return path or "<top>"
+        return parent_block(clean_path(scope(self.topk))) or "<top>"
 
 
 @dataclass
@@ -253,9 +248,7 @@ def find_experts(router: Router, tensor_of) -> Experts | str:
     users = [u for u in ids_exit.users if u not in router.closure]
     if all(u.op == "output" for u in users):
         return "graph break: the experts run outside this graph"
-    block = scope(router.topk)
-    if re.search(r"(router|gate|gating)$", block.rsplit(".", 1)[-1], re.IGNORECASE):
-        block = block.rsplit(".", 1)[0]
+    block = parent_block(scope(router.topk))
     consumer_scopes = {scope(u) for u in users if u.op != "output"}
     deeper = [p for p in consumer_scopes if p.startswith(block + ".")]
     if len(consumer_scopes) == 1 and deeper:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+import re
 from collections.abc import Iterable
 
 import torch
@@ -97,6 +98,21 @@ def _closure(nodes: Iterable[fx.Node], step) -> set[fx.Node]:
                 seen.add(nxt)
                 stack.append(nxt)
     return seen
+
+
+_ROUTER_LEAF = re.compile(r"(router|gate|gating)$", re.IGNORECASE)
+_MOE_NAME = re.compile(r"(router|gate|gating|moe|expert)", re.IGNORECASE)
+
+
+def parent_block(module_path: str) -> str:
+    """"model.layers.0.mlp.gate" -> "model.layers.0.mlp": a router module's MoE block (else the path itself)."""
+    head, _, leaf = module_path.rpartition(".")
+    return head if head and _ROUTER_LEAF.search(leaf) else module_path
+
+
+def looks_like_moe(node: fx.Node) -> bool:
+    """The node sits in a module whose path or class names a router, gate, MoE block or experts."""
+    return bool(_MOE_NAME.search(scope(node) + scope_class(node)))
 
 
 def ancestors(nodes: Iterable[fx.Node]) -> set[fx.Node]:
