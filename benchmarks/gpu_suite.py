@@ -1,0 +1,506 @@
+"""The GPU check in one command: every GPU test, kernel figure and end-to-end figure, each part time-boxed.
+
+parts a..e -> run each under its deadline (a failure keeps its traceback, the rest still runs)
+           -> one JSON + one Markdown table (device, versions, date, command) -> --out DIR
+              (and benchmarks/results/gpu/ when run in the checkout, not for a dry run)
+
+    python -P benchmarks/gpu_suite.py --out $OUT             # a lent GPU: < 9 min on one H100
+    python -P benchmarks/gpu_suite.py --out /tmp/g --quick   # every sweep halved
+    python -P benchmarks/gpu_suite.py --out /tmp/g --dry-run # the CPU: same code paths, tiny shapes, no graphs
+
+a  the tests marked gpu (pytest in a subprocess: bf16 kernels, CUDA-graph replay, no host syncs)
+b  fused_experts against torch's grouped GEMM and transformers' grouped_mm / batched_mm experts, and the
+   copy-bandwidth floor (bytes of the experts read / measured copy bandwidth): OLMoE-1B-7B, Qwen3-30B-A3B,
+   Mixtral-8x7B, GPT-OSS-20B expert shapes, T in 1..128, with and without a budget
+c  the routing-metadata kernel alone at E = 256, T*k up to 4096
+d  verify latency per (tree size, budget) and the AR step of a random-weight model built on the device from
+   Qwen3-30B-A3B's config (2 layers): moespec (Triton kernels, CUDA graphs) against plain inductor
+e  the bundled model: speculative tokens/s and accepted length against transformers' generate
+
+Legend: T tokens, E experts, k top-k, N verify pass size, C budget. Timings: CUDA events (or synchronize +
+perf_counter) after warm-up; medians with p10/p90.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DRY_RUN = "--dry-run" in sys.argv
+if DRY_RUN:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are first imported
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # bench_kernels, bench_speculative (-P keeps the script's folder off the path)
+
+import bench_kernels  # noqa: E402
+import bench_speculative  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+import triton  # noqa: E402
+
+import moe_spec_compile as msc  # noqa: E402
+from moe_spec_compile.kernels import align_by_expert  # noqa: E402
+from moe_spec_compile.kernels import config as kconfig  # noqa: E402
+from moe_spec_compile.kernels.tune import MODEL_SHAPES, expert_weights, random_routing, time_us  # noqa: E402
+from moe_spec_compile.speculative import Drafter, DraftTree, TreeSpec  # noqa: E402
+
+__all__ = ["main", "PARTS", "BUDGET_S"]
+
+CHECKOUT_RESULTS = HERE / "results" / "gpu"
+SUITE_SHAPES = ("olmoe-1b-7b", "qwen3-30b-a3b", "mixtral-8x7b", "gpt-oss-20b")
+BASELINES = ("torch_grouped_mm", "grouped_mm", "batched_mm")  # transformers' eager loop: bench_kernels.py
+# Seconds per part: 490 in all, under the 9 minutes one device call allows (the rest: imports, CUDA start)
+BUDGET_S = {"a": 90, "b": 180, "c": 40, "d": 120, "e": 60}
+HARD_GRACE_S = 15  # a part still running this long past its budget is interrupted (SIGALRM)
+# Qwen3-30B-A3B's config.json, less its 48 layers; the dry run scales it down to CPU size
+QWEN3_30B_A3B = dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_attention_heads=32,
+                     num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
+                     vocab_size=151936, max_position_embeddings=40960, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                     decoder_sparse_step=1, mlp_only_layers=[])
+TINY_QWEN3_MOE = dict(QWEN3_30B_A3B, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
+                      vocab_size=256, max_position_embeddings=512)
+
+
+@dataclass
+class Sweeps:
+    """What each part sweeps: the device run, --quick (every sweep halved) or --dry-run (the CPU)."""
+
+    device: torch.device
+    dtype: torch.dtype
+    shapes: dict  # b: name -> (E, H, I, k, activation, GPT-OSS layout)
+    tokens: tuple = (1, 2, 4, 8, 16, 32, 64, 128)  # b: T
+    reps: int = 50  # b, c: timed calls per point
+    route_pairs: tuple = (8, 64, 256, 1024, 2048, 4096)  # c: T*k at E = 256, k = 8
+    model: dict = field(default_factory=lambda: dict(QWEN3_30B_A3B))  # d
+    layers: int = 2  # d
+    sizes: tuple = (1, 16, 64, 4, 32, 8)  # d: verify pass sizes N, most wanted first (1: the AR step)
+    budgets_k: tuple = (None, 1, 2, 4)  # d: budgets C as multiples of k (None: exact)
+    new_tokens: int = 16  # d: tokens per timed generate
+    repeats: int = 5  # d, e: timed runs per point
+    inner: str = "inductor"  # moespec's inner compiler
+    baseline: str = "inductor"  # the plain torch.compile backend d compares with
+    e_trees: tuple = (TreeSpec(16, 4, 4),)
+    e_new_tokens: int = 64
+
+    @classmethod
+    def make(cls, quick: bool, dry: bool) -> Sweeps:
+        if dry:
+            return cls(torch.device("cpu"), torch.float32, dict(bench_kernels.SMOKE_SHAPES), tokens=(2,), reps=2,
+                       route_pairs=(64,), model=dict(TINY_QWEN3_MOE), layers=1, sizes=(1, 4), budgets_k=(None, 1),
+                       new_tokens=3,
+                       repeats=1, inner="eager", baseline="eager", e_trees=(4,), e_new_tokens=4)
+        sw = cls(torch.device("cuda"), torch.bfloat16, {name: MODEL_SHAPES[name] for name in SUITE_SHAPES})
+        if quick:
+            sw.tokens, sw.route_pairs = sw.tokens[::2], sw.route_pairs[1::2]
+            sw.sizes, sw.budgets_k, sw.repeats, sw.e_new_tokens = sw.sizes[:3], (None, 2), 3, 32
+        return sw
+
+
+class PartTimeout(BaseException):
+    """Raised by SIGALRM in a part past its budget + grace (a BaseException: sweeps' `except Exception` let it by)."""
+
+
+class Box:
+    """A part's deadline: sweeps check expired() between points and list what they skipped."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.start = seconds, time.monotonic()
+
+    def left(self) -> float:
+        return self.seconds - (time.monotonic() - self.start)
+
+    def expired(self) -> bool:
+        return self.left() <= 0
+
+
+def _stats_ms(times_s: list[float]) -> dict:
+    ms = [1e3 * t for t in times_s]
+    return dict(median_ms=statistics.median(ms), p10_ms=bench_kernels.quantile(ms, 0.1),
+                p90_ms=bench_kernels.quantile(ms, 0.9))
+
+
+# --- a: the GPU tests --------------------------------------------------------------------------------
+def part_a(sw: Sweeps, box: Box) -> dict:
+    """pytest -m gpu over the test files that use the marker, in a subprocess bounded by the box."""
+    root = HERE.parent
+    files = sorted(str(p.relative_to(root)) for p in (root / "tests").glob("test_*.py")
+                   if "mark.gpu" in p.read_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        junit = Path(tmp) / "junit.xml"
+        cmd = [sys.executable, "-P", "-m", "pytest", "-m", "gpu", "-p", "no:cacheprovider", f"--junitxml={junit}",
+               *files]
+        try:
+            proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=max(box.left(), 5))
+        except subprocess.TimeoutExpired as err:
+            tail = (err.stdout or b"")[-3000:]
+            return dict(command=" ".join(cmd), errors=[f"pytest ran past {box.seconds:.0f} s"],
+                        output_tail=tail.decode() if isinstance(tail, bytes) else tail)
+        outcome = _junit(junit) if junit.is_file() else dict(passed=0, failed=0, skipped=0, failures=[])
+    failed = outcome["failures"] + ([f"pytest exit code {proc.returncode}"] if proc.returncode not in (0, 5) else [])
+    return dict(command=" ".join(cmd), files=files, returncode=proc.returncode, errors=failed,
+                output_tail=proc.stdout[-3000:] + proc.stderr[-2000:],
+                **{f"tests_{k}": outcome[k] for k in ("passed", "failed", "skipped")})
+
+
+def _junit(path: Path) -> dict:
+    """Counts and the failing tests (name: first line of the message) of a JUnit report."""
+    out = dict(passed=0, failed=0, skipped=0, failures=[])
+    for case in ET.parse(path).getroot().iter("testcase"):
+        bad = case.find("failure") if case.find("failure") is not None else case.find("error")
+        if bad is not None:
+            out["failed"] += 1
+            out["failures"].append(f"{case.get('classname')}::{case.get('name')}: "
+                                   f"{(bad.get('message') or '').splitlines()[0][:200] if bad.get('message') else ''}")
+        elif case.find("skipped") is not None:
+            out["skipped"] += 1
+        else:
+            out["passed"] += 1
+    return out
+
+
+# --- b: fused experts against torch's and transformers' experts, and the copy floor --------------------
+def part_b(sw: Sweeps, box: Box) -> dict:
+    """bench_kernels.bench_case per (shape, T, C), C = E (no budget) and 2k; ratios per case and per shape."""
+    device, cuda = sw.device, sw.device.type == "cuda"
+    copy_bw = bench_kernels.copy_bandwidth(device, nbytes=(1 << 30) if cuda else (1 << 22))
+    rows, skipped, errors, tables = [], [], [], {}
+    for name, shape in sw.shapes.items():
+        e, h, i, k, _, gpt_oss = shape
+        if box.expired():
+            skipped.append(name)
+            continue
+        tables[name] = _table_source(e, h, i, sw.dtype, device)
+        wgu, wd, bgu, bd = expert_weights(e, h, i, sw.dtype, device, gpt_oss)
+        weights = (wgu, wd, bgu, bd, bench_kernels.baseline_module(e, h, i, gpt_oss, wgu, wd, bgu, bd))
+        for t in sw.tokens:
+            for c in sorted({e, min(e, 2 * k)}, reverse=True):
+                if box.expired():
+                    skipped.append(f"{name} T={t} C={c}")
+                    continue
+                try:
+                    rows += bench_kernels.bench_case(name, shape, t, c, sw.dtype, device, sw.reps, weights,
+                                                     check=True, baselines=BASELINES)
+                except Exception as err:
+                    errors.append(f"{name} T={t} C={c}: {type(err).__name__}: {err}"[:500])
+        del weights, wgu, wd, bgu, bd
+        if cuda:
+            torch.cuda.empty_cache()
+    cases = bench_kernels.summarize(rows, copy_bw)
+    return dict(copy_bytes_per_us=copy_bw, tables=tables, per_shape=_per_shape(cases), rows=rows,
+                skipped=skipped, errors=errors,
+                markdown=[*bench_kernels.TABLE_HEADER, *(bench_kernels.markdown_row(c) for c in cases.values())])
+
+
+def _table_source(e, h, i, dtype, device) -> str:
+    """Where the launcher's tile configs come from for this shape: a tuned table's file name, or the defaults."""
+    path = kconfig.table_path(kconfig.device_name(device), e, h, i, dtype)
+    return path.name if path.is_file() else "defaults (no tuned table for this device)"
+
+
+def _per_shape(cases) -> dict:
+    """Per shape: median, min and max over its cases of ours / best torch (x, > 1 faster) and % of copy bw."""
+    out = {}
+    for (model, _, _), impls in cases.items():
+        ours = impls["moespec"]
+        d = out.setdefault(model, {"x_best_torch": [], "frac_copy_bw": []})
+        d["frac_copy_bw"].append(ours["frac_copy_bw"])
+        if "speedup_vs_best_torch" in ours:
+            d["x_best_torch"].append(ours["speedup_vs_best_torch"])
+    return {m: {key: dict(median=statistics.median(v), min=min(v), max=max(v)) if v else None for key, v in d.items()}
+            for m, d in out.items()}
+
+
+# --- c: the routing-metadata kernel alone ------------------------------------------------------------
+def part_c(sw: Sweeps, box: Box) -> dict:
+    """align_by_expert at E = 256, k = 8 over T*k, BLOCK_M 16 and 64, checked, next to torch's argsort."""
+    e, k, rows, skipped = 256, 8, [], []
+    for pairs in sw.route_pairs:
+        t = pairs // k
+        ids, _ = random_routing(t, k, e, e, torch.Generator().manual_seed(pairs), sw.device)
+        for block_m in (16, 64):
+            if box.expired():
+                skipped.append(f"T*k={pairs} BLOCK_M={block_m}")
+                continue
+            _check_meta(align_by_expert(ids, e, block_m), ids, e)
+            ours = time_us(lambda ids=ids, bm=block_m: align_by_expert(ids, e, bm), reps=sw.reps, warmup=3)
+            ref = time_us(lambda ids=ids: torch.argsort(ids.reshape(-1), stable=True), reps=sw.reps, warmup=3)
+            rows.append(dict(pairs=pairs, T=t, E=e, BLOCK_M=block_m, median_us=statistics.median(ours),
+                             p10_us=bench_kernels.quantile(ours, 0.1), p90_us=bench_kernels.quantile(ours, 0.9),
+                             torch_argsort_median_us=statistics.median(ref)))
+    return dict(rows=rows, skipped=skipped, markdown=["| T*k | BLOCK_M | kernel us [p10, p90] | torch argsort us |",
+                                                      "|---|---|---|---|"] + [
+        f"| {r['pairs']} | {r['BLOCK_M']} | {r['median_us']:.1f} [{r['p10_us']:.1f}, {r['p90_us']:.1f}] | "
+        f"{r['torch_argsort_median_us']:.1f} |" for r in rows])
+
+
+def _check_meta(meta, ids, e: int) -> None:
+    """Every (token, slot) pair sits in exactly one padded row, under a tile labelled with its expert."""
+    flat = ids.reshape(-1).long().cpu()
+    rows = meta.sorted_pairs.long().cpu()
+    tile_of_row = meta.tile_expert.long().cpu().repeat_interleave(meta.block_m)
+    real = rows < flat.numel()
+    if sorted(rows[real].tolist()) != list(range(flat.numel())):
+        raise AssertionError("routing metadata: the pairs are not a permutation of 0..T*k-1")
+    if not torch.equal(tile_of_row[real], flat[rows[real]]):
+        raise AssertionError("routing metadata: a pair sits in a tile of another expert")
+    if int(meta.num_padded.item()) % meta.block_m:
+        raise AssertionError("routing metadata: padded rows not a multiple of BLOCK_M")
+
+
+# --- d: verify latency per (N, C) and the AR step, moespec against plain inductor ----------------------
+class RandomChainDrafter(Drafter):
+    """Drafts a chain of random tokens as long as the shape allows: every verify pass has exactly N tokens
+    (a random draft is almost never accepted), which is what a latency sweep over N needs."""
+
+    def __init__(self, vocab_size: int, seed: int = 0):
+        self.vocab_size = vocab_size
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def start(self, input_ids, max_len):
+        self.device = input_ids.device
+
+    def draft(self, root, shape):
+        n = min(shape.max_nodes, shape.depth)
+        tokens = [root] + torch.randint(0, self.vocab_size, (n,), generator=self.gen).tolist()
+        return DraftTree.from_lists(tokens, [-1] + list(range(n)), self.device)
+
+    def accept(self, path, tokens):
+        pass
+
+
+def build_model(spec: dict, layers: int, device, dtype):
+    """A random-weight Qwen3-MoE from a real config with fewer layers, built on the device."""
+    cfg = transformers.Qwen3MoeConfig(**spec, num_hidden_layers=layers)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    return model.eval()
+
+
+def part_d(sw: Sweeps, box: Box) -> dict:
+    """Per N (a chain of N-1 random drafts; N = 1 is the AR step) and C: ms per verify pass through
+    msc.SpeculativeDecoder, moespec-compiled (budgets [None, k, 2k, 4k]) and plain-compiled (exact)."""
+    model = build_model(sw.model, sw.layers, sw.device, sw.dtype)
+    k = sw.model["num_experts_per_tok"]
+    cuda = sw.device.type == "cuda"
+    drafter = RandomChainDrafter(sw.model["vocab_size"])
+    moespec = msc.SpeculativeDecoder(model, drafter=drafter, tree=0, compile=True, collect_expert_stats=False,
+                                     compile_options={"inner": sw.inner, "kernels": "triton"})
+    plain = msc.SpeculativeDecoder(torch.compile(model, backend=sw.baseline, dynamic=False), drafter=drafter,
+                                   tree=0, collect_expert_stats=False)
+    prompt = torch.randint(0, sw.model["vocab_size"], (1, 32), generator=torch.Generator().manual_seed(0))
+    prompt = prompt.to(sw.device)
+    budgets = [None if m is None else m * k for m in sw.budgets_k]
+    rows, skipped = [], []
+    for n in sw.sizes:
+        for name, dec, cs in (("moespec", moespec, budgets), (f"plain {sw.baseline}", plain, [None])):
+            for c in cs:
+                if box.expired():
+                    skipped.append(f"{name} N={n} C={c}")
+                    continue
+                rows.append(dict(compiled=name, N=n, C=c, **_verify_point(dec, prompt, n, c, sw)))
+    return dict(model=f"Qwen3-30B-A3B config, {sw.layers} layer(s), random weights" if sw.layers > 1 or cuda else
+                "Qwen3-MoE config scaled down (dry run)", layers=sw.layers,
+                experts_implementation=getattr(model.config, "_experts_implementation", None),
+                cuda_graphs=moespec.cuda_graphs, rows=rows, skipped=skipped,
+                markdown=["| compiled | N | C | verify ms [p10, p90] | step ms | tokens/step | buckets |",
+                          "|---|---|---|---|---|---|---|"] + [
+                    f"| {r['compiled']} | {r['N']} | {r['C']} | {r['verify_median_ms']:.2f} "
+                    f"[{r['verify_p10_ms']:.2f}, {r['verify_p90_ms']:.2f}] | {r['step_median_ms']:.2f} | "
+                    f"{r['tokens_per_step']:.2f} | {r['buckets']} |" for r in rows])
+
+
+def _verify_point(dec, prompt, n: int, c, sw: Sweeps) -> dict:
+    """Warm up (compile, capture), then ms per verify pass and per step over sw.repeats generate calls."""
+    run = lambda: dec.generate(prompt, max_new_tokens=sw.new_tokens, eos_token_id=None, tree=n - 1, budget=c).stats
+    run()
+    verify, step, per_step, buckets = [], [], [], set()
+    for _ in range(sw.repeats):
+        s = run()
+        verify.append(s.time_verify / s.steps)
+        step.append((s.time_draft + s.time_verify + s.time_accept) / s.steps)
+        per_step.append(s.tokens_per_step)
+        buckets.update(s.buckets)
+    v, st = _stats_ms(verify), _stats_ms(step)
+    return dict(verify_median_ms=v["median_ms"], verify_p10_ms=v["p10_ms"], verify_p90_ms=v["p90_ms"],
+                step_median_ms=st["median_ms"], tokens_per_step=statistics.mean(per_step),
+                buckets=sorted(buckets, key=str))
+
+
+# --- e: the bundled model, speculative against transformers' generate --------------------------------
+def part_e(sw: Sweeps, box: Box) -> dict:
+    """bench_speculative.throughput on the bundled model: transformers' generate, the decoder with tree=0,
+    then the model drafter's tree with no budget and C = 8."""
+    target, draft, tok = msc.load_tiny(dtype=sw.dtype, device=sw.device)
+    prompt = tok("def main(argv):", return_tensors="pt").input_ids.to(sw.device)
+    args = argparse.Namespace(max_new_tokens=sw.e_new_tokens, repeats=sw.repeats, trees=list(sw.e_trees),
+                              drafters=["model"], budgets=[8], inner=sw.inner, no_compile=False)
+    with torch.no_grad():
+        rows = bench_speculative.throughput(args, target, draft, prompt, sw.device)
+    hf = rows[0]["tok_s"]
+    for r in rows:
+        r["x_transformers_generate"] = r["tok_s"] / hf
+    return dict(rows=rows, markdown=["| mode | tree | budget | tok/s [range] | accepted tokens/step | x generate |",
+                                     "|---|---|---|---|---|---|"] + [
+        f"| {r['mode']} | {r['tree']} | {r['budget']} | {r['tok_s']:.1f} [{r['tok_s_range'][0]:.1f}, "
+        f"{r['tok_s_range'][1]:.1f}] | {r['tokens_per_step']} | {r['x_transformers_generate']:.2f} |" for r in rows])
+
+
+PARTS = {"a": part_a, "b": part_b, "c": part_c, "d": part_d, "e": part_e}
+TITLES = {"a": "GPU tests (pytest -m gpu)", "b": "fused experts vs torch / transformers experts, copy floor",
+          "c": "routing-metadata kernel (E = 256)", "d": "verify latency per (N, C) and AR step, moespec vs plain",
+          "e": "bundled model: speculative vs transformers generate"}
+
+
+# --- the runner --------------------------------------------------------------------------------------
+def run_part(name: str, sw: Sweeps, fail: bool) -> dict:
+    """One part under its box: ok | failed (errors or an exception, with the traceback) | timeout."""
+    box = Box(BUDGET_S[name])
+    t0 = time.monotonic()
+    use_alarm = hasattr(signal, "SIGALRM")
+    if use_alarm:
+        signal.signal(signal.SIGALRM, _on_alarm)
+        signal.alarm(int(BUDGET_S[name] + HARD_GRACE_S))
+    try:
+        if fail:
+            raise RuntimeError(f"part {name} failed on purpose (--fail-part {name})")
+        result = PARTS[name](sw, box)
+        status = "failed" if result.get("errors") else "ok"
+    except PartTimeout:
+        result, status = dict(traceback=traceback.format_exc()), "timeout"
+    except Exception:
+        result, status = dict(traceback=traceback.format_exc()), "failed"
+    finally:
+        if use_alarm:
+            signal.alarm(0)
+    _settle(sw.device)
+    result.update(status=status, seconds=round(time.monotonic() - t0, 1), budget_s=BUDGET_S[name],
+                  truncated=bool(result.get("skipped")))
+    print(f"[{name}] {status} in {result['seconds']} s" + (" (truncated by its time box)" if result["truncated"]
+                                                            else ""), flush=True)
+    return result
+
+
+def _on_alarm(signum, frame):
+    raise PartTimeout("part ran past its budget + grace")
+
+
+def _settle(device) -> None:
+    """Between parts: no leftover compile caches or cached blocks."""
+    torch._dynamo.reset()
+    if device.type == "cuda":
+        try:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+        except Exception:  # a broken context shows up in the next part's own result
+            pass
+
+
+def _meta(args, sw: Sweeps) -> dict:
+    cuda = sw.device.type == "cuda"
+    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True)
+    return dict(device=torch.cuda.get_device_name() if cuda else f"cpu ({platform.processor() or 'unknown'}), "
+                "TRITON_INTERPRET=1 dry run", torch=torch.__version__, triton=triton.__version__,
+                transformers=transformers.__version__, cuda=torch.version.cuda, python=platform.python_version(),
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                command="python -P benchmarks/gpu_suite.py " + " ".join(sys.argv[1:] if args.argv is None else
+                                                                         args.argv),
+                commit=git.stdout.strip() or None, load_avg=os.getloadavg(), dtype=str(sw.dtype).removeprefix("torch."),
+                quick=args.quick, dry_run=args.dry_run, budgets_s=BUDGET_S)
+
+
+def markdown(report: dict) -> str:
+    m = report["meta"]
+    lines = [f"# GPU check: {m['device']}", "", f"{m['date']}; torch {m['torch']}, triton {m['triton']}, transformers "
+             f"{m['transformers']}, CUDA {m['cuda']}, {m['dtype']}; commit {m['commit']}; load {m['load_avg']}", "",
+             f"command: `{m['command']}`", "", "| part | what | status | seconds (budget) | truncated |",
+             "|---|---|---|---|---|"]
+    parts = report["parts"]
+    lines += [f"| {p} | {TITLES[p]} | {r['status']} | {r['seconds']} ({r['budget_s']}) | {r['truncated']} |"
+              for p, r in parts.items()]
+    for p, r in parts.items():
+        lines += ["", f"## {p}: {TITLES[p]} ({r['status']})", ""]
+        if p == "a" and "tests_passed" in r:
+            lines.append(f"{r['tests_passed']} passed, {r['tests_failed']} failed, {r['tests_skipped']} skipped; "
+                         f"files: {', '.join(r['files'])}")
+        if p == "b" and "per_shape" in r:
+            lines += [f"copy bandwidth {r['copy_bytes_per_us'] / 1e3:.0f} GB/s; tile configs: {r['tables']}", "",
+                      "| shape | x best torch median [min, max] | % copy bw median [min, max] |", "|---|---|---|"]
+            lines += [f"| {s} | {_spread(d['x_best_torch'], 1)} | {_spread(d['frac_copy_bw'], 100)} |"
+                      for s, d in r["per_shape"].items()]
+            lines.append("")
+        lines += r.get("markdown", [])
+        lines += [f"- {e}" for e in r.get("errors", [])] + [f"- skipped (time box): {s}" for s in r.get("skipped", [])]
+        if "traceback" in r:
+            lines += ["```", r["traceback"].rstrip(), "```"]
+    return "\n".join(lines) + "\n"
+
+
+def _spread(d, scale) -> str:
+    return "-" if not d else f"{scale * d['median']:.3g} [{scale * d['min']:.3g}, {scale * d['max']:.3g}]"
+
+
+def write(report: dict, dirs: list[Path]) -> None:
+    m = report["meta"]
+    stem = "gpu_suite_" + kconfig.device_name(torch.device("cuda" if not m["dry_run"] else "cpu")) + (
+        "_quick" if m["quick"] else "") + ("_dry_run" if m["dry_run"] else "")
+    for d in dirs:
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"{stem}.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+        (d / f"{stem}.md").write_text(markdown(report))
+        print(f"wrote {d / stem}.json and .md")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, required=True, help="results folder (the device's $OUT)")
+    p.add_argument("--quick", action="store_true", help="halve every sweep")
+    p.add_argument("--dry-run", action="store_true", help="the CPU: kernels under TRITON_INTERPRET=1, tiny shapes")
+    p.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of a,b,c,d,e")
+    p.add_argument("--fail-part", default="", help=argparse.SUPPRESS)  # tests: that part raises at its start
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    args.argv = argv
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        raise ValueError(f"--parts: unknown part(s) {unknown}; expected a subset of {list(PARTS)}")
+    if not args.dry_run and not torch.cuda.is_available():
+        print("gpu_suite: no CUDA device; use --dry-run to run the same code paths on the CPU", file=sys.stderr)
+        return 2
+    sw = Sweeps.make(args.quick, args.dry_run)
+    report = dict(meta=_meta(args, sw), parts={})
+    for name in parts:
+        report["parts"][name] = run_part(name, sw, fail=name == args.fail_part)
+        write(report, _dirs(args))  # after every part: a later crash keeps what ran
+    print(markdown(report))
+    return 0 if all(r["status"] == "ok" for r in report["parts"].values()) else 1
+
+
+def _dirs(args) -> list[Path]:
+    """--out, and the checkout's benchmarks/results/gpu/ unless this is a dry run."""
+    dirs = [args.out]
+    if not args.dry_run and CHECKOUT_RESULTS.parent.is_dir() and CHECKOUT_RESULTS.resolve() != args.out.resolve():
+        dirs.append(CHECKOUT_RESULTS)
+    return dirs
+
+
+if __name__ == "__main__":
+    sys.exit(main())
