@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import platform
@@ -39,6 +40,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
+T0 = time.monotonic()  # the parts' deadlines count from here: imports and CUDA start-up included
 DRY_RUN = "--dry-run" in sys.argv
 if DRY_RUN:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are first imported
@@ -62,9 +64,10 @@ __all__ = ["main", "PARTS", "BUDGET_S"]
 CHECKOUT_RESULTS = HERE / "results" / "gpu"
 SUITE_SHAPES = ("olmoe-1b-7b", "qwen3-30b-a3b", "mixtral-8x7b", "gpt-oss-20b")
 BASELINES = ("torch_grouped_mm", "grouped_mm", "batched_mm")  # transformers' eager loop: bench_kernels.py
-# Seconds per part: 490 in all, under the 9 minutes one device call allows (the rest: imports, CUDA start)
-BUDGET_S = {"a": 90, "b": 180, "c": 40, "d": 120, "e": 60}
-HARD_GRACE_S = 15  # a part still running this long past its budget is interrupted (SIGALRM)
+# Seconds per part, 480 in all from process start, under the 9 minutes one device call allows. Part p must
+# end by the sum of the budgets up to p: time a part leaves unused goes to the next, an overrun comes out of it.
+BUDGET_S = {"a": 90, "b": 170, "c": 30, "d": 120, "e": 70}
+HARD_GRACE_S = 10  # a part still running this long past its deadline is interrupted (SIGALRM)
 # Qwen3-30B-A3B's config.json, less its 48 layers; the dry run scales it down to CPU size
 QWEN3_30B_A3B = dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_attention_heads=32,
                      num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
@@ -86,6 +89,7 @@ class Sweeps:
     reps: int = 50  # b, c: timed calls per point
     route_pairs: tuple = (8, 64, 256, 1024, 2048, 4096)  # c: T*k at E = 256, k = 8
     model: dict = field(default_factory=lambda: dict(QWEN3_30B_A3B))  # d
+    model_name: str = "Qwen3-30B-A3B's config, random weights"
     layers: int = 2  # d
     sizes: tuple = (1, 16, 64, 4, 32, 8)  # d: verify pass sizes N, most wanted first (1: the AR step)
     budgets_k: tuple = (None, 1, 2, 4)  # d: budgets C as multiples of k (None: exact)
@@ -95,14 +99,15 @@ class Sweeps:
     baseline: str = "inductor"  # the plain torch.compile backend d compares with
     e_trees: tuple = (TreeSpec(16, 4, 4),)
     e_new_tokens: int = 64
+    e_compile: bool = True  # e: the dry run leaves compiling through the decoder to d (one compile per case)
 
     @classmethod
     def make(cls, quick: bool, dry: bool) -> Sweeps:
         if dry:
             return cls(torch.device("cpu"), torch.float32, dict(bench_kernels.SMOKE_SHAPES), tokens=(2,), reps=2,
                        route_pairs=(64,), model=dict(TINY_QWEN3_MOE), layers=1, sizes=(1, 4), budgets_k=(None, 1),
-                       new_tokens=3,
-                       repeats=1, inner="eager", baseline="eager", e_trees=(4,), e_new_tokens=4)
+                       model_name="Qwen3-MoE config scaled to CPU size, random weights", new_tokens=3, repeats=1,
+                       inner="eager", baseline="eager", e_trees=(4,), e_new_tokens=4, e_compile=False)
         sw = cls(torch.device("cuda"), torch.bfloat16, {name: MODEL_SHAPES[name] for name in SUITE_SHAPES})
         if quick:
             sw.tokens, sw.route_pairs = sw.tokens[::2], sw.route_pairs[1::2]
@@ -115,16 +120,24 @@ class PartTimeout(BaseException):
 
 
 class Box:
-    """A part's deadline: sweeps check expired() between points and list what they skipped."""
+    """A part's deadline (time.monotonic): sweeps check expired() between points and list what they skipped."""
 
-    def __init__(self, seconds: float):
-        self.seconds, self.start = seconds, time.monotonic()
+    def __init__(self, deadline: float):
+        self.deadline, self.start = deadline, time.monotonic()
+
+    @property
+    def seconds(self) -> float:
+        return self.deadline - self.start
 
     def left(self) -> float:
-        return self.seconds - (time.monotonic() - self.start)
+        return self.deadline - time.monotonic()
 
     def expired(self) -> bool:
         return self.left() <= 0
+
+    def share(self, pieces_left: int) -> Box:
+        """A sub-box for the next of pieces_left pieces: an equal share of what is left."""
+        return Box(time.monotonic() + max(self.left(), 0) / max(pieces_left, 1))
 
 
 def _stats_ms(times_s: list[float]) -> dict:
@@ -141,19 +154,24 @@ def part_a(sw: Sweeps, box: Box) -> dict:
                    if "mark.gpu" in p.read_text())
     with tempfile.TemporaryDirectory() as tmp:
         junit = Path(tmp) / "junit.xml"
-        cmd = [sys.executable, "-P", "-m", "pytest", "-m", "gpu", "-p", "no:cacheprovider", f"--junitxml={junit}",
-               *files]
+        cmd = [sys.executable, "-P", "-m", "pytest", "-m", "gpu", "-o", "addopts=", "-v", "-p", "no:cacheprovider",
+               f"--junitxml={junit}", *files]
         try:
             proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=max(box.left(), 5))
-        except subprocess.TimeoutExpired as err:
-            tail = (err.stdout or b"")[-3000:]
-            return dict(command=" ".join(cmd), errors=[f"pytest ran past {box.seconds:.0f} s"],
-                        output_tail=tail.decode() if isinstance(tail, bytes) else tail)
+        except subprocess.TimeoutExpired as err:  # no JUnit report: count the verbose lines printed so far
+            out = err.stdout.decode(errors="replace") if isinstance(err.stdout, bytes) else (err.stdout or "")
+            return dict(command=" ".join(cmd), files=files, errors=[f"pytest ran past its {box.seconds:.0f} s box",
+                                                                    *_verbose_failures(out)], output_tail=out[-3000:],
+                        **{f"tests_{k}": out.count(f" {k.upper()}") for k in ("passed", "failed", "skipped")})
         outcome = _junit(junit) if junit.is_file() else dict(passed=0, failed=0, skipped=0, failures=[])
     failed = outcome["failures"] + ([f"pytest exit code {proc.returncode}"] if proc.returncode not in (0, 5) else [])
     return dict(command=" ".join(cmd), files=files, returncode=proc.returncode, errors=failed,
                 output_tail=proc.stdout[-3000:] + proc.stderr[-2000:],
                 **{f"tests_{k}": outcome[k] for k in ("passed", "failed", "skipped")})
+
+
+def _verbose_failures(out: str) -> list[str]:
+    return [line.split(" FAILED")[0] + ": failed" for line in out.splitlines() if " FAILED" in line]
 
 
 def _junit(path: Path) -> dict:
@@ -178,9 +196,10 @@ def part_b(sw: Sweeps, box: Box) -> dict:
     device, cuda = sw.device, sw.device.type == "cuda"
     copy_bw = bench_kernels.copy_bandwidth(device, nbytes=(1 << 30) if cuda else (1 << 22))
     rows, skipped, errors, tables = [], [], [], {}
-    for name, shape in sw.shapes.items():
+    for index, (name, shape) in enumerate(sw.shapes.items()):
         e, h, i, k, _, gpt_oss = shape
-        if box.expired():
+        mine = box.share(len(sw.shapes) - index)  # every shape gets its small T before any gets its large T
+        if mine.expired():
             skipped.append(name)
             continue
         tables[name] = _table_source(e, h, i, sw.dtype, device)
@@ -188,7 +207,7 @@ def part_b(sw: Sweeps, box: Box) -> dict:
         weights = (wgu, wd, bgu, bd, bench_kernels.baseline_module(e, h, i, gpt_oss, wgu, wd, bgu, bd))
         for t in sw.tokens:
             for c in sorted({e, min(e, 2 * k)}, reverse=True):
-                if box.expired():
+                if mine.expired():
                     skipped.append(f"{name} T={t} C={c}")
                     continue
                 try:
@@ -296,7 +315,6 @@ def part_d(sw: Sweeps, box: Box) -> dict:
     msc.SpeculativeDecoder, moespec-compiled (budgets [None, k, 2k, 4k]) and plain-compiled (exact)."""
     model = build_model(sw.model, sw.layers, sw.device, sw.dtype)
     k = sw.model["num_experts_per_tok"]
-    cuda = sw.device.type == "cuda"
     drafter = RandomChainDrafter(sw.model["vocab_size"])
     moespec = msc.SpeculativeDecoder(model, drafter=drafter, tree=0, compile=True, collect_expert_stats=False,
                                      compile_options={"inner": sw.inner, "kernels": "triton"})
@@ -305,23 +323,36 @@ def part_d(sw: Sweeps, box: Box) -> dict:
     prompt = torch.randint(0, sw.model["vocab_size"], (1, 32), generator=torch.Generator().manual_seed(0))
     prompt = prompt.to(sw.device)
     budgets = [None if m is None else m * k for m in sw.budgets_k]
-    rows, skipped = [], []
+    rows, skipped, errors = [], [], []
     for n in sw.sizes:
         for name, dec, cs in (("moespec", moespec, budgets), (f"plain {sw.baseline}", plain, [None])):
             for c in cs:
                 if box.expired():
                     skipped.append(f"{name} N={n} C={c}")
                     continue
-                rows.append(dict(compiled=name, N=n, C=c, **_verify_point(dec, prompt, n, c, sw)))
-    return dict(model=f"Qwen3-30B-A3B config, {sw.layers} layer(s), random weights" if sw.layers > 1 or cuda else
-                "Qwen3-MoE config scaled down (dry run)", layers=sw.layers,
+                try:
+                    rows.append(dict(compiled=name, N=n, C=c, **_verify_point(dec, prompt, n, c, sw)))
+                except Exception as err:
+                    errors.append(f"{name} N={n} C={c}: {type(err).__name__}: {err}"[:500])
+    _ratios_to_plain(rows)
+    return dict(model=sw.model_name, layers=sw.layers, config=sw.model,
                 experts_implementation=getattr(model.config, "_experts_implementation", None),
-                cuda_graphs=moespec.cuda_graphs, rows=rows, skipped=skipped,
-                markdown=["| compiled | N | C | verify ms [p10, p90] | step ms | tokens/step | buckets |",
-                          "|---|---|---|---|---|---|---|"] + [
+                cuda_graphs=moespec.cuda_graphs, rows=rows, skipped=skipped, errors=errors,
+                markdown=[f"{sw.model_name}, {sw.layers} layer(s); CUDA graphs: {moespec.cuda_graphs}; ms per verify "
+                          "pass as the decoder times it (masks, inputs, replay)", "",
+                          "| compiled | N | C | verify ms [p10, p90] | x plain | step ms | tokens/step | buckets |",
+                          "|---|---|---|---|---|---|---|---|"] + [
                     f"| {r['compiled']} | {r['N']} | {r['C']} | {r['verify_median_ms']:.2f} "
-                    f"[{r['verify_p10_ms']:.2f}, {r['verify_p90_ms']:.2f}] | {r['step_median_ms']:.2f} | "
-                    f"{r['tokens_per_step']:.2f} | {r['buckets']} |" for r in rows])
+                    f"[{r['verify_p10_ms']:.2f}, {r['verify_p90_ms']:.2f}] | {r.get('x_plain', '-')} | "
+                    f"{r['step_median_ms']:.2f} | {r['tokens_per_step']:.2f} | {r['buckets']} |" for r in rows])
+
+
+def _ratios_to_plain(rows) -> None:
+    """x_plain: the plain compile's verify ms at the same N over this row's (> 1: faster than plain)."""
+    plain = {r["N"]: r["verify_median_ms"] for r in rows if r["compiled"] != "moespec"}
+    for r in rows:
+        if r["compiled"] == "moespec" and r["N"] in plain:
+            r["x_plain"] = round(plain[r["N"]] / r["verify_median_ms"], 3)
 
 
 def _verify_point(dec, prompt, n: int, c, sw: Sweeps) -> dict:
@@ -348,7 +379,7 @@ def part_e(sw: Sweeps, box: Box) -> dict:
     target, draft, tok = msc.load_tiny(dtype=sw.dtype, device=sw.device)
     prompt = tok("def main(argv):", return_tensors="pt").input_ids.to(sw.device)
     args = argparse.Namespace(max_new_tokens=sw.e_new_tokens, repeats=sw.repeats, trees=list(sw.e_trees),
-                              drafters=["model"], budgets=[8], inner=sw.inner, no_compile=False)
+                              drafters=["model"], budgets=[8], inner=sw.inner, no_compile=not sw.e_compile)
     with torch.no_grad():
         rows = bench_speculative.throughput(args, target, draft, prompt, sw.device)
     hf = rows[0]["tok_s"]
@@ -367,14 +398,14 @@ TITLES = {"a": "GPU tests (pytest -m gpu)", "b": "fused experts vs torch / trans
 
 
 # --- the runner --------------------------------------------------------------------------------------
-def run_part(name: str, sw: Sweeps, fail: bool) -> dict:
+def run_part(name: str, sw: Sweeps, deadline: float, fail: bool) -> dict:
     """One part under its box: ok | failed (errors or an exception, with the traceback) | timeout."""
-    box = Box(BUDGET_S[name])
+    box = Box(deadline)
     t0 = time.monotonic()
-    use_alarm = hasattr(signal, "SIGALRM")
+    use_alarm = hasattr(signal, "SIGALRM")  # POSIX, main thread
     if use_alarm:
-        signal.signal(signal.SIGALRM, _on_alarm)
-        signal.alarm(int(BUDGET_S[name] + HARD_GRACE_S))
+        previous = signal.signal(signal.SIGALRM, _on_alarm)
+        signal.alarm(max(1, int(box.left() + HARD_GRACE_S)))
     try:
         if fail:
             raise RuntimeError(f"part {name} failed on purpose (--fail-part {name})")
@@ -387,8 +418,9 @@ def run_part(name: str, sw: Sweeps, fail: bool) -> dict:
     finally:
         if use_alarm:
             signal.alarm(0)
+            signal.signal(signal.SIGALRM, previous)
     _settle(sw.device)
-    result.update(status=status, seconds=round(time.monotonic() - t0, 1), budget_s=BUDGET_S[name],
+    result.update(status=status, seconds=round(time.monotonic() - t0, 1), budget_s=round(box.seconds, 1),
                   truncated=bool(result.get("skipped")))
     print(f"[{name}] {status} in {result['seconds']} s" + (" (truncated by its time box)" if result["truncated"]
                                                             else ""), flush=True)
@@ -401,6 +433,7 @@ def _on_alarm(signum, frame):
 
 def _settle(device) -> None:
     """Between parts: no leftover compile caches or cached blocks."""
+    gc.collect()  # decoders hold graph pools and caches in reference cycles
     torch._dynamo.reset()
     if device.type == "cuda":
         try:
@@ -412,14 +445,18 @@ def _settle(device) -> None:
 
 def _meta(args, sw: Sweeps) -> dict:
     cuda = sw.device.type == "cuda"
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True)
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
+                                text=True).stdout.strip() or None
+    except OSError:  # no git on the device
+        commit = None
     return dict(device=torch.cuda.get_device_name() if cuda else f"cpu ({platform.processor() or 'unknown'}), "
                 "TRITON_INTERPRET=1 dry run", torch=torch.__version__, triton=triton.__version__,
                 transformers=transformers.__version__, cuda=torch.version.cuda, python=platform.python_version(),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 command="python -P benchmarks/gpu_suite.py " + " ".join(sys.argv[1:] if args.argv is None else
                                                                          args.argv),
-                commit=git.stdout.strip() or None, load_avg=os.getloadavg(), dtype=str(sw.dtype).removeprefix("torch."),
+                commit=commit, load_avg=os.getloadavg(), dtype=str(sw.dtype).removeprefix("torch."),
                 quick=args.quick, dry_run=args.dry_run, budgets_s=BUDGET_S)
 
 
@@ -487,8 +524,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     sw = Sweeps.make(args.quick, args.dry_run)
     report = dict(meta=_meta(args, sw), parts={})
+    deadline = T0
     for name in parts:
-        report["parts"][name] = run_part(name, sw, fail=name == args.fail_part)
+        deadline += BUDGET_S[name]
+        report["parts"][name] = run_part(name, sw, deadline, fail=name == args.fail_part)
         write(report, _dirs(args))  # after every part: a later crash keeps what ran
     print(markdown(report))
     return 0 if all(r["status"] == "ok" for r in report["parts"].values()) else 1
