@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import importlib.util
 import json
 import os
 import platform
@@ -150,6 +151,8 @@ def _stats_ms(times_s: list[float]) -> dict:
 def part_a(sw: Sweeps, box: Box) -> dict:
     """pytest -m gpu over the test files that use the marker, in a subprocess bounded by the box."""
     root = HERE.parent
+    if importlib.util.find_spec("pytest") is None:
+        return dict(errors=["pytest is not installed for this python; `pip install pytest` where allowed"])
     files = sorted(str(p.relative_to(root)) for p in (root / "tests").glob("test_*.py")
                    if "mark.gpu" in p.read_text())
     with tempfile.TemporaryDirectory() as tmp:
@@ -324,6 +327,7 @@ def part_d(sw: Sweeps, box: Box) -> dict:
     prompt = prompt.to(sw.device)
     budgets = [None if m is None else m * k for m in sw.budgets_k]
     rows, skipped, errors = [], [], []
+    before = dict(_pass_counters())
     for n in sw.sizes:
         for name, dec, cs in (("moespec", moespec, budgets), (f"plain {sw.baseline}", plain, [None])):
             for c in cs:
@@ -335,8 +339,13 @@ def part_d(sw: Sweeps, box: Box) -> dict:
                 except Exception as err:
                     errors.append(f"{name} N={n} C={c}: {type(err).__name__}: {err}"[:500])
     _ratios_to_plain(rows)
-    return dict(model=sw.model_name, layers=sw.layers, config=sw.model,
-                experts_implementation=getattr(model.config, "_experts_implementation", None),
+    passes = {key: n - before.get(key, 0) for key, n in _pass_counters().items()}
+    if not passes.get("experts_fused"):
+        errors.append(f"moespec fused no experts block in this model (pass counters: {passes})")
+    cfg = model.config
+    return dict(model=sw.model_name, layers=sw.layers, config=sw.model, passes=passes,
+                experts_implementation=getattr(cfg, "_experts_implementation_internal", None)
+                or getattr(cfg, "_experts_implementation", None),
                 cuda_graphs=moespec.cuda_graphs, rows=rows, skipped=skipped, errors=errors,
                 markdown=[f"{sw.model_name}, {sw.layers} layer(s); CUDA graphs: {moespec.cuda_graphs}; ms per verify "
                           "pass as the decoder times it (masks, inputs, replay)", "",
@@ -345,6 +354,15 @@ def part_d(sw: Sweeps, box: Box) -> dict:
                     f"| {r['compiled']} | {r['N']} | {r['C']} | {r['verify_median_ms']:.2f} "
                     f"[{r['verify_p10_ms']:.2f}, {r['verify_p90_ms']:.2f}] | {r.get('x_plain', '-')} | "
                     f"{r['step_median_ms']:.2f} | {r['tokens_per_step']:.2f} | {r['buckets']} |" for r in rows])
+
+
+def _pass_counters() -> dict:
+    """The backend's pass counters (graphs, routers_budgeted, experts_fused, ...), {} if they moved."""
+    try:
+        from moe_spec_compile.passes import counters
+    except ImportError:
+        return {}
+    return dict(counters)
 
 
 def _ratios_to_plain(rows) -> None:
