@@ -357,12 +357,8 @@ def part_d(sw: Sweeps, box: Box) -> dict:
 
 
 def _pass_counters() -> dict:
-    """The backend's pass counters (graphs, routers_budgeted, experts_fused, ...), {} if they moved."""
-    try:
-        from moe_spec_compile.passes import counters
-    except ImportError:
-        return {}
-    return dict(counters)
+    """What the backend's passes did so far: dynamo's counters["moespec"] (graphs, experts_fused, ...)."""
+    return dict(torch._dynamo.utils.counters.get("moespec", {}))
 
 
 def _ratios_to_plain(rows) -> None:
