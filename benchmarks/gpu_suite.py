@@ -163,9 +163,9 @@ def part_a(sw: Sweeps, box: Box) -> dict:
             proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=max(box.left(), 5))
         except subprocess.TimeoutExpired as err:  # no JUnit report: count the verbose lines printed so far
             out = err.stdout.decode(errors="replace") if isinstance(err.stdout, bytes) else (err.stdout or "")
-            return dict(command=" ".join(cmd), files=files, errors=[f"pytest ran past its {box.seconds:.0f} s box",
-                                                                    *_verbose_failures(out)], output_tail=out[-3000:],
-                        **{f"tests_{k}": out.count(f" {k.upper()}") for k in ("passed", "failed", "skipped")})
+            counts = {f"tests_{k}": out.count(f" {k.upper()}") for k in ("passed", "failed", "skipped")}
+            return dict(command=" ".join(cmd), files=files, timed_out=True, output_tail=out[-3000:], **counts,
+                        errors=[f"pytest ran past its {box.seconds:.0f} s box", *_verbose_failures(out)])
         outcome = _junit(junit) if junit.is_file() else dict(passed=0, failed=0, skipped=0, failures=[])
     failed = outcome["failures"] + ([f"pytest exit code {proc.returncode}"] if proc.returncode not in (0, 5) else [])
     return dict(command=" ".join(cmd), files=files, returncode=proc.returncode, errors=failed,
@@ -424,7 +424,7 @@ def run_part(name: str, sw: Sweeps, deadline: float, fail: bool) -> dict:
         if fail:
             raise RuntimeError(f"part {name} failed on purpose (--fail-part {name})")
         result = PARTS[name](sw, box)
-        status = "failed" if result.get("errors") else "ok"
+        status = "timeout" if result.get("timed_out") else "failed" if result.get("errors") else "ok"
     except PartTimeout:
         result, status = dict(traceback=traceback.format_exc()), "timeout"
     except Exception:
@@ -478,7 +478,7 @@ def markdown(report: dict) -> str:
     m = report["meta"]
     lines = [f"# GPU check: {m['device']}", "", f"{m['date']}; torch {m['torch']}, triton {m['triton']}, transformers "
              f"{m['transformers']}, CUDA {m['cuda']}, {m['dtype']}; commit {m['commit']}; load {m['load_avg']}", "",
-             f"command: `{m['command']}`", "", "| part | what | status | seconds (budget) | truncated |",
+             f"command: `{m['command']}`", "", "| part | what | status | seconds (box) | truncated |",
              "|---|---|---|---|---|"]
     parts = report["parts"]
     lines += [f"| {p} | {TITLES[p]} | {r['status']} | {r['seconds']} ({r['budget_s']}) | {r['truncated']} |"
@@ -489,7 +489,7 @@ def markdown(report: dict) -> str:
             lines.append(f"{r['tests_passed']} passed, {r['tests_failed']} failed, {r['tests_skipped']} skipped; "
                          f"files: {', '.join(r['files'])}")
         if p == "b" and "per_shape" in r:
-            lines += [f"copy bandwidth {r['copy_bytes_per_us'] / 1e3:.0f} GB/s; tile configs: {r['tables']}", "",
+            lines += [f"copy bandwidth {r['copy_bytes_per_us'] / 1e3:.3g} GB/s; tile configs: {r['tables']}", "",
                       "| shape | x best torch median [min, max] | % copy bw median [min, max] |", "|---|---|---|"]
             lines += [f"| {s} | {_spread(d['x_best_torch'], 1)} | {_spread(d['frac_copy_bw'], 100)} |"
                       for s, d in r["per_shape"].items()]
