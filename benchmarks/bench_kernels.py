@@ -34,7 +34,6 @@ import triton  # noqa: E402
 from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts  # noqa: E402
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts  # noqa: E402
 
-from moe_spec_compile.kernels import fused_experts  # noqa: E402
 from moe_spec_compile.kernels.tune import MODEL_SHAPES, expert_weights, random_routing, time_us  # noqa: E402
 from moe_spec_compile.ops import fused_experts_torch  # noqa: E402
 
@@ -153,7 +152,7 @@ def bench_case(name, shape, t, c, dtype, device, reps, weights, check, baselines
         (bgu.numel() + bd.numel()) // e * bgu.element_size() if bgu is not None else 0)
     weight_bytes = loaded * per_expert
     args = (x, ids, tw, wgu, wd, activation, bgu, bd, gpt_oss)
-    impls = {"moespec": lambda: fused_experts(*args)}
+    impls = {"moespec": lambda: torch.ops.moespec.fused_experts(*args, impl="triton")}  # the public op
     errors = {}
     for impl in baselines:
         if impl == "batched_mm" and not _fits(t, k, h, i, wgu.element_size(), device):
