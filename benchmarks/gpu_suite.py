@@ -388,19 +388,27 @@ def _verify_point(dec, prompt, n: int, c, sw: Sweeps) -> dict:
 
 # --- e: the bundled model, speculative against transformers' generate --------------------------------
 def part_e(sw: Sweeps, box: Box) -> dict:
-    """bench_speculative.throughput on the bundled model: transformers' generate, the decoder with tree=0,
-    then the model drafter's tree with no budget and C = 8."""
+    """On the bundled model, through bench_speculative: transformers' generate, the model drafter's tree with
+    no budget and with C = 8, then (time allowing) the decoder's own AR loop (tree=0)."""
     target, draft, tok = msc.load_tiny(dtype=sw.dtype, device=sw.device)
     prompt = tok("def main(argv):", return_tensors="pt").input_ids.to(sw.device)
-    args = argparse.Namespace(max_new_tokens=sw.e_new_tokens, repeats=sw.repeats, trees=list(sw.e_trees),
-                              drafters=["model"], budgets=[8], inner=sw.inner, no_compile=not sw.e_compile)
+    args = argparse.Namespace(max_new_tokens=sw.e_new_tokens, repeats=sw.repeats, inner=sw.inner,
+                              no_compile=not sw.e_compile)
+    cases = [("speculative", tree, "model", [None, 8]) for tree in sw.e_trees]
+    cases.append(("autoregressive (decoder, tree=0)", 0, "none", [None]))
+    skipped = []
     with torch.no_grad():
-        rows = bench_speculative.throughput(args, target, draft, prompt, sw.device)
+        rows = [bench_speculative.generate_row(args, target, prompt, sw.device)]
+        for mode, tree, drafter, budgets in cases:
+            if box.expired():
+                skipped.append(f"{mode} tree={tree}")
+                continue
+            rows += bench_speculative.decoder_rows(args, target, draft, prompt, sw.device, mode, tree, drafter, budgets)
     hf = rows[0]["tok_s"]
     for r in rows:
         r["x_transformers_generate"] = r["tok_s"] / hf
-    return dict(rows=rows, markdown=["| mode | tree | budget | tok/s [range] | accepted tokens/step | x generate |",
-                                     "|---|---|---|---|---|---|"] + [
+    return dict(rows=rows, skipped=skipped, markdown=[
+        "| mode | tree | budget | tok/s [range] | accepted tokens/step | x generate |", "|---|---|---|---|---|---|"] + [
         f"| {r['mode']} | {r['tree']} | {r['budget']} | {r['tok_s']:.1f} [{r['tok_s_range'][0]:.1f}, "
         f"{r['tok_s_range'][1]:.1f}] | {r['tokens_per_step']} | {r['x_transformers_generate']:.2f} |" for r in rows])
 
