@@ -45,7 +45,9 @@ def test_dry_run_every_part_ok(tmp_path):
     impls = {r["impl"] for r in parts["b"]["rows"] if "median_us" in r}
     assert impls == {"moespec", "torch_grouped_mm", "grouped_mm", "batched_mm"}
     ours = [r for r in parts["b"]["rows"] if r["impl"] == "moespec"]
-    assert all(r["speedup_vs_best_torch"] > 0 and r["frac_copy_bw"] > 0 for r in ours)
+    assert all(r["frac_copy_bw"] > 0 and r["copy_floor_us"] > 0 for r in ours)
+    assert all(abs(r["time_ratio_to_best_torch"] * r["speedup_vs_best_torch"] - 1) < 1e-9 for r in ours)
+    assert set(parts["b"]["per_shape"]) == {"tiny", "tiny-gpt-oss"}
     assert {r["C"] for r in ours} == {4, 8}  # with and without a budget (tiny shapes: E = 8, k = 2)
     assert parts["c"]["rows"] and all(r["E"] == 256 for r in parts["c"]["rows"])
     d = {(r["compiled"], r["N"], r["C"]) for r in parts["d"]["rows"]}
