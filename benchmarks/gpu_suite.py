@@ -48,8 +48,6 @@ if DRY_RUN:
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # bench_kernels, bench_speculative (-P keeps the script's folder off the path)
 
-import bench_kernels  # noqa: E402
-import bench_speculative  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 import triton  # noqa: E402
@@ -58,7 +56,9 @@ import moe_spec_compile as msc  # noqa: E402
 from moe_spec_compile.kernels import align_by_expert  # noqa: E402
 from moe_spec_compile.kernels import config as kconfig  # noqa: E402
 from moe_spec_compile.kernels.tune import MODEL_SHAPES, expert_weights, random_routing, time_us  # noqa: E402
-from moe_spec_compile.speculative import Drafter, DraftTree, TreeSpec  # noqa: E402
+
+# The parts import the benchmark scripts and anything past the public API themselves (_bench): an import
+# broken by someone's refactor then fails that part alone.
 
 __all__ = ["main", "PARTS", "BUDGET_S"]
 
@@ -85,7 +85,8 @@ class Sweeps:
 
     device: torch.device
     dtype: torch.dtype
-    shapes: dict  # b: name -> (E, H, I, k, activation, GPT-OSS layout)
+    dry: bool
+    shapes: tuple = SUITE_SHAPES  # b: MODEL_SHAPES names (the dry run: bench_kernels.SMOKE_SHAPES names)
     tokens: tuple = (1, 2, 4, 8, 16, 32, 64, 128)  # b: T
     reps: int = 50  # b, c: timed calls per point
     route_pairs: tuple = (8, 64, 256, 1024, 2048, 4096)  # c: T*k at E = 256, k = 8
@@ -98,18 +99,18 @@ class Sweeps:
     repeats: int = 5  # d, e: timed runs per point
     inner: str = "inductor"  # moespec's inner compiler
     baseline: str = "inductor"  # the plain torch.compile backend d compares with
-    e_trees: tuple = (TreeSpec(16, 4, 4),)
+    e_trees: tuple = ((16, 4, 4),)  # e: msc.TreeSpec arguments, or an int K (a chain)
     e_new_tokens: int = 64
     e_compile: bool = True  # e: the dry run leaves compiling through the decoder to d (one compile per case)
 
     @classmethod
     def make(cls, quick: bool, dry: bool) -> Sweeps:
         if dry:
-            return cls(torch.device("cpu"), torch.float32, dict(bench_kernels.SMOKE_SHAPES), tokens=(2,), reps=2,
+            return cls(torch.device("cpu"), torch.float32, True, ("tiny", "tiny-gpt-oss"), tokens=(2,), reps=2,
                        route_pairs=(64,), model=dict(TINY_QWEN3_MOE), layers=1, sizes=(1, 4), budgets_k=(None, 1),
                        model_name="Qwen3-MoE config scaled to CPU size, random weights", new_tokens=3, repeats=1,
                        inner="eager", baseline="eager", e_trees=(4,), e_new_tokens=4, e_compile=False)
-        sw = cls(torch.device("cuda"), torch.bfloat16, {name: MODEL_SHAPES[name] for name in SUITE_SHAPES})
+        sw = cls(torch.device("cuda"), torch.bfloat16, False)
         if quick:
             sw.tokens, sw.route_pairs = sw.tokens[::2], sw.route_pairs[1::2]
             sw.sizes, sw.budgets_k, sw.repeats, sw.e_new_tokens = sw.sizes[:3], (None, 2), 3, 32
@@ -141,10 +142,16 @@ class Box:
         return Box(time.monotonic() + max(self.left(), 0) / max(pieces_left, 1))
 
 
-def _stats_ms(times_s: list[float]) -> dict:
-    ms = [1e3 * t for t in times_s]
-    return dict(median_ms=statistics.median(ms), p10_ms=bench_kernels.quantile(ms, 0.1),
-                p90_ms=bench_kernels.quantile(ms, 0.9))
+def _bench(name: str):
+    """benchmarks/<name>.py as a module, imported when a part first needs it."""
+    return importlib.import_module(name)
+
+
+def _spread(xs: list[float], scale: float = 1.0) -> dict:
+    """median, p10, p90 (deciles, interpolated; one sample: itself) of xs * scale."""
+    xs = [scale * x for x in xs]
+    q = statistics.quantiles(xs, n=10, method="inclusive") if len(xs) > 1 else xs * 9
+    return dict(median=statistics.median(xs), p10=q[0], p90=q[-1])
 
 
 # --- a: the GPU tests --------------------------------------------------------------------------------
@@ -196,12 +203,14 @@ def _junit(path: Path) -> dict:
 # --- b: fused experts against torch's and transformers' experts, and the copy floor --------------------
 def part_b(sw: Sweeps, box: Box) -> dict:
     """bench_kernels.bench_case per (shape, T, C), C = E (no budget) and 2k; ratios per case and per shape."""
+    bench_kernels = _bench("bench_kernels")
+    shapes = {name: (bench_kernels.SMOKE_SHAPES if sw.dry else MODEL_SHAPES)[name] for name in sw.shapes}
     device, cuda = sw.device, sw.device.type == "cuda"
     copy_bw = bench_kernels.copy_bandwidth(device, nbytes=(1 << 30) if cuda else (1 << 22))
     rows, skipped, errors, tables = [], [], [], {}
-    for index, (name, shape) in enumerate(sw.shapes.items()):
+    for index, (name, shape) in enumerate(shapes.items()):
         e, h, i, k, _, gpt_oss = shape
-        mine = box.share(len(sw.shapes) - index)  # every shape gets its small T before any gets its large T
+        mine = box.share(len(shapes) - index)  # every shape gets its small T before any gets its large T
         if mine.expired():
             skipped.append(name)
             continue
@@ -261,9 +270,9 @@ def part_c(sw: Sweeps, box: Box) -> dict:
             _check_meta(align_by_expert(ids, e, block_m), ids, e)
             ours = time_us(lambda ids=ids, bm=block_m: align_by_expert(ids, e, bm), reps=sw.reps, warmup=3)
             ref = time_us(lambda ids=ids: torch.argsort(ids.reshape(-1), stable=True), reps=sw.reps, warmup=3)
-            rows.append(dict(pairs=pairs, T=t, E=e, BLOCK_M=block_m, median_us=statistics.median(ours),
-                             p10_us=bench_kernels.quantile(ours, 0.1), p90_us=bench_kernels.quantile(ours, 0.9),
-                             torch_argsort_median_us=statistics.median(ref)))
+            us = _spread(ours)
+            rows.append(dict(pairs=pairs, T=t, E=e, BLOCK_M=block_m, median_us=us["median"], p10_us=us["p10"],
+                             p90_us=us["p90"], torch_argsort_median_us=statistics.median(ref)))
     return dict(rows=rows, skipped=skipped, markdown=["| T*k | BLOCK_M | kernel us [p10, p90] | torch argsort us |",
                                                       "|---|---|---|---|"] + [
         f"| {r['pairs']} | {r['BLOCK_M']} | {r['median_us']:.1f} [{r['p10_us']:.1f}, {r['p90_us']:.1f}] | "
@@ -285,9 +294,10 @@ def _check_meta(meta, ids, e: int) -> None:
 
 
 # --- d: verify latency per (N, C) and the AR step, moespec against plain inductor ----------------------
-class RandomChainDrafter(Drafter):
+class RandomChainDrafter:
     """Drafts a chain of random tokens as long as the shape allows: every verify pass has exactly N tokens
-    (a random draft is almost never accepted), which is what a latency sweep over N needs."""
+    (a random draft is almost never accepted), which is what a latency sweep over N needs. The drafter
+    interface of moe_spec_compile/speculative/drafters.py (start, draft, accept), duck-typed."""
 
     def __init__(self, vocab_size: int, seed: int = 0):
         self.vocab_size = vocab_size
@@ -298,6 +308,8 @@ class RandomChainDrafter(Drafter):
 
     def draft(self, root, shape):
         n = min(shape.max_nodes, shape.depth)
+        from moe_spec_compile.speculative import DraftTree
+
         tokens = [root] + torch.randint(0, self.vocab_size, (n,), generator=self.gen).tolist()
         return DraftTree.from_lists(tokens, [-1] + list(range(n)), self.device)
 
@@ -381,9 +393,9 @@ def _verify_point(dec, prompt, n: int, c, sw: Sweeps) -> dict:
         step.append((s.time_draft + s.time_verify + s.time_accept) / s.steps)
         per_step.append(s.tokens_per_step)
         buckets.update(s.buckets)
-    v, st = _stats_ms(verify), _stats_ms(step)
-    return dict(verify_median_ms=v["median_ms"], verify_p10_ms=v["p10_ms"], verify_p90_ms=v["p90_ms"],
-                step_median_ms=st["median_ms"], tokens_per_step=statistics.mean(per_step),
+    v = _spread(verify, 1e3)
+    return dict(verify_median_ms=v["median"], verify_p10_ms=v["p10"], verify_p90_ms=v["p90"],
+                step_median_ms=1e3 * statistics.median(step), tokens_per_step=statistics.mean(per_step),
                 buckets=sorted(buckets, key=str))
 
 
@@ -395,7 +407,9 @@ def part_e(sw: Sweeps, box: Box) -> dict:
     prompt = tok("def main(argv):", return_tensors="pt").input_ids.to(sw.device)
     args = argparse.Namespace(max_new_tokens=sw.e_new_tokens, repeats=sw.repeats, inner=sw.inner,
                               no_compile=not sw.e_compile)
-    cases = [("speculative", tree, "model", [None, 8]) for tree in sw.e_trees]
+    bench_speculative = _bench("bench_speculative")
+    trees = [msc.TreeSpec(*tree) if isinstance(tree, tuple) else tree for tree in sw.e_trees]
+    cases = [("speculative", tree, "model", [None, 8]) for tree in trees]
     cases.append(("autoregressive (decoder, tree=0)", 0, "none", [None]))
     skipped = []
     with torch.no_grad():
@@ -501,7 +515,7 @@ def markdown(report: dict) -> str:
             lines += [f"copy bandwidth {r['copy_bytes_per_us'] / 1e3:.3g} GB/s; tile configs: {r['tables']}", "",
                       "| shape | fused time / best torch, median [min, max] | % of copy bw, median [min, max] |",
                       "|---|---|---|"]
-            lines += [f"| {s} | {_spread(d['time_ratio_to_best_torch'], 1)} | {_spread(d['frac_copy_bw'], 100)} |"
+            lines += [f"| {s} | {_fmt_range(d['time_ratio_to_best_torch'], 1)} | {_fmt_range(d['frac_copy_bw'], 100)} |"
                       for s, d in r["per_shape"].items()]
             lines.append("")
         lines += r.get("markdown", [])
@@ -511,7 +525,7 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _spread(d, scale) -> str:
+def _fmt_range(d, scale) -> str:
     return "-" if not d else f"{scale * d['median']:.3g} [{scale * d['min']:.3g}, {scale * d['max']:.3g}]"
 
 
