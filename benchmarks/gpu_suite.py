@@ -207,33 +207,46 @@ def part_b(sw: Sweeps, box: Box) -> dict:
     shapes = {name: (bench_kernels.SMOKE_SHAPES if sw.dry else MODEL_SHAPES)[name] for name in sw.shapes}
     device, cuda = sw.device, sw.device.type == "cuda"
     copy_bw = bench_kernels.copy_bandwidth(device, nbytes=(1 << 30) if cuda else (1 << 22))
-    rows, skipped, errors, tables = [], [], [], {}
+    out = dict(copy_bytes_per_us=copy_bw, tables={}, rows=[], skipped=[], errors=[])
     for index, (name, shape) in enumerate(shapes.items()):
-        e, h, i, k, _, gpt_oss = shape
         mine = box.share(len(shapes) - index)  # every shape gets its small T before any gets its large T
         if mine.expired():
-            skipped.append(name)
+            out["skipped"].append(name)
             continue
-        tables[name] = _table_source(e, h, i, sw.dtype, device)
-        wgu, wd, bgu, bd = expert_weights(e, h, i, sw.dtype, device, gpt_oss)
-        weights = (wgu, wd, bgu, bd, bench_kernels.baseline_module(e, h, i, gpt_oss, wgu, wd, bgu, bd))
-        for t in sw.tokens:
-            for c in sorted({e, min(e, 2 * k)}, reverse=True):
-                if mine.expired():
-                    skipped.append(f"{name} T={t} C={c}")
-                    continue
-                try:
-                    rows += bench_kernels.bench_case(name, shape, t, c, sw.dtype, device, sw.reps, weights,
-                                                     check=True, baselines=BASELINES)
-                except Exception as err:
-                    errors.append(f"{name} T={t} C={c}: {type(err).__name__}: {err}"[:500])
-        del weights, wgu, wd, bgu, bd
+        e, h, i = shape[:3]
+        out["tables"][name] = _table_source(e, h, i, sw.dtype, device)
+        try:
+            _bench_shape(bench_kernels, name, shape, sw, mine, out)
+        except Exception as err:  # the weights or the baseline module: this shape only
+            _error(out, f"{name}", err)
         if cuda:
             torch.cuda.empty_cache()
-    cases = bench_kernels.summarize(rows, copy_bw)
-    return dict(copy_bytes_per_us=copy_bw, tables=tables, per_shape=_per_shape(cases), rows=rows,
-                skipped=skipped, errors=errors,
+    cases = bench_kernels.summarize(out["rows"], copy_bw)
+    return dict(out, per_shape=_per_shape(cases),
                 markdown=[*bench_kernels.TABLE_HEADER, *(bench_kernels.markdown_row(c) for c in cases.values())])
+
+
+def _bench_shape(bench_kernels, name, shape, sw: Sweeps, box: Box, out: dict) -> None:
+    """One shape's (T, C) cases into out["rows"]; a failing case goes to out["errors"], the next one runs."""
+    e, h, i, k, _, gpt_oss = shape
+    wgu, wd, bgu, bd = expert_weights(e, h, i, sw.dtype, sw.device, gpt_oss)
+    weights = (wgu, wd, bgu, bd, bench_kernels.baseline_module(e, h, i, gpt_oss, wgu, wd, bgu, bd))
+    for t in sw.tokens:
+        for c in sorted({e, min(e, 2 * k)}, reverse=True):
+            if box.expired():
+                out["skipped"].append(f"{name} T={t} C={c}")
+                continue
+            try:
+                out["rows"] += bench_kernels.bench_case(name, shape, t, c, sw.dtype, sw.device, sw.reps, weights,
+                                                        check=True, baselines=BASELINES)
+            except Exception as err:
+                _error(out, f"{name} T={t} C={c}", err)
+
+
+def _error(out: dict, what: str, err: Exception) -> None:
+    """A sweep point failed: one line in out["errors"]; the first failure's traceback in full."""
+    out["errors"].append(f"{what}: {type(err).__name__}: {err}"[:500])
+    out.setdefault("first_traceback", traceback.format_exc())
 
 
 def _table_source(e, h, i, dtype, device) -> str:
@@ -307,9 +320,9 @@ class RandomChainDrafter:
         self.device = input_ids.device
 
     def draft(self, root, shape):
-        n = min(shape.max_nodes, shape.depth)
         from moe_spec_compile.speculative import DraftTree
 
+        n = min(shape.max_nodes, shape.depth)
         tokens = [root] + torch.randint(0, self.vocab_size, (n,), generator=self.gen).tolist()
         return DraftTree.from_lists(tokens, [-1] + list(range(n)), self.device)
 
@@ -339,27 +352,27 @@ def part_d(sw: Sweeps, box: Box) -> dict:
     prompt = torch.randint(0, sw.model["vocab_size"], (1, 32), generator=torch.Generator().manual_seed(0))
     prompt = prompt.to(sw.device)
     budgets = [None if m is None else m * k for m in sw.budgets_k]
-    rows, skipped, errors = [], [], []
+    out = dict(rows=[], skipped=[], errors=[])
+    rows = out["rows"]
     before = dict(_pass_counters())
     for n in sw.sizes:
         for name, dec, cs in (("moespec", moespec, budgets), (f"plain {sw.baseline}", plain, [None])):
             for c in cs:
                 if box.expired():
-                    skipped.append(f"{name} N={n} C={c}")
+                    out["skipped"].append(f"{name} N={n} C={c}")
                     continue
                 try:
                     rows.append(dict(compiled=name, N=n, C=c, **_verify_point(dec, prompt, n, c, sw)))
                 except Exception as err:
-                    errors.append(f"{name} N={n} C={c}: {type(err).__name__}: {err}"[:500])
+                    _error(out, f"{name} N={n} C={c}", err)
     _ratios_to_plain(rows)
     passes = {key: n - before.get(key, 0) for key, n in _pass_counters().items()}
     if not passes.get("experts_fused"):
-        errors.append(f"moespec fused no experts block in this model (pass counters: {passes})")
+        out["errors"].append(f"moespec fused no experts block in this model (pass counters: {passes})")
     cfg = model.config
-    return dict(model=sw.model_name, layers=sw.layers, config=sw.model, passes=passes,
+    return dict(out, model=sw.model_name, layers=sw.layers, config=sw.model, passes=passes,
                 experts_implementation=getattr(cfg, "_experts_implementation_internal", None)
-                or getattr(cfg, "_experts_implementation", None),
-                cuda_graphs=moespec.cuda_graphs, rows=rows, skipped=skipped, errors=errors,
+                or getattr(cfg, "_experts_implementation", None), cuda_graphs=moespec.cuda_graphs,
                 markdown=[f"{sw.model_name}, {sw.layers} layer(s); CUDA graphs: {moespec.cuda_graphs}; ms per verify "
                           "pass as the decoder times it (masks, inputs, replay)", "",
                           "| compiled | N | C | verify ms [p10, p90] | x plain | step ms | tokens/step | buckets |",
@@ -520,8 +533,9 @@ def markdown(report: dict) -> str:
             lines.append("")
         lines += r.get("markdown", [])
         lines += [f"- {e}" for e in r.get("errors", [])] + [f"- skipped (time box): {s}" for s in r.get("skipped", [])]
-        if "traceback" in r:
-            lines += ["```", r["traceback"].rstrip(), "```"]
+        for key in ("traceback", "first_traceback"):
+            if key in r:
+                lines += ["```", r[key].rstrip(), "```"]
     return "\n".join(lines) + "\n"
 
 

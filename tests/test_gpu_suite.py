@@ -102,3 +102,24 @@ def test_quick_halves_the_sweeps(suite):
     assert len(quick.route_pairs) * 2 == len(full.route_pairs) and max(full.route_pairs) == 4096
     assert len(quick.sizes) * 2 == len(full.sizes) and quick.sizes[0] == 1
     assert sorted(full.shapes) == ["gpt-oss-20b", "mixtral-8x7b", "olmoe-1b-7b", "qwen3-30b-a3b"]
+
+
+def test_failing_case_is_isolated(suite, monkeypatch):
+    """A sweep point that raises is listed with the first traceback; the part's other points still run."""
+    from moe_spec_compile.kernels import fused_moe
+
+    if not fused_moe._interpreted():
+        pytest.skip("the kernels were imported without TRITON_INTERPRET=1")
+    bench_kernels = suite._bench("bench_kernels")
+    real = bench_kernels.bench_case
+
+    def flaky(name, *args, **kwargs):
+        if name == "tiny":
+            raise RuntimeError("boom")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(bench_kernels, "bench_case", flaky)
+    result = suite.run_part("b", suite.Sweeps.make(quick=False, dry=True), time.monotonic() + 300, fail=False)
+    assert result["status"] == "failed" and result["errors"] == ["tiny T=2 C=8: RuntimeError: boom",
+                                                                 "tiny T=2 C=4: RuntimeError: boom"]
+    assert "boom" in result["first_traceback"] and {r["model"] for r in result["rows"]} == {"tiny-gpt-oss"}
