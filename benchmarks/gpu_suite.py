@@ -126,6 +126,7 @@ class Box:
 
     def __init__(self, deadline: float):
         self.deadline, self.start = deadline, time.monotonic()
+        self.partial: dict = {}  # what a part measured so far: kept when SIGALRM stops it
 
     @property
     def seconds(self) -> float:
@@ -207,7 +208,7 @@ def part_b(sw: Sweeps, box: Box) -> dict:
     shapes = {name: (bench_kernels.SMOKE_SHAPES if sw.dry else MODEL_SHAPES)[name] for name in sw.shapes}
     device, cuda = sw.device, sw.device.type == "cuda"
     copy_bw = bench_kernels.copy_bandwidth(device, nbytes=(1 << 30) if cuda else (1 << 22))
-    out = dict(copy_bytes_per_us=copy_bw, tables={}, rows=[], skipped=[], errors=[])
+    out = box.partial = dict(copy_bytes_per_us=copy_bw, tables={}, rows=[], skipped=[], errors=[])
     for index, (name, shape) in enumerate(shapes.items()):
         mine = box.share(len(shapes) - index)  # every shape gets its small T before any gets its large T
         if mine.expired():
@@ -352,7 +353,7 @@ def part_d(sw: Sweeps, box: Box) -> dict:
     prompt = torch.randint(0, sw.model["vocab_size"], (1, 32), generator=torch.Generator().manual_seed(0))
     prompt = prompt.to(sw.device)
     budgets = [None if m is None else m * k for m in sw.budgets_k]
-    out = dict(rows=[], skipped=[], errors=[])
+    out = box.partial = dict(rows=[], skipped=[], errors=[])
     rows = out["rows"]
     before = dict(_pass_counters())
     for n in sw.sizes:
@@ -426,7 +427,7 @@ def part_e(sw: Sweeps, box: Box) -> dict:
     cases.append(("autoregressive (decoder, tree=0)", 0, "none", [None]))
     skipped = []
     with torch.no_grad():
-        rows = [bench_speculative.generate_row(args, target, prompt, sw.device)]
+        rows = box.partial["rows"] = [bench_speculative.generate_row(args, target, prompt, sw.device)]
         for mode, tree, drafter, budgets in cases:
             if box.expired():
                 skipped.append(f"{mode} tree={tree}")
@@ -462,7 +463,7 @@ def run_part(name: str, sw: Sweeps, deadline: float, fail: bool) -> dict:
         result = PARTS[name](sw, box)
         status = "timeout" if result.get("timed_out") else "failed" if result.get("errors") else "ok"
     except PartTimeout:
-        result, status = dict(traceback=traceback.format_exc()), "timeout"
+        result, status = dict(box.partial, traceback=traceback.format_exc()), "timeout"
     except Exception:
         result, status = dict(traceback=traceback.format_exc()), "failed"
     finally:

@@ -89,10 +89,16 @@ def test_expired_box_skips_points(suite):
 
 def test_hard_limit_stops_a_part(suite, monkeypatch):
     monkeypatch.setattr(suite, "HARD_GRACE_S", 0)
-    monkeypatch.setitem(suite.PARTS, "c", lambda sw, box: time.sleep(30) or {})
+
+    def slow(sw, box):
+        box.partial["rows"] = ["measured before the stop"]
+        time.sleep(30)
+
+    monkeypatch.setitem(suite.PARTS, "c", slow)
     t0 = time.monotonic()
     result = suite.run_part("c", suite.Sweeps.make(quick=False, dry=True), time.monotonic() + 1, fail=False)
     assert result["status"] == "timeout" and "PartTimeout" in result["traceback"]
+    assert result["rows"] == ["measured before the stop"]
     assert time.monotonic() - t0 < 10
 
 
