@@ -110,7 +110,7 @@ def torch_grouped_experts(x, ids, tw, wgu, wd, activation, bgu, bd, interleaved)
     return torch.zeros_like(y).index_copy_(0, order, y).view(t, k, -1).sum(1)  # [T, H]
 
 
-def _graphed(fn, try_graph=True):
+def graphed(fn, try_graph=True):
     """(callable, "graph") replaying fn in a CUDA graph, or (fn, "eager") where it does not capture."""
     if not (try_graph and torch.cuda.is_available()):
         return fn, "eager"
@@ -178,7 +178,7 @@ def bench_case(name, shape, t, c, dtype, device, reps, weights, check, baselines
             with torch.no_grad():
                 if ref is not None:
                     _check_close(fn(), ref, f"{name} T={t} C={c} {impl}")
-                timed, mode = _graphed(fn, try_graph=impl != "eager")  # the eager loop syncs on nonzero()
+                timed, mode = graphed(fn, try_graph=impl != "eager")  # the eager loop syncs on nonzero()
                 us = time_us(timed, reps=reps, warmup=2)
         except Exception as err:  # ours failing is the finding; a baseline failing only loses its column
             if impl == "moespec":
