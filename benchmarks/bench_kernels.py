@@ -34,7 +34,7 @@ import triton  # noqa: E402
 from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts  # noqa: E402
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts  # noqa: E402
 
-from moe_spec_compile.kernels.tune import MODEL_SHAPES, expert_weights, random_routing, time_us  # noqa: E402
+from moe_spec_compile.kernels.tune import MODEL_SHAPES, expert_weights, graphed, random_routing, time_us  # noqa: E402,E501
 from moe_spec_compile.ops import fused_experts_torch  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -110,26 +110,6 @@ def torch_grouped_experts(x, ids, tw, wgu, wd, activation, bgu, bd, interleaved)
     return torch.zeros_like(y).index_copy_(0, order, y).view(t, k, -1).sum(1)  # [T, H]
 
 
-def graphed(fn, try_graph=True):
-    """(callable, "graph") replaying fn in a CUDA graph, or (fn, "eager") where it does not capture."""
-    if not (try_graph and torch.cuda.is_available()):
-        return fn, "eager"
-    try:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        return graph.replay, "graph"
-    except Exception:  # host syncs (the eager loop's nonzero), dynamic shapes
-        torch.cuda.synchronize()
-        return fn, "eager"
-
-
 def _fits(t, k, h, i, elem, device) -> bool:
     """batched_mm gathers one weight copy per (token, slot): skip it where that cannot fit."""
     if device.type != "cuda":
@@ -178,7 +158,7 @@ def bench_case(name, shape, t, c, dtype, device, reps, weights, check, baselines
             with torch.no_grad():
                 if ref is not None:
                     _check_close(fn(), ref, f"{name} T={t} C={c} {impl}")
-                timed, mode = graphed(fn, try_graph=impl != "eager")  # the eager loop syncs on nonzero()
+                timed, mode = graphed(fn, device, try_graph=impl != "eager")  # the eager loop syncs on nonzero()
                 us = time_us(timed, reps=reps, warmup=2)
         except Exception as err:  # ours failing is the finding; a baseline failing only loses its column
             if impl == "moespec":

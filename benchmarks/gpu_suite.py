@@ -55,7 +55,7 @@ import triton  # noqa: E402
 import moe_spec_compile as msc  # noqa: E402
 from moe_spec_compile.kernels import align_by_expert  # noqa: E402
 from moe_spec_compile.kernels import config as kconfig  # noqa: E402
-from moe_spec_compile.kernels.tune import MODEL_SHAPES, expert_weights, random_routing, time_us  # noqa: E402
+from moe_spec_compile.kernels.tune import MODEL_SHAPES, expert_weights, graphed, random_routing, time_us  # noqa: E402
 
 # The parts import the benchmark scripts and anything past the public API themselves (_bench): an import
 # broken by someone's refactor then fails that part alone.
@@ -275,7 +275,6 @@ def part_c(sw: Sweeps, box: Box) -> dict:
     """align_by_expert at E = 256, k = 8 over T*k, BLOCK_M 16 and 64, checked, next to torch's stable argsort
     (the sort such metadata is otherwise built from). Replayed CUDA graphs on a GPU, so launch overhead
     does not hide the kernel."""
-    graphed = _bench("bench_kernels").graphed
     e, k = 256, 8
     out = box.partial = dict(rows=[], skipped=[])
     for pairs in sw.route_pairs:
@@ -286,8 +285,8 @@ def part_c(sw: Sweeps, box: Box) -> dict:
                 out["skipped"].append(f"T*k={pairs} BLOCK_M={block_m}")
                 continue
             _check_meta(align_by_expert(ids, e, block_m), ids, e)
-            ours, mode = graphed(lambda ids=ids, bm=block_m: align_by_expert(ids, e, bm))
-            ref, _ = graphed(lambda ids=ids: torch.argsort(ids.reshape(-1), stable=True))
+            ours, mode = graphed(lambda ids=ids, bm=block_m: align_by_expert(ids, e, bm), sw.device)
+            ref, _ = graphed(lambda ids=ids: torch.argsort(ids.reshape(-1), stable=True), sw.device)
             us = _spread(time_us(ours, reps=sw.reps, warmup=3))
             out["rows"].append(dict(pairs=pairs, T=t, E=e, BLOCK_M=block_m, mode=mode, median_us=us["median"],
                                     p10_us=us["p10"], p90_us=us["p90"],

@@ -26,7 +26,7 @@ from . import config as kconfig
 from .fused_moe import _configs, _default_config, _interpreted, _num_sms, fused_experts
 
 __all__ = ["MODEL_SHAPES", "SHAPE_ALIASES", "TOKEN_BUCKETS", "VERIFY_TOKENS", "random_routing", "expert_weights",
-           "time_us", "tune_shape", "tune_shapes", "parse_shapes", "main"]
+           "time_us", "graphed", "tune_shape", "tune_shapes", "parse_shapes", "main"]
 
 # name: (E, H, I, k, activation, interleaved and biased and stored transposed like GPT-OSS)
 MODEL_SHAPES = {
@@ -89,6 +89,28 @@ def time_us(fn, reps: int = 50, warmup: int = 5) -> list[float]:
     return times
 
 
+def graphed(fn, device, try_graph: bool = True):
+    """(callable, "graph") replaying fn from a CUDA graph, or (fn, "eager") off CUDA or where fn does not
+    capture (host syncs, data-dependent shapes). Verify passes replay graphs, so their timings leave out
+    the launch overhead that an eager call would add."""
+    if not (try_graph and torch.device(device).type == "cuda"):
+        return fn, "eager"
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up off the capture stream: compiles, allocates workspaces
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return graph.replay, "graph"
+    except Exception:  # host syncs (transformers' eager loop calls nonzero()), dynamic shapes
+        torch.cuda.synchronize()
+        return fn, "eager"
+
+
 def _candidates(t: int, k: int, e: int, h: int, i: int, dtype, device, max_configs: int | None):
     """The defaults first, then _configs() without M tiles far larger than the pairs per expert."""
     default = _default_config(t, k, e, h, i, dtype, _num_sms(device))
@@ -124,7 +146,8 @@ def tune_shape(e, h, i, k, tokens, dtype, device, budget=None, activation="silu"
             args = (x, ids, tw, wgu, wd, activation, bgu, bd, gpt_oss)
             run = lambda args=args, cfg=cfg: fused_experts(*args, config=cfg)
             try:
-                us = statistics.median(time_us(run, reps=reps, warmup=2))
+                replay, _ = graphed(run, device)
+                us = statistics.median(time_us(replay, reps=reps, warmup=2))
             except Exception as err:  # a config the device cannot run (shared memory, registers)
                 log(f"  T={t} skip {cfg}: {type(err).__name__}")
                 continue
