@@ -1,6 +1,7 @@
-"""The GPU check (benchmarks/gpu_suite.py) on the CPU: its --dry-run runs every part's code paths (kernels
-under TRITON_INTERPRET=1, tiny shapes, no CUDA graphs), so the script cannot rot between lent devices; a
-failing part is reported with its traceback while the others run; the time boxes cut sweeps and stop parts.
+"""The GPU check (benchmarks/gpu_suite.py, its parts in gpu_parts.py) on the CPU: its --dry-run runs every
+part's code paths (kernels under TRITON_INTERPRET=1, tiny shapes, no CUDA graphs), so the script cannot rot
+between lent devices; a failing part is reported with its traceback while the others run; the time boxes
+cut sweeps and stop parts.
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ def test_failing_case_is_isolated(suite, monkeypatch):
 
     if not fused_moe._interpreted():
         pytest.skip("the kernels were imported without TRITON_INTERPRET=1")
-    bench_kernels = suite._bench("bench_kernels")
+    bench_kernels = sys.modules["gpu_parts"]._bench("bench_kernels")
     real = bench_kernels.bench_case
 
     def flaky(name, *args, **kwargs):
