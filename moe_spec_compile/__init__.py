@@ -8,13 +8,17 @@ from __future__ import annotations
 import importlib
 
 from . import ops  # noqa: F401  (registers the moespec:: custom ops)
-from .budget import BudgetConfig, budget
+from .budget import BudgetConfig, Coverage, budget, expert_stats, reset_expert_stats, token_weights
 from .explain import explain
 from .record import record_experts
 
 __all__ = [
     "BudgetConfig",
+    "Coverage",
     "budget",
+    "expert_stats",
+    "reset_expert_stats",
+    "token_weights",
     "record_experts",
     "explain",
     "moespec_backend",

@@ -4,9 +4,10 @@ dynamo graph -> passes (discover, fuse experts, budget routers) -> compile_fx (i
 
     torch.compile(model, backend="moespec", options={"budget": 16, "policy": "substitute"})
 
-Options: budget (int >= 1 or None = exact), policy ("substitute" | "truncate"), max_budget_tokens
-(passes with more tokens stay exact; default 256), inner ("inductor" | "eager"), kernels ("auto" |
-"torch" | "triton"), fuse_experts (bool, default True).
+Options: budget (None = exact, an int C >= 1, {block name: C}, a list in layer order, msc.Coverage(share)),
+policy ("substitute" | "truncate"), max_budget_tokens (passes with more tokens stay exact; default 256),
+score ("prob" | "topk" | "top1": how experts are ranked for the budget set), inner ("inductor" | "eager"),
+kernels ("auto" | "torch" | "triton"), fuse_experts (bool, default True).
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .budget import BudgetConfig, validate_budget, validate_max_tokens, validate_policy
+from .budget import BudgetConfig, validate_budget_spec, validate_max_tokens, validate_policy, validate_score
 
 __all__ = ["CompileOptions", "moespec_backend", "parse_options"]
 
-_KNOWN = ("budget", "policy", "max_budget_tokens", "inner", "kernels", "fuse_experts")
+_KNOWN = ("budget", "policy", "max_budget_tokens", "score", "inner", "kernels", "fuse_experts")
 
 
 @dataclass(frozen=True)
@@ -39,9 +40,10 @@ def parse_options(options: dict | None) -> CompileOptions:
     if unknown:
         raise ValueError(f"unknown moespec option(s) {unknown}; known options are {list(_KNOWN)}")
     cfg = BudgetConfig(
-        validate_budget(options.get("budget")),
+        validate_budget_spec(options.get("budget")),
         validate_policy(options.get("policy", "substitute")),
         validate_max_tokens(options.get("max_budget_tokens", 256)),
+        validate_score(options.get("score", "prob")),
     )
     inner = options.get("inner", "inductor")
     if inner not in ("inductor", "eager"):

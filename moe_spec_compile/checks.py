@@ -57,7 +57,8 @@ def check_ids_in_range(topk_ids: torch.Tensor, num_experts: int) -> None:
         return
     if topk_ids.numel() and bool(((topk_ids < -1) | (topk_ids >= num_experts)).any()):
         bad = topk_ids[(topk_ids < -1) | (topk_ids >= num_experts)][0].item()
-        raise ValueError(f"topk_ids must lie in [-1, {num_experts}) (-1 marks an empty slot); got {bad}, outside that range")
+        raise ValueError(f"topk_ids must lie in [-1, {num_experts}) (-1 marks an empty slot); got {bad}, "
+                         "outside that range")
 
 
 def check_expert_lists(gate: list, up: list, down: list, hidden: torch.Tensor) -> None:

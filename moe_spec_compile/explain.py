@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from .backend import collect_reports, moespec_backend
+from .passes.pipeline import _ATTENTION
 from .record import record_experts
 
 __all__ = ["ExplainReport", "explain"]
@@ -55,6 +56,7 @@ def explain(model: torch.nn.Module, *example_args, options: dict | None = None, 
     # A block whose experts ran in a graph of their own (a graph break) is reported by its router's graph.
     routed = {b.name for b in blocks if b.rewritten}
     blocks = [b for b in blocks if b.rewritten or b.name not in routed]
+    blocks = [replace(b, router=b.router + " (attention heads)") if _ATTENTION.search(b.name) else b for b in blocks]
     return ExplainReport(sorted(blocks, key=lambda b: _natural(b.name)))
 
 

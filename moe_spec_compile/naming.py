@@ -72,7 +72,7 @@ def _block_of(full: str) -> str:
     """"model.layers.0.mlp.gate.weight" -> "model.layers.0.mlp" (the router's parent block)."""
     from moe_spec_compile.passes.graph_utils import parent_block
 
-    return parent_block(full.rsplit(".", 1)[0])
+    return parent_block(full.rsplit(".", 1)[0]) or "<top>"
 
 
 def block_of_weight(weight: torch.Tensor, fallback: str) -> str:

@@ -65,13 +65,15 @@ def _compiled(model, options: dict | None):
 
 
 @torch.no_grad()
-def score_windows(model, tokens: torch.Tensor, window: int = 32, budget: int | None = None,
+def score_windows(model, tokens: torch.Tensor, window: int = 32, budget=None,
                   policy: str = "substitute", max_windows: int = 64, compiled=None,
-                  options: dict | None = None) -> WindowScore:
+                  options: dict | None = None, score: str | None = None, decay: float | None = None) -> WindowScore:
     """Score consecutive windows of `window` tokens, each as one forward pass under budget C.
 
     tokens [N] (held-out text). Each window is scored on its own (no earlier context), the way a verify
-    pass sees a block of new tokens: loss and accuracy of predicting token i+1 from tokens <= i."""
+    pass sees a block of new tokens: loss and accuracy of predicting token i+1 from tokens <= i.
+    score: the budget's expert score ("prob", "topk", "top1"; None: the compiled one); decay: weigh position
+    i of a window by decay**i in the expert scores (a chain's depth decay)."""
     compiled = compiled if compiled is not None else _compiled(model, options)
     tokens = tokens.reshape(-1)
     n = min(max_windows, (tokens.numel() - 1) // window)
@@ -82,7 +84,8 @@ def score_windows(model, tokens: torch.Tensor, window: int = 32, budget: int | N
     experts, preds = [], []
     for w in range(n):
         x = tokens[w * window : (w + 1) * window + 1].to(device)
-        with budget_ctx(budget, policy=policy), record_experts() as rec:
+        weights = decay ** torch.arange(window, dtype=torch.float32, device=device) if decay else None
+        with budget_ctx(budget, policy=policy, score=score), record_experts() as rec, _weighted(weights):
             logits = compiled(x[None, :-1], use_cache=False).logits[0].float()
         loss += torch.nn.functional.cross_entropy(logits, x[1:], reduction="sum").item()
         preds.append(logits.argmax(-1).cpu())
@@ -90,6 +93,14 @@ def score_windows(model, tokens: torch.Tensor, window: int = 32, budget: int | N
         count += window
         experts += [len(ev.experts) for ev in rec.events]
     return WindowScore(loss / count, correct / count, sum(experts) / max(len(experts), 1), torch.cat(preds))
+
+
+def _weighted(weights):
+    import contextlib
+
+    from .budget import token_weights
+
+    return token_weights(weights) if weights is not None else contextlib.nullcontext()
 
 
 def speculative_run(decoder, prompts: Sequence[torch.Tensor], budget: int | None, max_new_tokens: int):

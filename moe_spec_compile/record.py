@@ -3,7 +3,8 @@
 budget_apply (every rewritten router) -> emit(block, T, C, ids) -> Recorder.events
 
 Recording reads the ids back to the host, so it runs only inside ``with record_experts()``; it
-sees nothing while a captured CUDA graph replays (Python does not run then).
+sees nothing while a captured CUDA graph replays (Python does not run then): ``msc.expert_stats()`` reads
+device counters that keep counting there.
 """
 
 from __future__ import annotations
@@ -57,5 +58,5 @@ def record_experts():
     _local.recorders.append(rec)
     try:
         yield rec
-    finally:
-        _local.recorders.remove(rec)
+    finally:  # by identity: two recorders with equal events compare equal, so list.remove could take the wrong one
+        _local.recorders[:] = [r for r in _local.recorders if r is not rec]

@@ -6,10 +6,12 @@ weight post-processing -> budget_apply (truncate: drop slots outside A) -> exper
 
 Legend: T tokens, E experts, k top-k, C budget, B rows, L mask length.
 
-Scores: s_e = sum over the pass's tokens of the router's probability for e (softmax routers: the full
-softmax; sigmoid routers: the sigmoid). Padding does not vote: where the graph holds the model's 2-D
-attention mask [B, L], tokens it marks 0 get weight 0 in s_e (the pass's S = T / B tokens are the
-mask's last S columns). Both ops have exact gradients with respect to the router values and weights.
+Scores (score="prob", the default): s_e = sum over the pass's tokens of w_t times the router's probability
+for e (softmax routers: the full softmax; sigmoid routers: the sigmoid). w_t: 0 for padding where the graph
+holds the model's 2-D attention mask [B, L] (the pass's S = T / B tokens are its last S columns), times
+msc.token_weights (a draft tree's node weights); 1 otherwise. A = the C best by s (ties: lower index), with
+C read from the block's slot in budget.tables on the device. Both ops have exact gradients with respect to
+the router values and weights. Device counters per slot (budget.expert_stats) survive CUDA-graph replay.
 """
 
 from __future__ import annotations
@@ -17,13 +19,9 @@ from __future__ import annotations
 import torch
 
 from . import record
-from .budget import BudgetConfig, effective_budget, keep_top
+from .budget import effective_budget, expert_ranks, slot_is_exact, slot_of, tables
 
 __all__ = ["budget_topk", "budget_apply", "token_weights"]
-
-
-def _config(budget: int, policy: str, max_tokens: int) -> BudgetConfig:
-    return BudgetConfig(budget if budget > 0 else None, policy, max_tokens if max_tokens > 0 else None)
 
 
 def _probs(scores: torch.Tensor, score_fn: str) -> torch.Tensor:
@@ -47,11 +45,71 @@ def token_weights(token_mask: torch.Tensor | None, num_tokens: int) -> torch.Ten
     return token_mask[:, length - num_tokens // rows:].reshape(-1).float()
 
 
-def _scores(scores, score_fn, token_mask, e) -> torch.Tensor:
-    """s [E] fp32: the (unpadded) tokens' summed router probabilities."""
-    p = _probs(scores, score_fn).reshape(-1, e)  # [T, E]
-    w = token_weights(token_mask, p.shape[0])
-    return (p * w[:, None]).sum(0) if w is not None else p.sum(0)
+def _weights(token_mask, num_tokens, tabs) -> torch.Tensor | None:
+    """Per-token weights [T]: the attention mask (padding 0) times msc.token_weights (draft-tree node weights)."""
+    w = token_weights(token_mask, num_tokens)
+    if num_tokens <= tabs["tokens"].shape[0]:
+        given = tabs["tokens"][:num_tokens]
+        w = given if w is None else w * given
+    return w
+
+
+def _expert_scores(p: torch.Tensor, x: torch.Tensor, k: int, w, score: str) -> torch.Tensor:
+    """s [E] fp32 from probabilities p [T, E] and per-token weights w [T] (or None).
+    prob: sum_t w_t p_t,e.  topk: the same over each token's own top-k, renormalized (the weights the model
+    applies).  top1: prob, plus the total mass for experts that are some token's top-1 (they rank first)."""
+    wt = w[:, None] if w is not None else 1.0
+    if score == "prob":
+        return (p * wt).sum(0)
+    natural = torch.topk(x.reshape(p.shape).float(), k, dim=-1).indices  # [T, k]
+    if score == "topk":
+        sel = p.gather(-1, natural)  # [T, k]
+        sel = sel / sel.sum(-1, keepdim=True).clamp(min=1e-20)
+        return torch.zeros_like(p).scatter(-1, natural, sel).mul(wt).sum(0)
+    if score == "top1":
+        s = (p * wt).sum(0)
+        first = torch.zeros_like(s).scatter(0, natural[:, 0], 1.0)  # [E] 1 for a token's top-1
+        return s + first * (s.sum() + 1.0)
+    raise ValueError(f"unknown score {score!r}")
+
+
+def _budget_size(s: torch.Tensor, tabs, slot: int, k: int) -> torch.Tensor:
+    """C for this pass as a 0-d device tensor: the slot's C, or under Coverage the fewest experts holding
+    `share` of the mass (capped); clamped to [k, E]. C = 0 (exact) means all E."""
+    e = s.shape[0]
+    c, share, cap = tabs["c"][slot], tabs["share"][slot], tabs["cap"][slot]
+    sorted_s = torch.sort(s, descending=True).values
+    mass = torch.cumsum(sorted_s, 0)
+    cover = (mass < share * mass[-1] * (1 - 1e-6)).sum() + 1  # experts needed to reach the share
+    cover = torch.minimum(cover, torch.where(cap > 0, cap, e))
+    size = torch.where(share > 0, cover, torch.where(c > 0, c, e))
+    return size.clamp(min=k, max=e)
+
+
+def _slot(router_weight: torch.Tensor, block: str, spec: int) -> int:
+    """The slot of this block under this compile-time spec; cached per weight (one graph may serve every layer
+    of a graph-broken model, so the block's name is looked up from its router weight on first sight)."""
+    key = (router_weight.data_ptr(), spec)
+    slot = _SLOTS.get(key)
+    if slot is None:
+        from .naming import block_of_weight
+
+        slot = _SLOTS[key] = slot_of(block_of_weight(router_weight, block), spec)
+    return slot
+
+
+_SLOTS: dict[tuple[int, int], int] = {}
+
+
+def _count(tabs, slot, num_tokens, ids, keep, natural_ids, size) -> None:
+    """Device counters [passes, tokens, experts loaded, budget bound] of the slot; no host read."""
+    e = keep.shape[0]
+    flat = ids.reshape(-1)
+    used = torch.zeros(e + 1, device=ids.device).scatter(0, torch.where(flat < 0, e, flat), 1.0)[:e]
+    natural = torch.zeros(e + 1, device=ids.device).scatter(0, natural_ids.reshape(-1), 1.0)[:e].sum()
+    row = torch.stack([torch.ones((), device=ids.device), torch.full((), float(num_tokens), device=ids.device),
+                       (used * keep).sum(), (natural > size).float()])
+    tabs["stats"][slot] += row
 
 
 @torch.library.custom_op("moespec::budget_topk", mutates_args=())
@@ -60,31 +118,50 @@ def budget_topk(
     scores: torch.Tensor,  # [..., E] router probabilities ("identity"), logits ("softmax", "sigmoid")
     k: int,
     score_fn: str,
-    budget: int,  # compile-time budget, -1: exact
+    spec: int,  # the compile-time budget spec's id (budget.register_spec); -1: no budget compiled in
     policy: str,
     max_tokens: int,  # -1: no limit
     sorted: bool = True,
     token_mask: torch.Tensor | None = None,  # [B, L] the model's attention mask: padding does not vote
+    router_weight: torch.Tensor | None = None,  # finds the block's slot (one graph may serve several layers)
+    block: str = "",
+    score: str = "prob",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(values [..., k], indices [..., k], keep [E] int64: 1 for the experts of A, all ones when exact)."""
+    """(values [..., k], indices [..., k], keep [E] int64: 1 for the experts of A, all ones when exact).
+
+    The budget comes from the slot's device tables (no host read, no shape depending on C); only the
+    policy, max_budget_tokens and the score choose code paths on the host."""
     e = x.shape[-1]
-    c, policy = effective_budget(_config(budget, policy, max_tokens), x.numel() // e, e, k)
-    if c is None:
+    num_tokens = x.numel() // e
+    budgeted, policy, score = effective_budget(policy, max_tokens if max_tokens > 0 else None, score, num_tokens)
+    slot = _slot(router_weight if router_weight is not None else x, block, max(spec, 0))
+    tabs = tables(x.device)
+    capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+    if not budgeted or (not capturing and slot_is_exact(slot)):
         values, indices = torch.topk(x, k, dim=-1, sorted=sorted)
-        return values, indices, torch.ones(e, dtype=torch.int64, device=x.device)
-    keep = keep_top(_scores(scores, score_fn, token_mask, e), c)  # [E] bool
+        keep = torch.ones(e, dtype=torch.int64, device=x.device)
+        _count(tabs, slot, num_tokens, indices, keep, indices, e)
+        return values, indices, keep
+    p = _probs(scores, score_fn).reshape(-1, e)  # [T, E]
+    s = _expert_scores(p, x, k, _weights(token_mask, num_tokens, tabs), score)  # [E]
+    size = _budget_size(s, tabs, slot, k)
+    keep = expert_ranks(s) < size  # [E] bool
+    natural_v, natural_i = torch.topk(x, k, dim=-1, sorted=sorted)
     if policy == "substitute":
         # Rank A's experts above all others, even where the model itself masked them to -inf (grouped
         # top-k): such experts rank by index after A's finite ones. Ties go to the lower index.
         key = torch.where(keep, x.clamp(min=torch.finfo(x.dtype).min), float("-inf"))
         indices = torch.sort(key, dim=-1, descending=True, stable=True).indices[..., :k].contiguous()
-        return x.gather(-1, indices), indices, keep.long()
-    values, indices = torch.topk(x, k, dim=-1, sorted=sorted)
+        values = x.gather(-1, indices)
+    else:
+        values, indices = natural_v, natural_i
+    _count(tabs, slot, num_tokens, indices, keep, natural_i, size)
     return values, indices, keep.long()
 
 
 @budget_topk.register_fake
-def _(x, scores, k, score_fn, budget, policy, max_tokens, sorted=True, token_mask=None):
+def _(x, scores, k, score_fn, spec, policy, max_tokens, sorted=True, token_mask=None, router_weight=None, block="",
+      score="prob"):
     shape = (*x.shape[:-1], k)
     return x.new_empty(shape), x.new_empty(shape, dtype=torch.int64), x.new_empty((x.shape[-1],), dtype=torch.int64)
 
@@ -100,7 +177,7 @@ def _backward_topk(ctx, grad_values, _grad_indices, _grad_keep):
     if grad_values is not None:
         grad_x = torch.zeros(ctx.x_shape, dtype=grad_values.dtype, device=grad_values.device)
         grad_x = grad_x.scatter_add(-1, indices, grad_values)
-    return grad_x, None, None, None, None, None, None, None, None
+    return grad_x, None, None, None, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("moespec::budget_topk", _backward_topk, setup_context=_setup_topk)
@@ -129,9 +206,6 @@ def budget_apply(
     to_empty: bool,  # True: dropped slots get id -1 (fused_experts); False: distinct unused experts of A
     router_weight: torch.Tensor,  # names the block in recorded events (one graph may serve every layer)
     block: str,
-    budget: int,
-    policy: str,
-    max_tokens: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     dropped = keep[ids.long()] == 0  # [..., k]; never true under substitute (every slot lies in A)
     new_weights = weights.masked_fill(dropped, 0)
@@ -139,18 +213,18 @@ def budget_apply(
         new_ids = ids.masked_fill(dropped, -1)
     else:
         new_ids = _fill_ids(ids, dropped, keep)
-    if record.active():
-        k = ids.shape[-1] if ids.dim() else 1
-        e = keep.shape[0]
-        c, _ = effective_budget(_config(budget, policy, max_tokens), ids.numel() // max(k, 1), e, k)
+    if record.active() and not (ids.is_cuda and torch.cuda.is_current_stream_capturing()):
         from .naming import block_of_weight
 
-        record.emit(block_of_weight(router_weight, block), ids.numel() // max(k, 1), c, new_ids[new_ids >= 0], block)
+        k = ids.shape[-1] if ids.dim() else 1
+        size = int(keep.sum())
+        record.emit(block_of_weight(router_weight, block), ids.numel() // max(k, 1),
+                    size if size < keep.shape[0] else None, new_ids[new_ids >= 0], block)
     return new_ids, new_weights
 
 
 @budget_apply.register_fake
-def _(ids, weights, keep, to_empty, router_weight, block, budget, policy, max_tokens):
+def _(ids, weights, keep, to_empty, router_weight, block):
     return torch.empty_like(ids), torch.empty_like(weights)
 
 
@@ -162,7 +236,7 @@ def _setup_apply(ctx, inputs, output):
 def _backward_apply(ctx, _grad_ids, grad_weights):
     ids, keep = ctx.saved_tensors
     grad_w = grad_weights.masked_fill(keep[ids.long()] == 0, 0) if grad_weights is not None else None
-    return None, grad_w, None, None, None, None, None, None, None
+    return None, grad_w, None, None, None, None
 
 
 torch.library.register_autograd("moespec::budget_apply", _backward_apply, setup_context=_setup_apply)

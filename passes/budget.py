@@ -4,7 +4,8 @@ passes through moespec::budget_apply where it leaves the router.
     v, ids = topk(x, k)  ->  v, ids, keep = budget_topk(x, scores, k, ..., attention_mask)  (substitute: within A)
     (ids, w) at the exit ->  ids, w = budget_apply(ids, w, keep, ...)          (truncate: drop outside A)
 
-The compile-time budget is baked in as op arguments; `msc.budget(...)` overrides it at run time.
+The compile-time budget spec is registered (an int id in the op's arguments); the budget itself is read on
+the device from the block's slot (moe_spec_compile/budget.py), which `msc.budget(...)` rewrites in place.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from moe_spec_compile.budget import BudgetConfig
+from moe_spec_compile.budget import BudgetConfig, register_spec
 
 from .discover import Router
 from .graph_utils import Declined, call
@@ -37,13 +38,13 @@ def check(router: Router) -> None:
 def rewrite(gm: fx.GraphModule, fake_mode, router: Router, cfg: BudgetConfig, block: str, to_empty: bool,
             token_mask: fx.Node | None = None) -> None:
     g = gm.graph
-    budget = cfg.budget if cfg.budget is not None else -1
+    spec = register_spec(cfg.budget)
     max_tokens = cfg.max_budget_tokens if cfg.max_budget_tokens is not None else -1
     topk = router.topk
     with g.inserting_after(topk):
         new = call(g, fake_mode, torch.ops.moespec.budget_topk.default,
-                   (router.x, router.scores, router.k, router.score_fn, budget, cfg.policy, max_tokens, router.sorted,
-                    token_mask))
+                   (router.x, router.scores, router.k, router.score_fn, spec, cfg.policy, max_tokens, router.sorted,
+                    token_mask, router.weight, block, cfg.score))
     with g.inserting_after(new):
         outs = [call(g, fake_mode, operator.getitem, (new, i)) for i in range(3)]
     remapped = {}
@@ -60,8 +61,7 @@ def rewrite(gm: fx.GraphModule, fake_mode, router: Router, cfg: BudgetConfig, bl
     later = max((ids_exit, w_exit), key=pos.__getitem__)
     with g.inserting_after(later):
         applied = call(g, fake_mode, torch.ops.moespec.budget_apply.default,
-                       (ids_exit, w_exit, outs[2], to_empty, router.weight, block, budget, cfg.policy,
-                        max_tokens))
+                       (ids_exit, w_exit, outs[2], to_empty, router.weight, block))
     with g.inserting_after(applied):
         new_ids = call(g, fake_mode, operator.getitem, (applied, 0))
         new_w = call(g, fake_mode, operator.getitem, (applied, 1))

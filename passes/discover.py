@@ -142,7 +142,8 @@ def _walk_to_linear(x: fx.Node) -> tuple[fx.Node, fx.Node | None, str | None, li
         elif name == "masked_fill":
             features.append("grouped top-k")
         else:
-            raise Declined(f"router scores come from '{name or cur.op}', not a linear -> softmax/sigmoid -> top-k chain")
+            raise Declined(f"router scores come from '{name or cur.op}', not a linear -> softmax/sigmoid -> top-k "
+                           "chain")
         nxt = cur.args[0] if cur.args else None
         if not isinstance(nxt, fx.Node):
             raise Declined("router scores do not come from a linear layer")
@@ -303,8 +304,11 @@ def find_experts(router: Router, tensor_of) -> Experts:
             output = next(iter(output.users))  # gpt-fast: experts return [T, k, H]; the block combines with weights
     else:
         path = block
-        inside = {n for n in descendants([ids_exit]) if in_scope(n, block)} - router.closure
+        inside = {n for n in descendants([ids_exit]) if n.op != "output" and (not block or in_scope(n, block))}
+        inside -= router.closure
         outs = [n for n in region_outputs(inside) if val(n) is not None]
+        if not outs:
+            raise Declined("graph break: the experts run outside this graph")
         if len(outs) != 1:
             raise Declined(f"routing ids feed {len(outs)} separate computations in {clean_path(block)}")
         output = outs[0]

@@ -9,6 +9,7 @@ from collections.abc import Iterable
 import torch
 import torch.fx as fx
 
+
 class Declined(Exception):
     """A pass leaves something alone; `reason` says why (shown by msc.explain)."""
 
@@ -120,14 +121,19 @@ _MOE_NAME = re.compile(r"(router|gate|gating|moe|expert)", re.IGNORECASE)
 
 
 def parent_block(module_path: str) -> str:
-    """"model.layers.0.mlp.gate" -> "model.layers.0.mlp": a router module's MoE block (else the path itself)."""
-    head, _, leaf = module_path.rpartition(".")
-    return head if head and _ROUTER_LEAF.search(leaf) else module_path
+    """"model.layers.0.mlp.gate" -> "model.layers.0.mlp", "...mlp.router.layer" -> "...mlp": a router module's
+    MoE block (the path itself when neither of its last two parts names a router)."""
+    parts = module_path.split(".")
+    for j in (len(parts) - 1, len(parts) - 2):
+        if j >= 0 and _ROUTER_LEAF.search(parts[j]):
+            return ".".join(parts[:j])  # "" when the router sits in the outermost module
+    return module_path
 
 
-def looks_like_moe(node: fx.Node) -> bool:
-    """The node sits in a module whose path or class names a router, gate, MoE block or experts."""
-    return bool(_MOE_NAME.search(scope(node) + scope_class(node)))
+def looks_like_moe(node: fx.Node, global_name: str = "") -> bool:
+    """The node sits in a module whose path or class names a router, gate, MoE block or experts (global_name:
+    its block's path from the outermost module, where a graph piece's own paths start at a submodule)."""
+    return bool(_MOE_NAME.search(scope(node) + " " + scope_class(node) + " " + global_name))
 
 
 def ancestors(nodes: Iterable[fx.Node]) -> set[fx.Node]:

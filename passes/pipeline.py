@@ -28,6 +28,9 @@ from .graph_utils import Declined, clean_path, count, fake_mode_of, looks_like_m
 
 __all__ = ["BlockReport", "run_passes"]
 
+# Routers inside attention (JetMoE's mixture of attention heads) are budgeted like MLP routers: at most C of
+# their experts (per-expert projection weights) load per pass. Dynamo shares one graph between the instances
+# of a router class, so attention and MLP routers of one class cannot be treated differently anyway.
 _ATTENTION = re.compile(r"(^|\.)(self_)?(attn|attention)($|\.)|MoA|Attention", re.IGNORECASE)
 
 
@@ -77,8 +80,6 @@ def attention_mask_node(gm: fx.GraphModule, tensor_of) -> fx.Node | None:
 
 def _find_router(node: fx.Node, block_names, tensor_of) -> Router:
     router = analyze_router(node)
-    if _ATTENTION.search(scope(node)) or _ATTENTION.search(router.block):
-        raise Declined("a router inside attention (mixture of attention heads): moespec budgets MoE MLP experts only")
     if block_names is not None:
         router.block = block_names(router, tensor_of) or router.block
     routing_closure(router, stop=set())
@@ -99,8 +100,8 @@ def run_passes(gm: fx.GraphModule, example_inputs, cfg: BudgetConfig, impl: str 
         try:
             router = _find_router(node, block_names, tensor_of)
         except Declined as why:
-            if looks_like_moe(node):
-                name = parent_block(clean_path(scope(node))) or node.name
+            name = _declined_name(node, block_names, tensor_of)
+            if looks_like_moe(node, name):
                 reports.append(BlockReport(name, _experts_count(node), None, "?", False, "left alone", why.reason))
                 count("routers_declined")
             continue
@@ -110,7 +111,7 @@ def run_passes(gm: fx.GraphModule, example_inputs, cfg: BudgetConfig, impl: str 
             experts = find_experts(router, tensor_of)
         except Declined as why:
             experts = why
-            if why.reason.startswith("graph break") and not looks_like_moe(router.topk):
+            if why.reason.startswith("graph break") and not looks_like_moe(router.topk, router.block):
                 reports.append(BlockReport(router.block, router.num_experts, router.k, router.kind, False,
                                            "left alone", "a top-k over a linear layer whose indices leave the "
                                            "graph, not a MoE router"))
@@ -147,6 +148,17 @@ def run_passes(gm: fx.GraphModule, example_inputs, cfg: BudgetConfig, impl: str 
     gm.graph.lint()  # no eliminate_dead_code: it drops in-place writes (DeepSeek's group_mask.scatter_)
     gm.recompile()
     return reports
+
+
+def _declined_name(node: fx.Node, block_names, tensor_of) -> str:
+    """The block name of a declined top-k: its router's global name when the router linear is known."""
+    try:
+        router = analyze_router(node)
+        if block_names is not None:
+            return block_names(router, tensor_of) or router.block
+        return router.block
+    except Declined:
+        return parent_block(clean_path(scope(node))) or node.name
 
 
 def _experts_count(node: fx.Node) -> int | None:
@@ -188,13 +200,13 @@ def _unclaimed_blocks(gm: fx.GraphModule, tensor_of, claimed: set[str]) -> list[
                 break
     out = []
     for block, e in sorted(blocks.items()):
-        top = block.rsplit(".experts", 1)[0] if block.endswith("experts") else block
+        top = (block[: -len("experts")].rstrip(".") if block.endswith("experts") else block) or "<top>"
         if any(c == top or c == block or c.startswith(top + ".") or top.startswith(c + ".") for c in claimed if c):
             continue
         if _ATTENTION.search(block):
             continue
         count("blocks_without_router")
-        out.append(BlockReport(top or "<top>", e, None, "?", False, "left alone",
+        out.append(BlockReport(top, e, None, "?", False, "left alone",
                                "no router top-k found for these experts (selection by max/argmax, masking or "
                                "sorting is not recognised)"))
     return out

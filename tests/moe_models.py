@@ -35,7 +35,9 @@ FAMILIES = {
 IMPLS = ("grouped_mm", "batched_mm", "eager")
 
 
-def _scale_routers(model: nn.Module, scale: float, seed: int) -> None:
+def sharpen(model: nn.Module, scale: float = 8.0, seed: int = 0) -> None:
+    """Scale router weights up (random routers are nearly uniform; trained ones are not) and give biases and
+    score corrections random values, so budgets bind and bias paths are exercised."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -59,7 +61,7 @@ def build(family: str, impl: str = "grouped_mm", seed: int = 0, scale: float = 8
         cfg = getattr(transformers, cls_name)(**{**COMMON, **extra})
         cfg._experts_implementation = impl
         model = transformers.AutoModelForCausalLM.from_config(cfg)
-    _scale_routers(model, scale, seed)
+    sharpen(model, scale, seed)
     model = model.to(dtype).eval()
     e, k = experts_of(model)
     return model, e, k

@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch._dynamo.utils import counters
 
 import moe_spec_compile as msc
 from moe_spec_compile.backend import parse_options
-from torch._dynamo.utils import counters
 
 from moe_models import GptFastMoE, TinyLM, build
 

@@ -15,6 +15,8 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from reference import per_token_reference  # noqa: E402
+
 kernels = pytest.importorskip("moe_spec_compile.kernels")
 from moe_spec_compile.kernels import config as kconfig  # noqa: E402
 from moe_spec_compile.kernels import fused_moe, tune  # noqa: E402
@@ -25,40 +27,6 @@ if DEVICE == "cpu" and not fused_moe._interpreted():
 
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=2e-2, rtol=2e-2)}
 SMALL = "BLOCK_M=16,BLOCK_N=16,BLOCK_K=16,SPLIT_K=1,num_warps=4,num_stages=2"
-
-
-def _act(gate, up, activation, alpha=1.702, limit=7.0):
-    if activation == "silu":
-        return gate * torch.sigmoid(gate) * up
-    if activation == "gelu":
-        return 0.5 * gate * (1 + torch.erf(gate / 2**0.5)) * up
-    if activation == "gelu_tanh":
-        return 0.5 * gate * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (gate + 0.044715 * gate**3))) * up
-    if activation == "relu":
-        return gate.clamp(min=0) * up
-    gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
-    return (up + 1) * gate * torch.sigmoid(alpha * gate)
-
-
-def per_token_reference(x, ids, tw, wgu, wd, activation="silu", bgu=None, bd=None, interleaved=False):
-    """out[t] = sum_j tw[t,j] * (w_down[e] @ act(gate[e] @ x_t, up[e] @ x_t) + b_down[e]), one token at a time, fp64."""
-    t_, h = x.shape
-    i = wgu.shape[1] // 2
-    out = torch.zeros(t_, h, dtype=torch.float64)
-    for t in range(t_):
-        for j in range(ids.shape[1]):
-            e = int(ids[t, j])
-            if e < 0:
-                continue
-            gu = wgu[e].double() @ x[t].double()  # [2I]
-            if bgu is not None:
-                gu = gu + bgu[e].double()
-            gate, up = (gu[0::2], gu[1::2]) if interleaved else (gu[:i], gu[i:])
-            y = wd[e].double() @ _act(gate, up, activation)  # [H]
-            if bd is not None:
-                y = y + bd[e].double()
-            out[t] += float(tw[t, j]) * y
-    return out
 
 
 def _routing(t, k, e, gen, budget=None, empty=0.0):
