@@ -116,7 +116,7 @@ def _check(p, args) -> None:
     if args.warmup < 0:
         p.error(f"--warmup must be >= 0, got {args.warmup}")
     if args.tree == 0:
-        print("note: --tree 0 drafts nothing: plain decoding, one token per target pass (the baseline)",
+        print("note: --tree 0 drafts nothing: no speculation, plain decoding, one token per target pass (the baseline)",
               file=sys.stderr)
 
 

@@ -42,7 +42,7 @@ def _fails(argv, capsys) -> str:
     (["generate", "--sample", "--top-p", "1.5"], "--top-p"),
     (["explain", "--config", "Foo"], "unknown transformers config class"),
     (["explain", "--model", "/nonexistent/dir"], "not a directory"),
-    (["explain", "--config", "Qwen3MoeConfig", "--model", "."], "not allowed with"),
+    (["explain", "--config", "Qwen3MoeConfig", "--model", str(HERE / "target")], "not allowed with"),
     (["demo", "--budgets", "0"], "budget is an integer C >= 1"),
     (["demo", "--budgets", "4,x"], "'x'"),
     (["demo", "--repeats", "0"], "integer >= 1"),
@@ -137,3 +137,36 @@ def test_generate_tree_0_is_plain_decoding(capsys):
     assert "no speculation" in captured.err
     out = json.loads(captured.out.strip().splitlines()[-1])
     assert out["stats"]["tokens_per_step"] == 1.0 and len(out["new_token_ids"]) == 4
+
+
+def test_generate_stats_summary_is_rounded_and_printable():
+    from moe_spec_compile.speculative.decoder import GenerateStats, VerifyStats
+
+    stats = GenerateStats(steps=3, new_tokens=10, accepted_per_step=[4, 3, 3], time_prefill=0.0123456789,
+                          time_draft=0.1, time_verify=0.3333333333, time_accept=1e-5)
+    stats.verify = [VerifyStats(17, 24, 8, a, {"l0": 8, "l1": 7}, True) for a in (4, 3)]
+    stats.verify.append(VerifyStats(17, 24, 8, 3, {"l0": 6, "l1": 5}, False))
+    s = stats.summary()
+    total = 0.0123456789 + 0.1 + 0.3333333333 + 1e-5
+    assert s["tokens_per_step"] == round(10 / 3, 3) and s["tokens_per_s"] == round(10 / total, 2)
+    assert s["experts_per_layer"] == round(41 / 6, 2) and s["budget_bound_fraction"] == round(2 / 3, 3)
+    assert s["time_s"]["prefill"] == 0.01235 and s["time_s"]["accept"] == 1e-5 and s["buckets"] == [(24, 8)]
+    text = str(stats)
+    assert len(text.splitlines()) <= 8 and "tokens per pass  3.33" in text and "24 tokens C=8" in text
+
+
+def test_summarize_events():
+    from moe_spec_compile.record import ExpertEvent
+    from moe_spec_compile.report import format_summary, summarize_events
+
+    events = [ExpertEvent("m.0", 12, 4, (1, 2, 3, 9)), ExpertEvent("m.1", 12, 4, (0, 5, 6)),
+              ExpertEvent("m.0", 30, None, tuple(range(11)))]
+    s = summarize_events(events)
+    assert s["executions"] == 3 and s["blocks"] == 2 and s["mean_experts"] == 6.0 and s["max_experts"] == 11
+    assert s["budget_bound_fraction"] == 0.5 and s["mean_tokens"] == 18.0
+    m0 = s["by_block"]["m.0"]
+    assert m0 == {"executions": 2, "mean_tokens": 21.0, "mean_experts": 7.5, "min_experts": 4, "max_experts": 11,
+                  "budgets": [None, 4], "budget_bound_fraction": 1.0}
+    table = format_summary(s)
+    assert table.splitlines()[2].split() == ["m.0", "2", "21.0", "7.5", "4-11", "exact,4", "100%"]
+    assert summarize_events([])["executions"] == 0 and "block" in format_summary(summarize_events([]))
