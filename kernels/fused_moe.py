@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops import check_fused_experts_args
+from ..checks import check_fused_experts_args, check_ids_in_range
 from . import config as _cfg
 from .routing import align_by_expert
 
@@ -280,6 +280,10 @@ def fused_experts(
     if hidden.device.type != "cuda" and not _interpreted():
         raise RuntimeError("the Triton fused-experts kernels need a CUDA device, or TRITON_INTERPRET=1 set "
                            "before moe_spec_compile.kernels is first imported")
+    if _interpreted() and torch.bfloat16 in (hidden.dtype, w_gate_up.dtype, w_down.dtype):
+        raise ValueError("bf16 under TRITON_INTERPRET=1 is refused: the interpreter's bf16 dot returns wrong "
+                         "numbers; use fp32 or fp16 there, or impl='torch'")
+    check_ids_in_range(topk_ids, w_gate_up.shape[0])
     t, h = hidden.shape
     k = topk_ids.shape[1]
     e, two_i, _ = w_gate_up.shape

@@ -51,6 +51,9 @@ def explain(model: torch.nn.Module, *example_args, options: dict | None = None, 
             if twin is not None:
                 by_name[ev.block] = replace(twin, name=ev.block)
                 blocks.append(by_name[ev.block])
+    # A block whose experts ran in a graph of their own (a graph break) is reported by its router's graph.
+    routed = {b.name for b in blocks if b.rewritten}
+    blocks = [b for b in blocks if b.rewritten or b.name not in routed]
     return ExplainReport(sorted(blocks, key=lambda b: _natural(b.name)))
 
 

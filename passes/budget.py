@@ -1,8 +1,8 @@
 """Budget rewrite: the router's selection top-k becomes moespec::budget_topk, and the routing result
 passes through moespec::budget_apply where it leaves the router.
 
-    v, ids = topk(x, k)  ->  v, ids, remap = budget_topk(x, scores, k, ...)   (substitute: top-k within A)
-    (ids, w) at the exit ->  ids, w = budget_apply(ids, w, remap, ...)          (truncate: drop outside A)
+    v, ids = topk(x, k)  ->  v, ids, keep = budget_topk(x, scores, k, ..., attention_mask)  (substitute: within A)
+    (ids, w) at the exit ->  ids, w = budget_apply(ids, w, keep, ...)          (truncate: drop outside A)
 
 The compile-time budget is baked in as op arguments; `msc.budget(...)` overrides it at run time.
 """
@@ -17,32 +17,33 @@ import torch.fx as fx
 from moe_spec_compile.budget import BudgetConfig
 
 from .discover import Router
-from .graph_utils import call
+from .graph_utils import Declined, call
 
 
 def _order(graph: fx.Graph) -> dict[fx.Node, int]:
     return {n: i for i, n in enumerate(graph.nodes)}
 
 
-def check(router: Router) -> str | None:
+def check(router: Router) -> None:
     """Every user of the routing exits must come after both exits (budget_apply sits after the later)."""
     pos = _order(router.topk.graph)
     last = max(pos[router.ids_exit], pos[router.weights_exit])
     for ex in (router.ids_exit, router.weights_exit):
         for u in ex.users:
             if u not in router.closure and pos[u] < last:
-                return f"{u.name} reads the routing ids before the weights are final"
-    return None
+                raise Declined(f"{u.name} reads the routing ids before the weights are final")
 
 
-def rewrite(gm: fx.GraphModule, fake_mode, router: Router, cfg: BudgetConfig, block: str, to_empty: bool) -> None:
+def rewrite(gm: fx.GraphModule, fake_mode, router: Router, cfg: BudgetConfig, block: str, to_empty: bool,
+            token_mask: fx.Node | None = None) -> None:
     g = gm.graph
     budget = cfg.budget if cfg.budget is not None else -1
     max_tokens = cfg.max_budget_tokens if cfg.max_budget_tokens is not None else -1
     topk = router.topk
     with g.inserting_after(topk):
         new = call(g, fake_mode, torch.ops.moespec.budget_topk.default,
-                   (router.x, router.scores, router.k, router.score_fn, budget, cfg.policy, max_tokens, router.sorted))
+                   (router.x, router.scores, router.k, router.score_fn, budget, cfg.policy, max_tokens, router.sorted,
+                    token_mask))
     with g.inserting_after(new):
         outs = [call(g, fake_mode, operator.getitem, (new, i)) for i in range(3)]
     remapped = {}

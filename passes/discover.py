@@ -7,7 +7,8 @@ Router source patterns matched (each found through views and dtype casts):
     probs = softmax(linear(x, W_r));        w, ids = topk(probs, k)            Mixtral, Qwen, OLMoE, gpt-fast
     s = sigmoid(linear(x, W_r)); sel = (s + bias).masked_fill(group_mask, 0)
     ids = topk(sel, k)[1]; w = s.gather(-1, ids) (/ sum) * scale                DeepSeek-V3
-    logits = linear(x, W_r, b); v, ids = topk(logits, k); w = softmax(v)        GPT-OSS, Granite
+    logits = linear(x, W_r, b); v, ids = topk(logits, k); w = softmax(v)        GPT-OSS, Granite, JetMoE
+    logits = linear(x, W_r); v, ids = topk(logits, k); w = sigmoid(v)          sigmoid after top-k
 Everything after the top-k (renormalization, scaling) stays the model's own code.
 """
 
@@ -20,6 +21,7 @@ import torch.fx as fx
 
 from .graph_utils import (
     VIEW_METHODS,
+    Declined,
     ancestors,
     arg,
     clean_path,
@@ -36,8 +38,8 @@ from .graph_utils import (
 )
 
 # Ops through which routing results flow between the top-k and the experts (weight post-processing).
-_ROUTING_OPS = VIEW_METHODS | {"getitem", "div", "mul", "add", "sub", "sum", "softmax", "gather", "masked_fill",
-                               "where", "truediv", "float", "unsqueeze", "squeeze"}
+_ROUTING_OPS = VIEW_METHODS | {"getitem", "div", "mul", "add", "sub", "sum", "softmax", "sigmoid", "gather",
+                               "masked_fill", "where", "truediv", "float", "unsqueeze", "squeeze", "type_as"}
 
 
 @dataclass
@@ -62,10 +64,16 @@ class Router:
         w = self.linear.args[1] if len(self.linear.args) > 1 else self.linear.kwargs.get("weight")
         return _through_views(w) if isinstance(w, fx.Node) else None
 
+    block_name: str | None = None  # the global name (naming.block_namer), when known
+
     @property
     def block(self) -> str:
         """The MoE block's module path: the parent of the router module ("model.layers.0.mlp")."""
-        return parent_block(clean_path(scope(self.topk))) or "<top>"
+        return self.block_name or parent_block(clean_path(scope(self.topk))) or "<top>"
+
+    @block.setter
+    def block(self, name: str) -> None:
+        self.block_name = name
 
 
 @dataclass
@@ -92,23 +100,27 @@ def _last_dim_ok(node: fx.Node, dim) -> bool:
     return s is not None and dim in (-1, len(s) - 1)
 
 
-def analyze_router(node: fx.Node) -> Router | str:
-    """A Router for a top-k node, or the reason it is not a router moespec understands."""
+def _check_topk(node: fx.Node) -> tuple[fx.Node, int, int, bool]:
+    """(x, k, E, sorted) of a top-k that can be a routing choice: over the last dim, largest, constant k."""
     x = node.args[0] if node.args else node.kwargs.get("input")
     k = arg(node, 1, "k")
     dim = arg(node, 2, "dim", -1)
     largest = arg(node, 3, "largest", True)
     is_sorted = arg(node, 4, "sorted", True)
     if not isinstance(x, fx.Node) or shape(x) is None:
-        return "top-k input has no known shape"
+        raise Declined("top-k input has no known shape")
     if not isinstance(k, int) or isinstance(k, bool):
-        return "top-k's k is not a constant"
+        raise Declined("top-k's k is not a constant")
     if not _last_dim_ok(x, dim) or largest is not True:
-        return "top-k is not over the last dimension with largest=True"
+        raise Declined("top-k is not over the last dimension with largest=True")
     e = shape(x)[-1]
     if not isinstance(e, int) or e < 2 or not 1 <= k <= e:
-        return f"top-k over {e} entries with k={k} is not a routing choice"
+        raise Declined(f"top-k over {e} entries with k={k} is not a routing choice")
+    return x, k, e, bool(is_sorted)
 
+
+def _walk_to_linear(x: fx.Node) -> tuple[fx.Node, fx.Node | None, str | None, list[str]]:
+    """From the top-k's input back to the router linear: (linear, probs node, "softmax"/"sigmoid"/None, features)."""
     probs, kind, features, cur = None, None, [], x
     for _ in range(64):
         name = fn_name(cur)
@@ -117,47 +129,77 @@ def analyze_router(node: fx.Node) -> Router | str:
         elif name == "sigmoid" and probs is None:
             probs, kind = cur, "sigmoid"
         elif name == "linear":
-            break
+            return cur, probs, kind, features
         elif name in VIEW_METHODS:
             pass
         elif name == "add":
             same = [a for a in cur.args if isinstance(a, fx.Node) and shape(a) == shape(cur)]
             if len(same) != 1:
-                return "router scores pass through an add moespec does not understand"
+                raise Declined("router scores pass through an add moespec does not understand")
             features.append("bias-corrected selection")
             cur = same[0]
             continue
         elif name == "masked_fill":
             features.append("grouped top-k")
         else:
-            return f"router scores come from '{name or cur.op}', not a linear -> softmax/sigmoid -> top-k chain"
+            raise Declined(f"router scores come from '{name or cur.op}', not a linear -> softmax/sigmoid -> top-k chain")
         nxt = cur.args[0] if cur.args else None
         if not isinstance(nxt, fx.Node):
-            return "router scores do not come from a linear layer"
+            raise Declined("router scores do not come from a linear layer")
         cur = nxt
-    else:
-        return "router chain too long"
-    weight = cur.args[1] if len(cur.args) > 1 else cur.kwargs.get("weight")
-    if shape(weight) is None or shape(weight)[0] != e:
-        return f"the router linear's weight {shape(weight)} does not produce {e} expert scores"
+    raise Declined("router chain too long")
 
+
+# Router kinds: how the budget ops score experts. Each takes (x, probs, values) and returns
+# (kind, scores node, score_fn) or None when the kind does not apply.
+def _probs_before_topk(x, probs, values):
+    """softmax(linear) -> top-k (Mixtral, Qwen, OLMoE, gpt-fast); sigmoid(linear) [+ bias] -> top-k (DeepSeek-V3)."""
+    return None if probs is None else (_kind_of(probs), probs, "identity")
+
+
+def _softmax_after_topk(x, probs, values):
+    """linear -> top-k -> softmax of the chosen values (GPT-OSS, Granite, JetMoE): score = the full softmax."""
+    if probs is None and values is not None and any(fn_name(u) == "softmax" for u in values.users):
+        return "softmax after top-k", x, "softmax"
+    return None
+
+
+def _sigmoid_after_topk(x, probs, values):
+    """linear -> top-k -> sigmoid of the chosen values: score = the sigmoid of every logit."""
+    if probs is None and values is not None and any(fn_name(u) == "sigmoid" for u in values.users):
+        return "sigmoid after top-k", x, "sigmoid"
+    return None
+
+
+_ROUTER_KINDS = (_probs_before_topk, _softmax_after_topk, _sigmoid_after_topk)
+
+
+def _kind_of(probs: fx.Node) -> str:
+    return "softmax" if fn_name(probs) == "softmax" else "sigmoid"
+
+
+def analyze_router(node: fx.Node) -> Router:
+    """A Router for a top-k node; raises Declined with the reason it is not a router moespec understands."""
+    x, k, e, is_sorted = _check_topk(node)
+    linear, probs, _kind, features = _walk_to_linear(x)
+    weight = linear.args[1] if len(linear.args) > 1 else linear.kwargs.get("weight")
+    if shape(weight) is None or shape(weight)[0] != e:
+        raise Declined(f"the router linear's weight {shape(weight)} does not produce {e} expert scores")
     outputs = {u.args[1]: u for u in node.users if fn_name(u) == "getitem"}
     if len(outputs) != len(node.users):
-        return "top-k result used other than by indexing"
-    if probs is None:
-        values = outputs.get(0)
-        if values is None or not any(fn_name(u) == "softmax" for u in values.users):
-            return "top-k on raw logits without a softmax over the chosen values"
-        kind, scores, score_fn = "softmax after top-k", x, "softmax"
-    else:
-        scores, score_fn = probs, "identity"
+        raise Declined("top-k result used other than by indexing")
     if 1 not in outputs:
-        return "top-k indices are unused"
-    return Router(node, k, e, x, scores, score_fn, kind, features, bool(is_sorted), linear=cur)
+        raise Declined("top-k indices are unused")
+    for kind_fn in _ROUTER_KINDS:
+        found = kind_fn(x, probs, outputs.get(0))
+        if found is not None:
+            kind, scores, score_fn = found
+            return Router(node, k, e, x, scores, score_fn, kind, features, is_sorted, linear=linear)
+    raise Declined("top-k on raw logits without a softmax or sigmoid over the chosen values")
 
 
-def routing_closure(router: Router, stop: set[fx.Node]) -> str | None:
-    """Walk forward from the top-k through weight post-processing; set the exits. None or a reason."""
+def routing_closure(router: Router, stop: set[fx.Node]) -> None:
+    """Walk forward from the top-k through weight post-processing; set the exits (or raise Declined)."""
     k = router.k
     lead = val(router.x).numel() // router.num_experts
     closure = {router.topk}
@@ -185,13 +227,12 @@ def routing_closure(router: Router, stop: set[fx.Node]) -> str | None:
     ids = [n for n in exits if not val(n).is_floating_point()]
     weights = [n for n in exits if val(n).is_floating_point()]
     if len(ids) != 1:
-        return f"routing ids leave the router in {len(ids)} places"
+        raise Declined(f"routing ids leave the router in {len(ids)} places")
     if len(weights) != 1:
-        return f"routing weights leave the router in {len(weights)} places"
+        raise Declined(f"routing weights leave the router in {len(weights)} places")
     if shape(ids[0]) != shape(weights[0]):
-        return f"routing ids {shape(ids[0])} and weights {shape(weights[0])} differ in shape"
+        raise Declined(f"routing ids {shape(ids[0])} and weights {shape(weights[0])} differ in shape")
     router.closure, router.ids_exit, router.weights_exit = closure, ids[0], weights[0]
-    return None
 
 
 def _is_weight(node: fx.Node, tensor_of) -> bool:
@@ -236,18 +277,18 @@ def _add_side_effects(region: set[fx.Node], upstream: set[fx.Node]) -> None:
                 region.add(n)
                 changed = True
         for a in external_inputs(region):
-            if (a.op in ("call_function", "call_method") and all(u in region for u in a.users)
+            if (a.op in ("call_function", "call_method") and a not in upstream and all(u in region for u in a.users)
                     and all(b in region or weight_or_size(b) for b in a.all_input_nodes)):
                 region.add(a)
                 changed = True
 
 
-def find_experts(router: Router, tensor_of) -> Experts | str:
+def find_experts(router: Router, tensor_of) -> Experts:
     """The experts region the router's ids feed, or the reason none was found in this graph."""
     ids_exit, w_exit = router.ids_exit, router.weights_exit
     users = [u for u in ids_exit.users if u not in router.closure]
     if all(u.op == "output" for u in users):
-        return "graph break: the experts run outside this graph"
+        raise Declined("graph break: the experts run outside this graph")
     block = parent_block(scope(router.topk))
     consumer_scopes = {scope(u) for u in users if u.op != "output"}
     deeper = [p for p in consumer_scopes if p.startswith(block + ".")]
@@ -256,7 +297,7 @@ def find_experts(router: Router, tensor_of) -> Experts | str:
         inside = {n for n in ids_exit.graph.nodes if in_scope(n, path) and n.op in ("call_function", "call_method")}
         outs = [n for n in region_outputs(inside) if val(n) is not None]  # shared SymInt sizes don't count
         if len(outs) != 1:
-            return f"the experts module {clean_path(path)} has {len(outs)} outputs"
+            raise Declined(f"the experts module {clean_path(path)} has {len(outs)} outputs")
         output = outs[0]
         if w_exit not in ancestors([output]) and len(output.users) == 1:
             output = next(iter(output.users))  # gpt-fast: experts return [T, k, H]; the block combines with weights
@@ -265,17 +306,17 @@ def find_experts(router: Router, tensor_of) -> Experts | str:
         inside = {n for n in descendants([ids_exit]) if in_scope(n, block)} - router.closure
         outs = [n for n in region_outputs(inside) if val(n) is not None]
         if len(outs) != 1:
-            return f"routing ids feed {len(outs)} separate computations in {clean_path(block)}"
+            raise Declined(f"routing ids feed {len(outs)} separate computations in {clean_path(block)}")
         output = outs[0]
     upstream = ancestors([ids_exit, w_exit]) | {ids_exit, w_exit}
     region = {n for n in ancestors([output]) | {output}
               if n not in upstream and n.op in ("call_function", "call_method")}
     if w_exit not in ancestors([output]):
-        return "the routing weights are not applied in the experts"
+        raise Declined("the routing weights are not applied in the experts")
     _add_side_effects(region, upstream)
     others = [n for n in region_outputs(region) if n is not output and val(n) is not None]
     if others:
-        return f"values inside the experts are used elsewhere ({others[0].name})"
+        raise Declined(f"values inside the experts are used elsewhere ({others[0].name})")
     hidden, params = [], []
     for n in external_inputs(region):
         if n in (ids_exit, w_exit):
@@ -286,12 +327,12 @@ def find_experts(router: Router, tensor_of) -> Experts | str:
         elif isinstance(v, torch.Tensor) and v.is_floating_point():
             hidden.append(n)
         elif isinstance(v, torch.Tensor):
-            return f"the experts read an unexpected tensor {n.name}"
+            raise Declined(f"the experts read an unexpected tensor {n.name}")
     if len(hidden) != 1:
-        return f"the experts read {len(hidden)} activations, expected the hidden states only"
+        raise Declined(f"the experts read {len(hidden)} activations, expected the hidden states only")
     h = shape(hidden[0])[-1]
     if shape(output) is None or shape(output)[-1] != h:
-        return f"the experts output {shape(output)} does not match the hidden size {h}"
+        raise Declined(f"the experts output {shape(output)} does not match the hidden size {h}")
     if len(shape(output)) != 2 and shape_source(hidden[0], shape(output)) is None:  # [T, H]: fused's own shape
-        return f"the experts output {shape(output)} has no same-shaped source among the hidden states' views"
+        raise Declined(f"the experts output {shape(output)} has no same-shaped source among the hidden states' views")
     return Experts(region, output, hidden[0], params, clean_path(path))

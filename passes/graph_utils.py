@@ -9,6 +9,21 @@ from collections.abc import Iterable
 import torch
 import torch.fx as fx
 
+class Declined(Exception):
+    """A pass leaves something alone; `reason` says why (shown by msc.explain)."""
+
+    @property
+    def reason(self) -> str:
+        return str(self.args[0]) if self.args else "declined"
+
+
+def count(key: str, n: int = 1) -> None:
+    """Count what the passes did, in torch._dynamo.utils.counters["moespec"] (tests and tlparse read it)."""
+    from torch._dynamo.utils import counters
+
+    counters["moespec"][key] += n
+
+
 # Ops that only move, view or cast a tensor: a value seen through them is the same value.
 VIEW_METHODS = {"to", "float", "double", "half", "bfloat16", "type", "view", "reshape", "contiguous", "clone", "detach"}
 

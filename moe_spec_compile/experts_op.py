@@ -1,0 +1,255 @@
+"""The experts ops: moespec::fused_experts (stacked weights) and moespec::fused_experts_list (per-expert
+weights, e.g. a ModuleList of nn.Linear), with torch and Triton implementations and exact gradients.
+
+(token, slot) pairs -> group by expert -> gate/up GEMM + act -> down GEMM x routing weight -> sum over slots
+
+Legend: T tokens, E experts, k top-k, H hidden, I intermediate.
+
+Both read the model's own parameters on every call: nothing is copied at compile time, so weights
+changed after compiling (load_state_dict, an optimizer step) are always the ones used.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .checks import ACTIVATIONS, check_expert_lists, check_fused_experts_args, check_ids_in_range
+
+__all__ = ["fused_experts", "fused_experts_list", "fused_experts_torch", "ACTIVATIONS"]
+
+
+def _up(t: torch.Tensor) -> torch.Tensor:
+    """Math precision: 16-bit tensors compute in fp32; fp32 and fp64 keep their own."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _gate_act(gate_up: torch.Tensor, activation: str, interleaved: bool, alpha: float, limit: float) -> torch.Tensor:
+    """gate_up [n, 2I] fp32 -> [n, I]: act(gate) * up, or GPT-OSS's clamped SwiGLU."""
+    if interleaved:
+        gate, up = gate_up[:, 0::2], gate_up[:, 1::2]
+    else:
+        gate, up = gate_up.chunk(2, dim=-1)
+    if activation == "silu":
+        return torch.nn.functional.silu(gate) * up
+    if activation == "gelu":
+        return torch.nn.functional.gelu(gate) * up
+    if activation == "gelu_tanh":
+        return torch.nn.functional.gelu(gate, approximate="tanh") * up
+    if activation == "relu":
+        return torch.relu(gate) * up
+    if activation == "swiglu_clamp":
+        gate = gate.clamp(max=limit)
+        up = up.clamp(min=-limit, max=limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+    raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+
+
+def _grouped(hidden, topk_ids, topk_weights, num_experts, expert_fn) -> torch.Tensor:
+    """Group (token, slot) pairs by expert; expert_fn(e, x [n, H] fp32) -> [n, H] fp32 for the used experts only."""
+    t, h = hidden.shape
+    k = topk_ids.shape[1]
+    flat_ids = topk_ids.reshape(-1).long()  # [T*k]
+    slot_out = torch.zeros(t * k, h, dtype=_up(hidden).dtype, device=hidden.device)  # [T*k, H]
+    order = torch.argsort(flat_ids, stable=True)
+    counts = torch.bincount(flat_ids[flat_ids >= 0], minlength=num_experts).tolist()
+    start = int((flat_ids < 0).sum())  # empty slots sort first
+    x32 = _up(hidden)
+    w32 = _up(topk_weights.reshape(-1))
+    for expert, n in enumerate(counts):
+        if n == 0:
+            continue
+        pairs = order[start : start + n]  # [n] flat (token, slot) indices
+        start += n
+        y = expert_fn(expert, x32[pairs // k])  # [n, H]
+        slot_out = slot_out.index_put((pairs,), y * w32[pairs, None])
+    return slot_out.view(t, k, h).sum(1).to(hidden.dtype)
+
+
+def fused_experts_torch(hidden, topk_ids, topk_weights, w_gate_up, w_down, activation="silu", b_gate_up=None,
+                        b_down=None, interleaved=False, alpha=1.702, limit=7.0, w_up=None) -> torch.Tensor:
+    """The reference implementation: touch only the experts that received tokens, fp32 math, deterministic
+    combine over the k slots. w_up given: w_gate_up holds the gate rows [E, I, H] and w_up the up rows."""
+    check_ids_in_range(topk_ids, w_gate_up.shape[0])
+
+    def expert_fn(e, x):  # x [n, H] fp32
+        if w_up is None:
+            gate_up = x @ _up(w_gate_up[e]).t()  # [n, 2I]
+        else:
+            gate_up = torch.cat([x @ _up(w_gate_up[e]).t(), x @ _up(w_up[e]).t()], dim=-1)
+        if b_gate_up is not None:
+            gate_up = gate_up + _up(b_gate_up[e])
+        y = _gate_act(gate_up, activation, interleaved, alpha, limit) @ _up(w_down[e]).t()  # [n, H]
+        return y + _up(b_down[e]) if b_down is not None else y
+
+    return _grouped(hidden, topk_ids, topk_weights, w_gate_up.shape[0], expert_fn)
+
+
+def _list_torch(hidden, topk_ids, topk_weights, gate, up, down, activation, alpha, limit) -> torch.Tensor:
+    check_ids_in_range(topk_ids, len(gate))
+
+    def expert_fn(e, x):
+        gate_up = torch.cat([x @ _up(gate[e]).t(), x @ _up(up[e]).t()], dim=-1)  # [n, 2I]
+        return _gate_act(gate_up, activation, False, alpha, limit) @ _up(down[e]).t()
+
+    return _grouped(hidden, topk_ids, topk_weights, len(gate), expert_fn)
+
+
+def _use_triton(impl: str, hidden: torch.Tensor) -> bool:
+    if impl not in ("auto", "torch", "triton"):
+        raise ValueError(f"impl must be 'auto', 'torch' or 'triton', got {impl!r}")
+    if impl == "triton" or (impl == "auto" and hidden.is_cuda and _triton_launcher() is not None):
+        if _triton_launcher() is None:
+            raise RuntimeError("impl='triton' but the Triton kernels are not importable here")
+        return True
+    return False
+
+
+@torch.library.custom_op("moespec::fused_experts", mutates_args=())
+def fused_experts(
+    hidden: torch.Tensor,  # [T, H]
+    topk_ids: torch.Tensor,  # [T, k], -1 = empty slot
+    topk_weights: torch.Tensor,  # [T, k]
+    w_gate_up: torch.Tensor,  # [E, 2I, H] ([E, I, H] gate rows only when w_up is given)
+    w_down: torch.Tensor,  # [E, H, I]
+    activation: str = "silu",
+    b_gate_up: torch.Tensor | None = None,  # [E, 2I]
+    b_down: torch.Tensor | None = None,  # [E, H]
+    interleaved: bool = False,
+    alpha: float = 1.702,
+    limit: float = 7.0,
+    impl: str = "auto",
+    w_up: torch.Tensor | None = None,  # [E, I, H]: up rows kept apart from the gate rows (gpt-fast w1/w3)
+) -> torch.Tensor:
+    """out[t] = sum_j w[t,j] * w_down[e] @ act(gate[e] @ x_t) * (up[e] @ x_t), e = topk_ids[t,j] (-1: empty).
+
+    impl: "auto" (Triton kernels on CUDA, torch elsewhere), "torch", or "triton" (also on the CPU
+    under TRITON_INTERPRET=1)."""
+    args = (hidden, topk_ids, topk_weights, w_gate_up, w_down, activation, b_gate_up, b_down)
+    check_fused_experts_args(*args, w_up=w_up)
+    if _use_triton(impl, hidden):
+        wgu = w_gate_up if w_up is None else torch.cat([w_gate_up, w_up], dim=1)  # per call: never stale
+        return _triton_launcher()(hidden, topk_ids, topk_weights, wgu, w_down, activation, b_gate_up, b_down,
+                                  interleaved, alpha, limit)
+    return fused_experts_torch(*args, interleaved, alpha, limit, w_up)
+
+
+@fused_experts.register_fake
+def _(hidden, topk_ids, topk_weights, w_gate_up, w_down, activation="silu", b_gate_up=None, b_down=None,
+      interleaved=False, alpha=1.702, limit=7.0, impl="auto", w_up=None):
+    return torch.empty_like(hidden)
+
+
+@torch.library.custom_op("moespec::fused_experts_list", mutates_args=())
+def fused_experts_list(
+    hidden: torch.Tensor,  # [T, H]
+    topk_ids: torch.Tensor,  # [T, k], -1 = empty slot
+    topk_weights: torch.Tensor,  # [T, k]
+    gate: list[torch.Tensor],  # E x [I, H] (nn.Linear weights)
+    up: list[torch.Tensor],  # E x [I, H]
+    down: list[torch.Tensor],  # E x [H, I]
+    activation: str = "silu",
+    alpha: float = 1.702,
+    limit: float = 7.0,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """fused_experts over per-expert weight lists (a ModuleList of experts). The torch path reads only the
+    used experts' own tensors; the Triton path stacks the lists per call (it reads every expert's weights:
+    store the experts stacked to keep a budget's savings on a GPU)."""
+    check_expert_lists(gate, up, down, hidden)
+    if _use_triton(impl, hidden):
+        wgu = torch.cat([torch.stack(gate), torch.stack(up)], dim=1)  # [E, 2I, H]
+        return _triton_launcher()(hidden, topk_ids, topk_weights, wgu, torch.stack(down), activation, None, None,
+                                  False, alpha, limit)
+    check_fused_experts_args(hidden, topk_ids, topk_weights, gate[0][None], down[0][None], activation, None, None,
+                             w_up=up[0][None])
+    return _list_torch(hidden, topk_ids, topk_weights, gate, up, down, activation, alpha, limit)
+
+
+@fused_experts_list.register_fake
+def _(hidden, topk_ids, topk_weights, gate, up, down, activation="silu", alpha=1.702, limit=7.0, impl="auto"):
+    return torch.empty_like(hidden)
+
+
+# --- exact gradients: a dense recompute under autograd ------------------------------------------------
+# The backward must trace under fake tensors (aot_autograd traces it at compile time whenever a parameter
+# requires grad), so it runs every expert on every token and weighs by the routing: no data-dependent shapes.
+
+def _dense(hidden, ids, weights, w_gate_up, w_down, activation, b_gate_up, b_down, interleaved, alpha, limit, w_up):
+    """The forward as dense math over all experts: [E, T, ...] intermediates, exact, traceable."""
+    e = w_gate_up.shape[0]
+    x = _up(hidden)  # [T, H]
+    gate_up = torch.einsum("th,eoh->eto", x, _up(w_gate_up))  # [E, T, 2I] (or [E, T, I] gate only)
+    if w_up is not None:
+        gate_up = torch.cat([gate_up, torch.einsum("th,eoh->eto", x, _up(w_up))], dim=-1)
+    if b_gate_up is not None:
+        gate_up = gate_up + _up(b_gate_up)[:, None, :]
+    n, t, two_i = gate_up.shape
+    a = _gate_act(gate_up.reshape(n * t, two_i), activation, interleaved, alpha, limit).reshape(n, t, -1)
+    y = torch.einsum("eti,ehi->eth", a, _up(w_down))  # [E, T, H]
+    if b_down is not None:
+        y = y + _up(b_down)[:, None, :]
+    onehot = ids.long()[None, :, :] == torch.arange(e, device=ids.device)[:, None, None]  # [E, T, k]; -1 never
+    coef = (onehot * _up(weights)[None]).sum(-1)  # [E, T]
+    return torch.einsum("et,eth->th", coef, y).to(hidden.dtype)
+
+
+def _needs(x) -> bool:
+    return isinstance(x, torch.Tensor) and x.requires_grad
+
+
+def _grads(out, inputs, grad_out):
+    wanted = [x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad]
+    got = iter(torch.autograd.grad(out, wanted, grad_out, allow_unused=True)) if wanted else iter(())
+    return [next(got) if isinstance(x, torch.Tensor) and x.requires_grad else None for x in inputs]
+
+
+def _setup_fused(ctx, inputs, output):
+    (hidden, ids, weights, wgu, wdn, act, bgu, bdn, inter, alpha, limit, _impl, w_up) = inputs
+    ctx.consts = (act, inter, alpha, limit)
+    ctx.needs = [_needs(x) for x in (hidden, weights, wgu, wdn, bgu, bdn, w_up)]
+    ctx.save_for_backward(hidden, ids, weights, wgu, wdn, bgu, bdn, w_up)
+
+
+def _backward_fused(ctx, grad):
+    hidden, ids, weights, wgu, wdn, bgu, bdn, w_up = ctx.saved_tensors
+    act, inter, alpha, limit = ctx.consts
+    xs = [hidden, weights, wgu, wdn, bgu, bdn, w_up]
+    xs = [x.detach().requires_grad_(n) if x is not None else None for x, n in zip(xs, ctx.needs)]
+    with torch.enable_grad():
+        out = _dense(xs[0], ids, xs[1], xs[2], xs[3], act, xs[4], xs[5], inter, alpha, limit, xs[6])
+        g = _grads(out, xs, grad)
+    return g[0], None, g[1], g[2], g[3], None, g[4], g[5], None, None, None, None, g[6]
+
+
+torch.library.register_autograd("moespec::fused_experts", _backward_fused, setup_context=_setup_fused)
+
+
+def _setup_list(ctx, inputs, output):
+    hidden, ids, weights, gate, up, down, act, alpha, limit = inputs[:9]
+    ctx.consts = (act, alpha, limit, len(gate))
+    ctx.needs = [_needs(x) for x in (hidden, weights, *gate, *up, *down)]
+    ctx.save_for_backward(hidden, ids, weights, *gate, *up, *down)
+
+
+def _backward_list(ctx, grad):
+    hidden, ids, weights, *ws = ctx.saved_tensors
+    act, alpha, limit, e = ctx.consts
+    xs = [x.detach().requires_grad_(n) for x, n in zip([hidden, weights, *ws], ctx.needs)]
+    with torch.enable_grad():
+        gate, up, down = (torch.stack(xs[2 + j * e:2 + (j + 1) * e]) for j in range(3))
+        out = _dense(xs[0], ids, xs[1], gate, down, act, None, None, False, alpha, limit, up)
+        g = _grads(out, xs, grad)
+    grads = (g[0], None, g[1], g[2:2 + e], g[2 + e:2 + 2 * e], g[2 + 2 * e:], None, None, None, None)
+    return grads[:len(ctx.needs_input_grad)]  # as many as the call passed (list inputs: torch checks the structure)
+
+
+torch.library.register_autograd("moespec::fused_experts_list", _backward_list, setup_context=_setup_list)
+
+
+def _triton_launcher():
+    """The Triton launcher (kernels/), or None where Triton or the kernels are unavailable."""
+    try:
+        from .kernels import fused_experts as launcher
+    except ImportError:
+        return None
+    return launcher
