@@ -14,16 +14,14 @@ config = transformers.Qwen3MoeConfig(
 model = transformers.AutoModelForCausalLM.from_config(config).eval()  # random weights, nothing downloaded
 verify_ids = torch.randint(0, 256, (1, 12))  # stands in for a verify pass: 12 drafted tokens
 
-# inference_mode: until the ops run under grad mode too (the lead's ops fix); then plain calls suffice
-with torch.inference_mode():
-    compiled = torch.compile(model, backend="moespec", options={"budget": 4, "policy": "substitute"})
-    with msc.record_experts() as rec:
-        budgeted = compiled(verify_ids, use_cache=False).logits
-    for event in rec.events:  # each MoE layer loaded at most 4 of its 16 experts for the 12 tokens
-        print(f"{event.block}: {event.num_tokens} tokens used experts {event.experts} (budget {event.budget})")
+compiled = torch.compile(model, backend="moespec", options={"budget": 4, "policy": "substitute"})
+with msc.record_experts() as rec:
+    budgeted = compiled(verify_ids, use_cache=False).logits
+for event in rec.events:  # each MoE layer loaded at most 4 of its 16 experts for the 12 tokens
+    print(f"{event.block}: {event.num_tokens} tokens used experts {event.experts} (budget {event.budget})")
 
-    with msc.budget(None):  # the same compiled model without a budget: the unmodified model's output
-        exact = compiled(verify_ids, use_cache=False).logits
-    print("max |exact - model| =", (exact - model(verify_ids, use_cache=False).logits).abs().max().item())
-    print("argmax equal to the exact pass's at", (budgeted.argmax(-1) == exact.argmax(-1)).float().mean().item())
+with msc.budget(None):  # the same compiled model without a budget: the unmodified model's output
+    exact = compiled(verify_ids, use_cache=False).logits
+print("max |exact - model| =", (exact - model(verify_ids, use_cache=False).logits).abs().max().item())
+print("argmax equal to the exact pass's at", (budgeted.argmax(-1) == exact.argmax(-1)).float().mean().item())
 print(msc.explain(model, verify_ids, use_cache=False))
