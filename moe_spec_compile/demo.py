@@ -91,6 +91,22 @@ def speedup(tps: list[float], base: list[float]) -> tuple[float, float, float]:
     return statistics.median(tps) / statistics.median(base), min(tps) / max(base), max(tps) / min(base)
 
 
+def verdict(rows: list[DemoRow]) -> str:
+    """One line answering "did it get faster?": the fastest row against plain decoding."""
+    timed = [r for r in rows if r.speedup is not None]
+    if not timed:
+        return "no timed rows"
+    best = max(timed, key=lambda r: r.speedup[0])
+    median, low, high = best.speedup
+    if low > 1:
+        words = "faster than plain decoding in every repeat"
+    elif high < 1:
+        words = "slower than plain decoding in every repeat (see the README: where speculation pays)"
+    else:
+        words = "within the noise of plain decoding"
+    return f"fastest row: {best.name}, {median:.2f}x plain decoding's tokens/s [{low:.2f}-{high:.2f}]: {words}"
+
+
 def load_warning() -> str | None:
     """A line when the 1-minute load average exceeds the cores: other work then steals time from the runs."""
     try:
@@ -187,7 +203,7 @@ def plot(rows: list[DemoRow], path: Path, num_experts: int) -> None:
     quality.set_ylabel("fraction")
     quality.set_ylim(0, 1.12)
     quality.grid(alpha=0.3)
-    quality.legend(fontsize=8, loc="lower right")
+    quality.legend(fontsize=7, loc="best")
     quality.set_title("quality")
     fig.suptitle("moespec tiny MoE: expert budget against speed and quality")
     fig.tight_layout()
@@ -288,6 +304,7 @@ def main(argv=None) -> int:
         rows.append(row)
         _say(format_row(row))
 
+    _say("\n" + verdict(rows))
     _say("\n" + COLUMNS.format(e=e))
     warning = load_warning() or warning
     if warning:

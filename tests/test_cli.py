@@ -170,3 +170,31 @@ def test_summarize_events():
     table = format_summary(s)
     assert table.splitlines()[2].split() == ["m.0", "2", "21.0", "7.5", "4-11", "exact,4", "100%"]
     assert summarize_events([])["executions"] == 0 and "block" in format_summary(summarize_events([]))
+
+
+def test_explain_compile_failure_is_one_line(monkeypatch, capsys):
+    """Whatever dynamo raises while explaining (100 lines of it) comes out as one line and exit code 1."""
+    import importlib
+
+    explain_module = importlib.import_module("moe_spec_compile.explain")  # the package's .explain is the function
+    def fails(*args, **kwargs):
+        raise RuntimeError("shape mismatch in scaled_dot_product_attention\n" + "  frame ...\n" * 100)
+
+    monkeypatch.setattr(explain_module, "explain", fails)
+    assert main(["explain", "--config", "Qwen3MoeConfig", "--tokens", "4"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("moespec explain: could not compile and run a small random Qwen3MoeConfig model: "
+                       "RuntimeError: shape mismatch in scaled_dot_product_attention")
+
+
+def test_demo_verdict_and_speedup_ranges():
+    from moe_spec_compile.demo import DemoRow, speedup, verdict
+
+    base = [10.0, 12.0, 11.0]
+    fast = DemoRow("C=8", 8, [20.0, 24.0, 22.0], speedup([20.0, 24.0, 22.0], base))
+    assert fast.speedup == (2.0, 20.0 / 12.0, 24.0 / 10.0)
+    slow = DemoRow("exact", None, [5.0, 6.0, 7.0], speedup([5.0, 6.0, 7.0], base))
+    assert "C=8, 2.00x" in verdict([slow, fast]) and "faster than plain decoding in every repeat" in verdict([fast])
+    assert "slower than plain decoding" in verdict([slow])
+    mixed = DemoRow("C=4", 4, [9.0, 13.0], speedup([9.0, 13.0], base))
+    assert "within the noise" in verdict([mixed])
