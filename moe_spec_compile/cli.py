@@ -82,11 +82,18 @@ def main(argv: list[str] | None = None) -> int:
 
 # --- shared argument types (each raises argparse.ArgumentTypeError: a one-line message, exit 2) ------------
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults after each option's help; description and examples kept as written."""
+
+
 def new_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
-    """A subcommand's parser: the module docstring's first paragraph as description, defaults in --help."""
+    """A subcommand's parser: the module docstring's first paragraph as description, its indented
+    `moespec ...` lines as examples, defaults in --help."""
     description = (doc or "").strip().split("\n\n")[0]
-    return argparse.ArgumentParser(prog=prog, description=description,
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    examples = [line for line in (doc or "").splitlines() if line.strip().startswith(("moespec ", "TRITON_"))]
+    epilog = "examples:\n" + "\n".join(examples) if examples else None
+    return argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
+                                   formatter_class=_HelpFormatter)
 
 
 def positive_int(text: str) -> int:

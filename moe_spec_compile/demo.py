@@ -6,6 +6,9 @@ arguments (checked first) -> load_tiny() -> explain table -> warm-up (compiles e
 with each budget C, each row printed as it finishes (tokens/s over repeats, speedup over the baseline,
 accepted length, experts per layer per verify, agreement with the exact output, held-out quality under C)
 -> a PNG with speed beside quality, and the rows as JSON
+
+    moespec demo                    # about 2 minutes on an idle 2-core CPU
+    moespec demo --quick --budgets 4,8,16
 """
 
 from __future__ import annotations

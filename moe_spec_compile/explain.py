@@ -68,7 +68,10 @@ def main(argv=None) -> int:
     from .cli import check_device, config_class, model_dir, new_parser, positive_int, quiet_loading
 
     p = new_parser("moespec explain", "Which MoE blocks the moespec backend finds in a model, which it rewrites "
-                   "(budgeted routing, fused experts) and why it declines the others.\n\n")
+                   "(budgeted routing, fused experts) and why it declines the others.\n\n"
+                   "    moespec explain                            # the bundled tiny target\n"
+                   "    moespec explain --config DeepseekV3Config  # a small random model of that family\n"
+                   "    moespec explain --model path/to/checkpoint --experts-implementation eager\n")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", type=model_dir, metavar="PATH", help="a local checkpoint directory "
                      "(default: the bundled tiny target)")
