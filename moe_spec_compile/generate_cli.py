@@ -12,6 +12,7 @@ tree, budget) -> the prompt with its continuation, tokens/s and the decoding sta
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -129,10 +130,7 @@ def _load(args):
     if args.model:
         with quiet_loading():
             target = transformers.AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True).eval()
-            try:
-                tokenizer = transformers.AutoTokenizer.from_pretrained(args.model, local_files_only=True)
-            except (OSError, ValueError):
-                tokenizer = None
+            tokenizer = _tokenizer(args.model)
         return target, None, tokenizer, f"the checkpoint in {args.model}"
     bundled = _bundled()
     if bundled is None:
@@ -140,6 +138,19 @@ def _load(args):
         return target, draft, None, "a random Qwen3-MoE (the bundled checkpoints are missing)"
     target, draft, tokenizer = bundled
     return target, draft, tokenizer, "the bundled tiny Qwen3-MoE"
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def _tokenizer(path: str):
+    """The checkpoint's own tokenizer, or None when the directory holds none (never a guessed one)."""
+    if not any(os.path.isfile(os.path.join(path, name)) for name in TOKENIZER_FILES):
+        return None
+    try:
+        return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError):
+        return None
 
 
 def _prompt_ids(args, tokenizer, vocab: int) -> list[int]:

@@ -198,3 +198,14 @@ def test_demo_verdict_and_speedup_ranges():
     assert "slower than plain decoding" in verdict([slow])
     mixed = DemoRow("C=4", 4, [9.0, 13.0], speedup([9.0, 13.0], base))
     assert "within the noise" in verdict([mixed])
+
+
+@pytest.mark.skipif(not BUNDLED, reason="no bundled checkpoints")
+def test_generate_from_checkpoint_directories(capsys):
+    """--model PATH / --draft PATH: local directories; without tokenizer files the ids are the output."""
+    argv = ["generate", "--model", str(HERE / "target"), "--draft", str(HERE / "draft"), "--prompt-ids", "5,6,7",
+            "--tree", "4", "--max-new-tokens", "6", "--no-compile", "--json"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["drafter"] == "model" and out["text"] is None and len(out["new_token_ids"]) == 6
+    assert out["model"] == f"the checkpoint in {HERE / 'target'}"
