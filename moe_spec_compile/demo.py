@@ -273,7 +273,9 @@ def main(argv=None) -> int:
                                  compile=True, compile_options=options, budget_buckets=buckets)
     scorer = _compiled(target, options)
     budgets = [None] + list(args.budgets)
-    steps = tqdm(total=1 + len(budgets), desc="warm-up: compiling the verify passes", leave=False, file=sys.stderr)
+    print("warm-up: compiling the verify passes, untimed ...", file=sys.stderr, flush=True)
+    steps = tqdm(total=1 + len(budgets), desc="warm-up: compiling the verify passes", leave=False,
+                 file=sys.stderr, disable=None)  # no bar where stderr is not a terminal
     for c in budgets:  # untimed: compiles every (tree size, budget) bucket the timed runs will meet
         speculative_run(decoder, prompts[:1], c, args.new_tokens)
         steps.update()
