@@ -7,7 +7,7 @@ with each budget C, each row printed as it finishes (tokens/s over repeats, spee
 accepted length, experts per layer per verify, agreement with the exact output, held-out quality under C)
 -> a PNG with speed beside quality, and the rows as JSON
 
-    moespec demo                    # about 2 minutes on an idle 2-core CPU
+    moespec demo                    # budgets 4,6,8,12,16 against the exact run and plain decoding
     moespec demo --quick --budgets 4,8,16
 """
 
