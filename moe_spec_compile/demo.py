@@ -176,7 +176,7 @@ def auto_decoder(target, drafter, policy, options):
 
 # --- the plot -------------------------------------------------------------------------------------
 
-def plot(rows: list[DemoRow], path: Path, num_experts: int) -> None:
+def plot(rows: list[DemoRow], path: Path, num_experts: int, unreliable: bool = False) -> None:
     """Left: speedup over plain decoding with its range; right: quality; both against experts loaded."""
     import matplotlib
 
@@ -198,7 +198,7 @@ def plot(rows: list[DemoRow], path: Path, num_experts: int) -> None:
     speed.set_ylabel("speedup over plain decoding")
     speed.grid(alpha=0.3)
     speed.legend(fontsize=8)
-    speed.set_title("speed")
+    speed.set_title("speed (machine loaded: timings unreliable)" if unreliable else "speed")
     quality.plot(xs, [r.heldout_accuracy for r in rows], "o-", label="held-out next-token accuracy")
     quality.plot(xs, [r.heldout_agreement for r in rows], "^-", label="held-out argmax equal to the exact pass's")
     quality.plot(xs, [r.agreement for r in rows], "s-", label="greedy output equal to the exact one, by position")
@@ -317,7 +317,7 @@ def main(argv=None) -> int:
     if warning:
         _say("\n" + warning)
     out = Path(args.out)
-    plot(rows, out / "speed_and_quality.png", e)
+    plot(rows, out / "speed_and_quality.png", e, unreliable=warning is not None)
     budget_rows = [r.as_dict() for r in rows if r.budget != "auto"]
     (out / "rows.json").write_text(json.dumps(budget_rows, indent=2) + "\n")
     (out / "summary.json").write_text(json.dumps({"baseline": base.as_dict(), "rows": [r.as_dict() for r in rows],
