@@ -7,7 +7,7 @@ STAMP := $(VENV)/.moespec-installed
 TORCH_PIN := torch==2.13.0
 JOBS ?= 2
 
-.PHONY: setup demo test test-quick bench lint clean
+.PHONY: setup demo test test-quick bench gpu-check lint clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,13 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(VPY) benchmarks/bench_budget_cpu.py
+
+# The GPU check (benchmarks/README.md): results to $$OUT when set, and to benchmarks/results/gpu/. No set-up
+# step: a lent device has no network; install the checkout there with `pip install --no-deps
+# --no-build-isolation -e .` first. GPU_PY: .venv's python where it exists, else the python on PATH.
+GPU_PY ?= $(if $(wildcard $(VPY)),$(VPY),python)
+gpu-check:
+	$(GPU_PY) -P benchmarks/gpu_suite.py --out $${OUT:-benchmarks/results/gpu} $(GPU_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,5 +1,6 @@
 """How close do the Triton fused experts come to reading expert weights at copy bandwidth, and how much
-faster are they than transformers' experts implementations (grouped_mm, batched_mm, the eager loop)?
+faster are they than torch's grouped GEMM and transformers' experts implementations (grouped_mm,
+batched_mm, the eager loop)?
 
 model shape x T x budget C -> random budgeted routing -> median us per implementation (CUDA graphs where
 they capture) -> expert-weight bytes / us against the measured copy bandwidth -> benchmarks/results/
@@ -33,13 +34,12 @@ import triton  # noqa: E402
 from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts  # noqa: E402
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts  # noqa: E402
 
-from moe_spec_compile.kernels import fused_experts  # noqa: E402
-from moe_spec_compile.kernels.tune import MODEL_SHAPES, expert_weights, random_routing, time_us  # noqa: E402
+from moe_spec_compile.kernels.tune import MODEL_SHAPES, expert_weights, graphed, random_routing, time_us  # noqa: E402,E501
 from moe_spec_compile.ops import fused_experts_torch  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TOKENS = (1, 4, 16, 32, 64, 128, 256)
-BASELINES = ("grouped_mm", "batched_mm", "eager")
+BASELINES = ("torch_grouped_mm", "grouped_mm", "batched_mm", "eager")
 SMOKE_SHAPES = {"tiny": (8, 64, 32, 2, "silu", False), "tiny-gpt-oss": (8, 48, 32, 2, "swiglu_clamp", True)}
 
 
@@ -71,24 +71,43 @@ def baseline_module(e, h, i, gpt_oss, wgu, wd, bgu, bd):
     return mod.eval()
 
 
-def _graphed(fn, try_graph=True):
-    """(callable, "graph") replaying fn in a CUDA graph, or (fn, "eager") where it does not capture."""
-    if not (try_graph and torch.cuda.is_available()):
-        return fn, "eager"
-    try:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        return graph.replay, "graph"
-    except Exception:  # host syncs (the eager loop's nonzero), dynamic shapes
-        torch.cuda.synchronize()
-        return fn, "eager"
+def grouped_mm_op():
+    """torch's grouped GEMM (F.grouped_mm, else torch._grouped_mm), or None where this torch has neither."""
+    return getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def _act(gate_up, activation: str, interleaved: bool, alpha: float = 1.702, limit: float = 7.0):
+    """[n, 2I] -> [n, I]: silu(gate) * up, or GPT-OSS's clamped SwiGLU on interleaved rows. Written here
+    rather than imported, so the baseline shares no code with what it is measured against."""
+    gate, up = (gate_up[:, 0::2], gate_up[:, 1::2]) if interleaved else gate_up.chunk(2, dim=-1)
+    if activation == "silu":
+        return torch.nn.functional.silu(gate) * up
+    if activation == "swiglu_clamp":
+        gate, up = gate.clamp(max=limit), up.clamp(min=-limit, max=limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+    raise ValueError(f"the torch grouped-GEMM baseline has no activation {activation!r}")
+
+
+def torch_grouped_experts(x, ids, tw, wgu, wd, activation, bgu, bd, interleaved):
+    """The experts on torch's grouped GEMM alone: sort (token, slot) pairs by expert -> grouped gate_up
+    GEMM -> act -> grouped down GEMM -> weight and sum over slots. ids [T, k] must hold no -1 slot."""
+    t, k = ids.shape
+    e = wgu.shape[0]
+    gmm = grouped_mm_op()
+    flat = ids.reshape(-1).long()  # [T*k]
+    order = torch.argsort(flat, stable=True)  # [T*k] pairs grouped by expert
+    counts = torch.zeros(e, dtype=torch.long, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))  # [E]
+    offs = torch.cumsum(counts, 0).to(torch.int32)  # [E] group ends (no host sync: capturable)
+    xs = x[order // k]  # [T*k, H]
+    gate_up = gmm(xs, wgu.transpose(1, 2), offs=offs)  # [T*k, 2I]
+    if bgu is not None:
+        gate_up = gate_up + bgu[flat[order]]
+    act = _act(gate_up, activation, interleaved).to(x.dtype)  # [T*k, I]
+    y = gmm(act, wd.transpose(1, 2), offs=offs)  # [T*k, H]
+    if bd is not None:
+        y = y + bd[flat[order]]
+    y = y * tw.reshape(-1)[order, None]
+    return torch.zeros_like(y).index_copy_(0, order, y).view(t, k, -1).sum(1)  # [T, H]
 
 
 def _fits(t, k, h, i, elem, device) -> bool:
@@ -99,7 +118,9 @@ def _fits(t, k, h, i, elem, device) -> bool:
     return t * k * 3 * h * i * elem < 0.6 * free
 
 
-def bench_case(name, shape, t, c, dtype, device, reps, weights, check):
+def bench_case(name, shape, t, c, dtype, device, reps, weights, check, baselines=BASELINES):
+    """One (model, T, C) case: a row per implementation (median, p10, p90 us; bytes of the experts read).
+    A baseline that is missing here or fails gets a row with `error` instead of timings."""
     e, h, i, k, activation, gpt_oss = shape
     wgu, wd, bgu, bd, module = weights
     gen = torch.Generator().manual_seed(t * 1000 + c)
@@ -111,9 +132,16 @@ def bench_case(name, shape, t, c, dtype, device, reps, weights, check):
         (bgu.numel() + bd.numel()) // e * bgu.element_size() if bgu is not None else 0)
     weight_bytes = loaded * per_expert
     args = (x, ids, tw, wgu, wd, activation, bgu, bd, gpt_oss)
-    impls = {"moespec": lambda: fused_experts(*args)}
-    for impl in BASELINES:
+    impls = {"moespec": lambda: torch.ops.moespec.fused_experts(*args, impl="triton")}  # the public op
+    errors = {}
+    for impl in baselines:
         if impl == "batched_mm" and not _fits(t, k, h, i, wgu.element_size(), device):
+            continue
+        if impl == "torch_grouped_mm":
+            if grouped_mm_op() is None:
+                errors[impl] = "unavailable (no torch.nn.functional.grouped_mm or torch._grouped_mm)"
+            else:
+                impls[impl] = lambda: torch_grouped_experts(*args)
             continue
 
         def run(impl=impl):
@@ -121,44 +149,60 @@ def bench_case(name, shape, t, c, dtype, device, reps, weights, check):
             return module(x, ids.long(), tw)
 
         impls[impl] = run
-    if check:
-        ref = fused_experts_torch(*args).float()
-        for impl, fn in impls.items():
-            err = (fn().float() - ref).abs().max().item()
-            scale = ref.abs().max().item() + 1e-6
-            if err > 5e-2 * scale:
-                raise AssertionError(f"{name} T={t} C={c} {impl}: max error {err:.3g} vs reference scale {scale:.3g}")
+    ref = fused_experts_torch(*args).float() if check else None
     rows = []
     for impl, fn in impls.items():
-        with torch.no_grad():
-            timed, mode = _graphed(fn, try_graph=impl != "eager")  # the eager loop syncs on nonzero()
-            us = time_us(timed, reps=reps, warmup=2)
+        base = dict(model=name, T=t, k=k, C=c, E=e, H=h, I=i, impl=impl, experts_loaded=loaded,
+                    weight_bytes=weight_bytes)
+        try:
+            with torch.no_grad():
+                if ref is not None:
+                    _check_close(fn(), ref, f"{name} T={t} C={c} {impl}")
+                timed, mode = graphed(fn, device, try_graph=impl != "eager")  # the eager loop syncs on nonzero()
+                us = time_us(timed, reps=reps, warmup=2)
+        except Exception as err:  # ours failing is the finding; a baseline failing only loses its column
+            if impl == "moespec":
+                raise
+            rows.append(dict(base, error=f"{type(err).__name__}: {err}"[:300]))
+            continue
         med = statistics.median(us)
-        rows.append(dict(model=name, T=t, k=k, C=c, E=e, H=h, I=i, impl=impl, mode=mode, median_us=med,
-                         p10_us=_quantile(us, 0.1), p90_us=_quantile(us, 0.9), experts_loaded=loaded,
-                         weight_bytes=weight_bytes, weight_bytes_per_us=weight_bytes / med))
+        rows.append(dict(base, mode=mode, median_us=med, p10_us=quantile(us, 0.1), p90_us=quantile(us, 0.9),
+                         weight_bytes_per_us=weight_bytes / med))
+    rows += [dict(model=name, T=t, k=k, C=c, E=e, H=h, I=i, impl=impl, error=msg) for impl, msg in errors.items()]
     return rows
 
 
-def _quantile(xs, q):
+def _check_close(out, ref, what):
+    err = (out.float() - ref).abs().max().item()
+    scale = ref.abs().max().item() + 1e-6
+    if err > 5e-2 * scale:
+        raise AssertionError(f"{what}: max error {err:.3g} vs reference scale {scale:.3g}")
+
+
+def quantile(xs, q):
+    """The q-quantile of xs (nearest rank, no interpolation)."""
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
-def _summarize(rows, copy_bw):
-    """moespec rows gain the fraction of copy bandwidth and the ratio to each baseline (>1: faster)."""
+def summarize(rows, copy_bw):
+    """moespec rows gain the copy-bandwidth floor (us), the fraction of copy bandwidth achieved, the speedup
+    over each baseline (> 1: ours faster) and ours / the best baseline's time (< 1: ours faster)."""
     by_case = {}
     for r in rows:
         by_case.setdefault((r["model"], r["T"], r["C"]), {})[r["impl"]] = r
     for impls in by_case.values():
         ours = impls["moespec"]
+        ours["copy_floor_us"] = ours["weight_bytes"] / copy_bw
         ours["frac_copy_bw"] = ours["weight_bytes_per_us"] / copy_bw
-        for impl, r in impls.items():
-            if impl != "moespec":
-                ours[f"speedup_vs_{impl}"] = r["median_us"] / ours["median_us"]
-        base = [r["median_us"] for impl, r in impls.items() if impl != "moespec"]
-        if base:
-            ours["speedup_vs_best_torch"] = min(base) / ours["median_us"]
+        timed = {impl: r for impl, r in impls.items() if impl != "moespec" and "median_us" in r}
+        for impl, r in timed.items():
+            ours[f"speedup_vs_{impl}"] = r["median_us"] / ours["median_us"]
+        if timed:
+            best = min(timed, key=lambda impl: timed[impl]["median_us"])
+            ours["best_torch"] = best
+            ours["speedup_vs_best_torch"] = timed[best]["median_us"] / ours["median_us"]
+            ours["time_ratio_to_best_torch"] = ours["median_us"] / timed[best]["median_us"]  # < 1: ours faster
     return by_case
 
 
@@ -166,16 +210,23 @@ def _markdown(by_case, meta) -> str:
     lines = [f"# bench_kernels: {meta['device']}, {meta['date']}", "",
              f"torch {meta['torch']}, triton {meta['triton']}, transformers {meta['transformers']}, "
              f"dtype {meta['dtype']}, copy bandwidth {meta['copy_bytes_per_us'] / 1e3:.0f} GB/s", "",
-             "| model | T | C | experts | moespec us | % copy bw | grouped_mm us | batched_mm us | eager us | "
-             "x best torch |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for (model, t, c), impls in by_case.items():
-        ours = impls["moespec"]
-        cell = lambda impl, impls=impls: f"{impls[impl]['median_us']:.1f}" if impl in impls else "-"
-        best = ours.get("speedup_vs_best_torch")
-        lines.append(f"| {model} | {t} | {c} | {ours['experts_loaded']} | {ours['median_us']:.1f} | "
-                     f"{100 * ours['frac_copy_bw']:.0f} | {cell('grouped_mm')} | {cell('batched_mm')} | "
-                     f"{cell('eager')} | {f'{best:.2f}' if best else '-'} |")
+             *TABLE_HEADER]
+    lines += [markdown_row(impls) for impls in by_case.values()]
     return "\n".join(lines) + "\n"
+
+
+TABLE_HEADER = ("| model | T | C | experts | moespec us | copy floor us | % copy bw | torch grouped_mm us | "
+                "grouped_mm us | batched_mm us | eager us | x best torch |", "|---" * 12 + "|")
+
+
+def markdown_row(impls) -> str:
+    """One case: ours, the floor, each baseline (us; '-' where absent or failed), ours vs the best."""
+    ours = impls["moespec"]
+    cell = lambda impl: f"{impls[impl]['median_us']:.1f}" if "median_us" in impls.get(impl, {}) else "-"
+    best = ours.get("speedup_vs_best_torch")
+    return (f"| {ours['model']} | {ours['T']} | {ours['C']} | {ours['experts_loaded']} | {ours['median_us']:.1f} | "
+            f"{ours['copy_floor_us']:.1f} | {100 * ours['frac_copy_bw']:.0f} | {cell('torch_grouped_mm')} | "
+            f"{cell('grouped_mm')} | {cell('batched_mm')} | {cell('eager')} | {f'{best:.2f}' if best else '-'} |")
 
 
 def main(argv=None) -> int:
@@ -217,12 +268,12 @@ def main(argv=None) -> int:
                 rows += case
                 ours = case[0]
                 print(f"{name:14s} T={t:4d} C={c:4d} experts={ours['experts_loaded']:4d} "
-                      + " ".join(f"{r['impl']}={r['median_us']:.1f}us" for r in case), flush=True)
+                      + " ".join(f"{r['impl']}={r['median_us']:.1f}us" for r in case if "median_us" in r), flush=True)
         del weights, wgu, wd, bgu, bd
         if cuda:
             torch.cuda.empty_cache()
 
-    by_case = _summarize(rows, copy_bw)
+    by_case = summarize(rows, copy_bw)
     meta = dict(device=torch.cuda.get_device_name(device) if cuda else f"cpu ({platform.processor() or 'unknown'}), "
                 "TRITON_INTERPRET=1", date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 torch=torch.__version__, triton=triton.__version__, transformers=transformers.__version__,

@@ -52,7 +52,19 @@ def timed(fn, repeats: int, device) -> tuple[float, float, float, object]:
 
 
 def throughput(args, target, draft, prompt, device) -> list[dict]:
-    rows = []
+    """tok/s of transformers' generate, the decoder with tree=0, then every (tree, drafter) over budgets."""
+    rows = [generate_row(args, target, prompt, device)]
+    cases = [("autoregressive (decoder, tree=0)", 0, "none", [None])]
+    for tree in args.trees:
+        for drafter in args.drafters:
+            cases.append(("speculative", tree, drafter, [None, *args.budgets]))
+    for mode, tree, drafter_name, budgets in cases:
+        rows += decoder_rows(args, target, draft, prompt, device, mode, tree, drafter_name, budgets)
+    return rows
+
+
+def generate_row(args, target, prompt, device) -> dict:
+    """The baseline: transformers' generate, greedy, eager."""
     n = args.max_new_tokens
 
     def hf():
@@ -60,30 +72,30 @@ def throughput(args, target, draft, prompt, device) -> list[dict]:
                                eos_token_id=None, pad_token_id=0)
 
     med, lo, hi, _ = timed(hf, args.repeats, device)
-    rows.append({"mode": "autoregressive (transformers generate, eager)", "tree": "-", "drafter": "-",
-                 "budget": None, "tok_s": n / med, "tok_s_range": [n / hi, n / lo], "tokens_per_step": 1.0})
-    opts = {"inner": args.inner}
-    cases = [("autoregressive (decoder, tree=0)", 0, "none", [None])]
-    for tree in args.trees:
-        for drafter in args.drafters:
-            cases.append(("speculative", tree, drafter, [None, *args.budgets]))
-    for mode, tree, drafter_name, budgets in cases:
-        drafter = {"model": lambda: msc.ModelDrafter(draft), "ngram": lambda: msc.NgramDrafter(),
-                   "self": lambda: msc.ModelDrafter(target), "none": lambda: msc.NgramDrafter()}[drafter_name]()
-        torch._dynamo.reset()  # fresh compile caches: every decoder compiles the same forward
-        dec = msc.SpeculativeDecoder(target, drafter=drafter, tree=tree, compile=not args.no_compile,
-                                     compile_options=opts, collect_expert_stats=False)
-        for c in budgets:  # warm-up over every budget: a dynamic tree meets new size buckets in later steps
-            dec.generate(prompt, max_new_tokens=n, eos_token_id=None, budget=c)
-        for c in budgets:
-            run = lambda c=c, d=dec: d.generate(prompt, max_new_tokens=n, eos_token_id=None, budget=c)
-            med, lo, hi, out = timed(run, args.repeats, device)
-            s = out.stats
-            rows.append({"mode": mode, "tree": str(tree), "drafter": drafter_name, "budget": c, "tok_s": n / med,
-                         "tok_s_range": [n / hi, n / lo], "tokens_per_step": round(s.tokens_per_step, 3),
-                         "time_split_s": {k: round(v, 4) for k, v in s.summary()["time_s"].items()}})
-            print(f"{mode:<34} tree {str(tree):<38} {drafter_name:<6} budget {str(c):>4}: "
-                  f"{n / med:8.1f} tok/s  {s.tokens_per_step:.2f} tok/step", flush=True)
+    return {"mode": "autoregressive (transformers generate, eager)", "tree": "-", "drafter": "-",
+            "budget": None, "tok_s": n / med, "tok_s_range": [n / hi, n / lo], "tokens_per_step": 1.0}
+
+
+def decoder_rows(args, target, draft, prompt, device, mode, tree, drafter_name, budgets) -> list[dict]:
+    """One SpeculativeDecoder (compiled afresh), warmed up over every budget, then timed per budget."""
+    n = args.max_new_tokens
+    drafter = {"model": lambda: msc.ModelDrafter(draft), "ngram": lambda: msc.NgramDrafter(),
+               "self": lambda: msc.ModelDrafter(target), "none": lambda: msc.NgramDrafter()}[drafter_name]()
+    torch._dynamo.reset()  # fresh compile caches: every decoder compiles the same forward
+    dec = msc.SpeculativeDecoder(target, drafter=drafter, tree=tree, compile=not args.no_compile,
+                                 compile_options={"inner": args.inner}, collect_expert_stats=False)
+    for c in budgets:  # warm-up over every budget: a dynamic tree meets new size buckets in later steps
+        dec.generate(prompt, max_new_tokens=n, eos_token_id=None, budget=c)
+    rows = []
+    for c in budgets:
+        run = lambda c=c, d=dec: d.generate(prompt, max_new_tokens=n, eos_token_id=None, budget=c)
+        med, lo, hi, out = timed(run, args.repeats, device)
+        s = out.stats
+        rows.append({"mode": mode, "tree": str(tree), "drafter": drafter_name, "budget": c, "tok_s": n / med,
+                     "tok_s_range": [n / hi, n / lo], "tokens_per_step": round(s.tokens_per_step, 3),
+                     "time_split_s": {k: round(v, 4) for k, v in s.summary()["time_s"].items()}})
+        print(f"{mode:<34} tree {str(tree):<38} {drafter_name:<6} budget {str(c):>4}: "
+              f"{n / med:8.1f} tok/s  {s.tokens_per_step:.2f} tok/step", flush=True)
     return rows
 
 

@@ -3,6 +3,7 @@
 shape + token counts -> random budgeted routing -> time every candidate of _configs() -> best per T
                      -> kernels/configs/E=..,H=..,I=..,dtype=..,device=...json (config.py reads it)
 
+    moespec tune --shapes olmoe,qwen3,mixtral,gpt_oss       # on a GPU: four tables in one time-boxed call
     moespec tune --model qwen3-30b-a3b                      # on a GPU: every bucket, full search
     moespec tune --shape 128,2048,768 --k 8 --tokens 1,16,64 --budget 32
     TRITON_INTERPRET=1 moespec tune --shape 6,32,16 --k 2 --tokens 1,8 --dtype float32 --max-configs 2 --out /tmp/t
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import random
 import statistics
 import sys
 import time
@@ -23,7 +25,8 @@ import triton
 from . import config as kconfig
 from .fused_moe import _configs, _default_config, _interpreted, _num_sms, fused_experts
 
-__all__ = ["MODEL_SHAPES", "TOKEN_BUCKETS", "random_routing", "expert_weights", "time_us", "tune_shape", "main"]
+__all__ = ["MODEL_SHAPES", "SHAPE_ALIASES", "TOKEN_BUCKETS", "VERIFY_TOKENS", "random_routing", "expert_weights",
+           "time_us", "graphed", "tune_shape", "tune_shapes", "parse_shapes", "main"]
 
 # name: (E, H, I, k, activation, interleaved and biased and stored transposed like GPT-OSS)
 MODEL_SHAPES = {
@@ -33,7 +36,10 @@ MODEL_SHAPES = {
     "deepseek-v3": (256, 7168, 2048, 8, "silu", False),
     "gpt-oss-20b": (32, 2880, 2880, 4, "swiglu_clamp", True),
 }
+SHAPE_ALIASES = {"olmoe": "olmoe-1b-7b", "qwen3": "qwen3-30b-a3b", "mixtral": "mixtral-8x7b", "gpt_oss": "gpt-oss-20b",
+                 "deepseek": "deepseek-v3"}
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+VERIFY_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # --shapes: the verify passes' sizes, one table per shape
 
 
 def random_routing(t: int, k: int, e: int, budget: int, gen: torch.Generator, device="cpu"):
@@ -83,33 +89,65 @@ def time_us(fn, reps: int = 50, warmup: int = 5) -> list[float]:
     return times
 
 
+def graphed(fn, device, try_graph: bool = True):
+    """(callable, "graph") replaying fn from a CUDA graph, or (fn, "eager") off CUDA or where fn does not
+    capture (host syncs, data-dependent shapes). Verify passes replay graphs, so their timings leave out
+    the launch overhead that an eager call would add."""
+    if not (try_graph and torch.device(device).type == "cuda"):
+        return fn, "eager"
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up off the capture stream: compiles, allocates workspaces
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return graph.replay, "graph"
+    except Exception:  # host syncs (transformers' eager loop calls nonzero()), dynamic shapes
+        torch.cuda.synchronize()
+        return fn, "eager"
+
+
 def _candidates(t: int, k: int, e: int, h: int, i: int, dtype, device, max_configs: int | None):
     """The defaults first, then _configs() without M tiles far larger than the pairs per expert."""
     default = _default_config(t, k, e, h, i, dtype, _num_sms(device))
     per_expert = t * k / max(1, min(e, t * k))
     cands = [c for c in _configs(dtype) if c["BLOCK_M"] <= max(16, 2 * triton.next_power_of_2(int(per_expert)))]
-    cands = [default] + [c for c in cands if c != default]
+    cands = [c for c in cands if c != default]
+    random.Random(0).shuffle(cands)  # a search cut short by a time box still samples the whole space
+    cands = [default] + cands
     if max_configs is not None and len(cands) > max_configs:
-        step = len(cands) / max_configs
-        cands = [cands[int(j * step)] for j in range(max_configs)]
+        cands = cands[:max_configs]
     return cands
 
 
 def tune_shape(e, h, i, k, tokens, dtype, device, budget=None, activation="silu", gpt_oss=False,
-               max_configs=None, reps=20, log=print) -> dict[int, dict[str, int]]:
-    """{T: fastest config} over the candidates, timed on random routing with `budget` experts."""
+               max_configs=None, reps=20, log=print, deadline=None, info=None) -> dict[int, dict[str, int]]:
+    """{T: fastest config} over the candidates, timed on random routing with `budget` experts.
+
+    deadline (time.monotonic): each T gets an equal share of the time left and stops timing candidates
+    when its share is spent (the defaults, timed first, always count). info, when given, receives
+    {T: {"us": best median us, "timed": candidates timed}}."""
     wgu, wd, bgu, bd = expert_weights(e, h, i, dtype, device, gpt_oss)
     gen = torch.Generator().manual_seed(0)
     table = {}
-    for t in tokens:
+    for index, t in enumerate(tokens):
         x = torch.randn(t, h, generator=gen).to(device=device, dtype=dtype)
         ids, tw = random_routing(t, k, e, budget or e, gen, device)
-        best = None
+        best, timed = None, 0
+        share = None if deadline is None else time.monotonic() + (deadline - time.monotonic()) / (len(tokens) - index)
         for cfg in _candidates(t, k, e, h, i, dtype, device, max_configs):
+            if share is not None and best is not None and time.monotonic() > share:
+                break
+            timed += 1
             args = (x, ids, tw, wgu, wd, activation, bgu, bd, gpt_oss)
             run = lambda args=args, cfg=cfg: fused_experts(*args, config=cfg)
             try:
-                us = statistics.median(time_us(run, reps=reps, warmup=2))
+                replay, _ = graphed(run, device)
+                us = statistics.median(time_us(replay, reps=reps, warmup=2))
             except Exception as err:  # a config the device cannot run (shared memory, registers)
                 log(f"  T={t} skip {cfg}: {type(err).__name__}")
                 continue
@@ -117,9 +155,53 @@ def tune_shape(e, h, i, k, tokens, dtype, device, budget=None, activation="silu"
                 best = (us, cfg)
         if best is None:
             raise RuntimeError(f"no configuration ran for T={t}")
-        log(f"T={t:4d} {best[0]:10.1f} us  {best[1]}")
+        log(f"T={t:4d} {best[0]:10.1f} us  {best[1]}  ({timed} timed)")
         table[t] = best[1]
+        if info is not None:
+            info[t] = {"us": round(best[0], 2), "timed": timed}
     return table
+
+
+def parse_shapes(text: str) -> dict[str, tuple]:
+    """'olmoe,qwen3,mixtral,gpt_oss' (aliases or MODEL_SHAPES names) -> {name: shape}."""
+    out = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name = SHAPE_ALIASES.get(item, item)
+        if name not in MODEL_SHAPES:
+            raise ValueError(f"--shapes: unknown shape {item!r}; expected names of {sorted(MODEL_SHAPES)} or "
+                             f"aliases {sorted(SHAPE_ALIASES)}")
+        out[name] = MODEL_SHAPES[name]
+    if not out:
+        raise ValueError("--shapes: name at least one shape")
+    return out
+
+
+def tune_shapes(shapes: dict, tokens, dtype, device, out: Path, time_limit: float | None, budget=None,
+                max_configs=None, reps=20, log=print) -> list[Path]:
+    """One table per shape {name: (E, H, I, k, activation, gpt_oss)} in `out`, all within time_limit seconds
+    (each shape an equal share of the time left; None: no limit); each table is written as soon as it is done."""
+    deadline = None if time_limit is None else time.monotonic() + time_limit
+    name = kconfig.device_name(device)
+    paths = []
+    for index, (model, (e, h, i, k, activation, gpt_oss)) in enumerate(shapes.items()):
+        share = None if deadline is None else time.monotonic() + (deadline - time.monotonic()) / (len(shapes) - index)
+        log(f"tuning {model}: E={e} H={h} I={i} k={k} {dtype} on {name}"
+            + ("" if share is None else f", for {share - time.monotonic():.0f} s"))
+        info: dict = {}
+        table = tune_shape(e, h, i, k, tokens, dtype, device, budget, activation, gpt_oss, max_configs, reps, log,
+                           deadline=share, info=info)
+        path = kconfig.table_path(name, e, h, i, dtype, out)
+        kconfig.write_table(path, table, _table_meta(name, e, h, i, k, dtype, budget, model=model, timings=info,
+                                                     time_limit_s=time_limit))
+        log(f"wrote {path}")
+        paths.append(path)
+    return paths
+
+
+def _table_meta(device_name, e, h, i, k, dtype, budget, **extra) -> dict:
+    return dict(device=device_name, E=e, H=h, I=i, k=k, dtype=str(dtype).removeprefix("torch."), budget=budget or e,
+                torch=torch.__version__, triton=triton.__version__,
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **extra)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -127,8 +209,12 @@ def _parser() -> argparse.ArgumentParser:
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--model", choices=sorted(MODEL_SHAPES), help="a model's expert shape")
     what.add_argument("--shape", help="E,H,I")
+    what.add_argument("--shapes", help=f"several models' shapes, e.g. olmoe,qwen3,mixtral,gpt_oss (aliases: "
+                                       f"{SHAPE_ALIASES}); one table each, within --time-limit")
     p.add_argument("--k", type=int, help="top-k (default: the model's, else 8)")
-    p.add_argument("--tokens", default=",".join(map(str, TOKEN_BUCKETS)), help="token counts to tune")
+    p.add_argument("--tokens", help=f"token counts to tune (default: {','.join(map(str, TOKEN_BUCKETS))}; "
+                                    f"with --shapes {','.join(map(str, VERIFY_TOKENS))})")
+    p.add_argument("--time-limit", type=float, help="seconds for the whole call (default: none; --shapes: 450)")
     p.add_argument("--budget", type=int, help="experts the routing may use (default: all E)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--max-configs", type=int, help="time at most this many candidates per token count")
@@ -139,13 +225,17 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.model:
-        e, h, i, k, activation, gpt_oss = MODEL_SHAPES[args.model]
+    if args.time_limit is not None and args.time_limit <= 0:
+        raise ValueError(f"--time-limit must be > 0 seconds, got {args.time_limit}")
+    if args.shapes:
+        shapes = parse_shapes(args.shapes)
+    elif args.model:
+        shapes = {args.model: MODEL_SHAPES[args.model]}
     else:
         e, h, i = (int(v) for v in args.shape.split(","))
-        k, activation, gpt_oss = 8, "silu", False
-    k = min(args.k or k, e)
-    dtype = getattr(torch, args.dtype)
+        shapes = {args.shape: (e, h, i, 8, "silu", False)}
+    if args.k:
+        shapes = {name: (e, h, i, min(args.k, e), *rest) for name, (e, h, i, _, *rest) in shapes.items()}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and not _interpreted():
         print("moespec tune: no CUDA device; set TRITON_INTERPRET=1 to tune tiny shapes on the CPU", file=sys.stderr)
@@ -153,17 +243,11 @@ def main(argv: list[str] | None = None) -> int:
     if kconfig.env_config():
         print(f"moespec tune: unset {kconfig.ENV_VAR}; it would pin every candidate", file=sys.stderr)
         return 2
-    tokens = [int(v) for v in args.tokens.split(",")]
-    name = kconfig.device_name(device)
-    print(f"tuning E={e} H={h} I={i} k={k} {args.dtype} on {name}")
-    table = tune_shape(e, h, i, k, tokens, dtype, device, args.budget, activation, gpt_oss, args.max_configs,
-                       args.reps)
-    path = kconfig.table_path(name, e, h, i, dtype, args.out)
-    meta = dict(device=name, E=e, H=h, I=i, k=k, dtype=args.dtype, budget=args.budget or e,
-                torch=torch.__version__, triton=triton.__version__,
-                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-    kconfig.write_table(path, table, meta)
-    print(f"wrote {path}")
+    tokens = [int(v) for v in args.tokens.split(",")] if args.tokens else list(
+        VERIFY_TOKENS if args.shapes else TOKEN_BUCKETS)
+    time_limit = args.time_limit if args.time_limit is not None else (450.0 if args.shapes else None)
+    tune_shapes(shapes, tokens, getattr(torch, args.dtype), device, args.out, time_limit, args.budget,
+                args.max_configs, args.reps)
     return 0
 
 

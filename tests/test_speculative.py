@@ -175,6 +175,7 @@ def test_ngram_drafter_proposes_continuations():
     assert tree.parents.tolist()[1] == 0 and tree.size <= 7
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_graphs_equal_eager():
     model = build("qwen3_moe")[0].cuda()
