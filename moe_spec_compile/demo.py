@@ -228,7 +228,7 @@ def _parser():
     p.add_argument("--repeats", type=positive_int, default=3, help="timed runs per row (the ranges are over these)")
     p.add_argument("--windows", type=positive_int, default=32, help="held-out 32-token passes scored per row")
     p.add_argument("--out", default="moespec_demo", help="folder for the plot and the JSON rows")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--quick", action="store_true", help="a small, fast run (CI): budgets 4,8, 1 prompt, 12 tokens, "
                    "2 repeats, 4 windows, eager")
     return p

@@ -87,7 +87,7 @@ def _parser():
                    help="the backend's inner compiler (auto: inductor on CUDA, eager on the CPU)")
     p.add_argument("--warmup", type=int, default=0, metavar="N",
                    help="untimed runs first, so the tokens/s leaves out compilation")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--json", action="store_true", help="print one JSON object: text, token ids and stats")
     return p
 
