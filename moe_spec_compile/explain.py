@@ -5,7 +5,6 @@ compile with the moespec backend (eager inner) -> run once under record_experts 
 
 from __future__ import annotations
 
-import argparse
 import functools
 from dataclasses import dataclass, field, replace
 
@@ -65,16 +64,63 @@ def _natural(name: str):
 
 
 def main(argv=None) -> int:
-    """`moespec explain --family qwen3_moe`: the table for a small config-built model."""
+    """`moespec explain [--model PATH | --config NAME]`: the table of MoE blocks found, rewritten or declined."""
+    import sys
+
+    from .cli import check_device, config_class, model_dir, new_parser, positive_int, quiet_loading
+
+    p = new_parser("moespec explain", "Which MoE blocks the moespec backend finds in a model, which it rewrites "
+                   "(budgeted routing, fused experts) and why it declines the others.\n\n"
+                   "    moespec explain                            # the bundled tiny target\n"
+                   "    moespec explain --config DeepseekV3Config  # a small random model of that family\n"
+                   "    moespec explain --model path/to/checkpoint --experts-implementation eager\n")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", type=model_dir, metavar="PATH", help="a local checkpoint directory "
+                     "(default: the bundled tiny target)")
+    src.add_argument("--config", type=config_class, metavar="NAME", help="a transformers config class name, e.g. "
+                     "DeepseekV3Config: a small random model of that family")
+    p.add_argument("--experts-implementation", choices=("grouped_mm", "batched_mm", "eager"), default=None,
+                   help="transformers' experts implementation (default: the model's own)")
+    p.add_argument("--tokens", type=positive_int, default=16, help="length of the random example input")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    args = p.parse_args(argv)
+    check_device(p, args.device)
+    model, source = _load_for_explain(args, quiet_loading)
+    vocab = model.config.get_text_config(decoder=True).vocab_size
+    ids = torch.randint(0, vocab, (1, args.tokens), generator=torch.Generator().manual_seed(0)).to(args.device)
+    print(f"explaining {source} on {args.tokens} random tokens", file=sys.stderr)
+    try:
+        report = explain(model.to(args.device), ids, use_cache=False)
+    except Exception as exc:  # a model dynamo or the passes cannot handle: one line, not a traceback
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        print(f"moespec explain: could not compile and run {source}: {type(exc).__name__}: {first}",
+              file=sys.stderr)
+        return 1
+    print(report.table())
+    return 0
+
+
+def _load_for_explain(args, quiet_loading):
+    """(model, words saying what it is) for --model PATH, --config NAME, or the bundled target."""
     import transformers
 
-    p = argparse.ArgumentParser(prog="moespec explain")
-    p.add_argument("--config", default="Qwen3MoeConfig", help="a transformers config class name")
-    p.add_argument("--experts-implementation", default="grouped_mm")
-    args = p.parse_args(argv)
-    cfg = getattr(transformers, args.config)(vocab_size=128, hidden_size=64, intermediate_size=64,
-                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
-    cfg._experts_implementation = args.experts_implementation
-    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
-    print(explain(model, torch.randint(0, 128, (1, 16))).table())
-    return 0
+    if args.config:
+        from .small_models import build_small
+
+        try:
+            model = build_small(args.config, args.experts_implementation)
+        except Exception as exc:
+            raise SystemExit(f"moespec explain: cannot build a causal LM from {args.config}: "
+                             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+        return model, f"a small random {args.config} model"
+    kwargs = {} if args.experts_implementation is None else {"experts_implementation": args.experts_implementation}
+    if args.model:
+        with quiet_loading():
+            model = transformers.AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True, **kwargs)
+        return model.eval(), f"the checkpoint in {args.model}"
+    from .tiny import HERE
+
+    with quiet_loading():
+        model = transformers.AutoModelForCausalLM.from_pretrained(HERE / "target", local_files_only=True,
+                                                                  dtype=torch.float32, **kwargs)
+    return model.eval(), "the bundled tiny target (no --model or --config given)"

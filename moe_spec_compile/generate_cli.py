@@ -1,21 +1,29 @@
-"""`moespec generate`: speculative decoding on the bundled tiny model, or on a config-built random one.
+"""`moespec generate`: speculative decoding of a prompt on the bundled tiny MoE, a local checkpoint, or a small
+random model built from a transformers config class.
 
-prompt -> tokens -> SpeculativeDecoder(target compiled with backend="moespec", drafter, tree, budget)
-       -> generated text (or ids) and the decoding stats
+arguments (all checked first) -> target + drafter -> SpeculativeDecoder(target compiled with backend="moespec",
+tree, budget) -> the prompt with its continuation, tokens/s and the decoding stats (or --json)
 
-    moespec generate --prompt "Once upon a time" --budget 8 --tree 16,4,4
-    moespec generate --config --prompt-ids 5,17,33 --tree 4 --drafter ngram --budget none
+    moespec generate --prompt "def main(argv):" --budget 8 --tree 16,4,4
+    moespec generate --model path/to/checkpoint --draft path/to/draft --budget 16
+    moespec generate --config Qwen3MoeConfig --prompt-ids 5,17,33 --tree 4 --budget none
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+import os
+import sys
+import time
 
 import torch
 import transformers
 
+from .cli import budget_arg, check_device, config_class, model_dir, new_parser, positive_int, quiet_loading, tree_arg
+
 __all__ = ["main", "config_models", "parse_tree"]
+
+parse_tree = tree_arg  # the old name (benchmarks import it)
 
 
 def config_models(vocab: int = 512, hidden: int = 128, layers: int = 4, experts: int = 32, top_k: int = 4,
@@ -38,96 +46,179 @@ def config_models(vocab: int = 512, hidden: int = 128, layers: int = 4, experts:
     return target, draft
 
 
-def parse_tree(text: str):
-    """'4' -> a chain of 4; '32,5,4' -> TreeSpec(total_tokens=32, depth=5, top_k=4)."""
-    from .speculative import TreeSpec
-
-    parts = [int(x) for x in text.split(",") if x.strip()]
-    if len(parts) == 1:
-        return parts[0]
-    if len(parts) == 3:
-        return TreeSpec(*parts)
-    raise argparse.ArgumentTypeError(f"--tree takes K or TOTAL,DEPTH,TOP_K, got {text!r}")
-
-
-def _parse_budget(text: str):
-    return None if text.lower() in ("none", "exact") else int(text)
-
-
 def _bundled():
-    """(target, draft, tokenizer) from msc.load_tiny(), or None when it is not available."""
+    """(target, draft, tokenizer) from msc.load_tiny(), or None when the bundled files are missing."""
+    from .tiny import load_tiny
+
     try:
-        from .tiny import load_tiny
-    except ImportError:
+        with quiet_loading():
+            got = load_tiny()
+    except FileNotFoundError:
         return None
-    got = load_tiny()
-    if isinstance(got, (tuple, list)):
-        return tuple(got[:3])
-    return got.target, got.draft, getattr(got, "tokenizer", None)
+    return tuple(got[:3])
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="moespec generate", description=__doc__.split("\n")[0])
-    p.add_argument("--prompt", default="Once upon a time", help="text (ids from bytes for config-built models)")
-    p.add_argument("--prompt-ids", default=None, help="comma-separated token ids, instead of --prompt")
-    p.add_argument("--config", action="store_true", help="use a config-built random model, not the bundled one")
-    p.add_argument("--tree", type=parse_tree, default=parse_tree("16,4,4"), help="K (a chain) or TOTAL,DEPTH,TOP_K")
-    p.add_argument("--drafter", choices=["model", "ngram"], default="model")
-    p.add_argument("--budget", type=_parse_budget, default=None, help="experts per layer per verify pass, or none")
-    p.add_argument("--policy", choices=["substitute", "truncate"], default="substitute")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+def _parser():
+    p = new_parser("moespec generate", __doc__)
+    src = p.add_argument_group("model (default: the bundled tiny Qwen3-MoE and its dense draft)")
+    src.add_argument("--model", type=model_dir, metavar="PATH", help="a local checkpoint directory for the target")
+    src.add_argument("--config", type=config_class, metavar="NAME",
+                     help="a transformers config class name: a small random target of that family")
+    src.add_argument("--draft", type=model_dir, metavar="PATH",
+                     help="a local checkpoint directory for the draft model (same tokenizer as the target)")
+    p.add_argument("--prompt", default="def main(argv):", help="the prompt text")
+    p.add_argument("--prompt-ids", default=None, metavar="IDS", help="comma-separated token ids, instead of --prompt")
+    p.add_argument("--drafter", choices=("auto", "model", "ngram"), default="auto",
+                   help="model: the draft model; ngram: prompt lookup; auto: model when there is a draft model")
+    p.add_argument("--tree", type=tree_arg, default="16,4,4",
+                   help="K (a chain of K drafted tokens; 0 = no speculation, plain decoding as a baseline) "
+                        "or TOTAL,DEPTH,TOP_K (a dynamic tree)")
+    p.add_argument("--budget", type=budget_arg, default=None,
+                   help="experts per MoE layer per verify pass (an integer >= 1), or none (exact)")
+    p.add_argument("--policy", choices=("substitute", "truncate"), default="substitute",
+                   help="what a token whose experts fall outside the budget gets")
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
     p.add_argument("--sample", action="store_true", help="sample (default: greedy)")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=1.0, help="with --sample; > 0")
+    p.add_argument("--top-p", type=float, default=1.0, help="with --sample; in (0, 1]")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-compile", action="store_true", help="run the target uncompiled (budgets do not bind)")
-    p.add_argument("--inner", choices=["auto", "eager", "inductor"], default="auto",
+    p.add_argument("--inner", choices=("auto", "eager", "inductor"), default="auto",
                    help="the backend's inner compiler (auto: inductor on CUDA, eager on the CPU)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--json", action="store_true", help="print the stats as JSON")
+    p.add_argument("--warmup", type=int, default=0, metavar="N",
+                   help="untimed runs first, so the tokens/s leaves out compilation")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--json", action="store_true", help="print one JSON object: text, token ids and stats")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    from .speculative import ModelDrafter, NgramDrafter, SpeculativeDecoder
+def _check(p, args) -> None:
+    """Every check that needs no model: one-line errors (exit 2) before anything is loaded."""
+    check_device(p, args.device)
+    if args.model and args.config:
+        p.error("--model PATH and --config NAME both name the target; give one")
+    if args.drafter == "model" and (args.model or args.config) and not args.draft:
+        p.error("--drafter model needs --draft PATH with --model or --config (or use --drafter ngram)")
+    if args.draft and args.drafter == "ngram":
+        p.error("--draft PATH is a draft model; it goes with --drafter model or auto, not ngram")
+    if args.prompt_ids is not None:
+        try:
+            args.prompt_ids = [int(x) for x in args.prompt_ids.split(",") if x.strip()]
+        except ValueError:
+            p.error(f"--prompt-ids: expected comma-separated integers, got {args.prompt_ids!r}")
+        if not args.prompt_ids or min(args.prompt_ids) < 0:
+            p.error("--prompt-ids: give at least one token id, each >= 0")
+    elif not args.prompt:
+        p.error("--prompt: give some text (or --prompt-ids)")
+    if args.sample and not args.temperature > 0:
+        p.error(f"--temperature must be > 0, got {args.temperature}")
+    if args.sample and not 0 < args.top_p <= 1:
+        p.error(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.warmup < 0:
+        p.error(f"--warmup must be >= 0, got {args.warmup}")
+    if args.tree == 0:
+        print("note: --tree 0 drafts nothing: no speculation, plain decoding, one token per target pass (the baseline)",
+              file=sys.stderr)
 
-    args = _parser().parse_args(argv)
-    bundled = None if args.config else _bundled()
+
+def _load(args):
+    """(target, draft or None, tokenizer or None, words describing the target)."""
+    if args.config:
+        from .small_models import build_small
+
+        return build_small(args.config), None, None, f"a small random {args.config} model"
+    if args.model:
+        with quiet_loading():
+            target = transformers.AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True).eval()
+            tokenizer = _tokenizer(args.model)
+        return target, None, tokenizer, f"the checkpoint in {args.model}"
+    bundled = _bundled()
     if bundled is None:
         target, draft = config_models()
-        tokenizer, source = None, "config-built random Qwen3-MoE (no bundled model here)"
-    else:
-        target, draft, tokenizer = bundled
-        source = "bundled tiny model"
-    target, draft = target.to(args.device), draft.to(args.device)
-    vocab = target.config.get_text_config(decoder=True).vocab_size
-    if args.prompt_ids:
-        ids = [int(x) for x in args.prompt_ids.split(",")]
-    elif tokenizer is not None:
-        ids = tokenizer(args.prompt)["input_ids"]
-    else:
-        ids = [b % vocab for b in args.prompt.encode()]
-    input_ids = torch.tensor([ids], device=args.device)
+        return target, draft, None, "a random Qwen3-MoE (the bundled checkpoints are missing)"
+    target, draft, tokenizer = bundled
+    return target, draft, tokenizer, "the bundled tiny Qwen3-MoE"
 
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def _tokenizer(path: str):
+    """The checkpoint's own tokenizer, or None when the directory holds none (never a guessed one)."""
+    if not any(os.path.isfile(os.path.join(path, name)) for name in TOKENIZER_FILES):
+        return None
+    try:
+        return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError):
+        return None
+
+
+def _prompt_ids(args, tokenizer, vocab: int) -> list[int]:
+    if args.prompt_ids is not None:
+        if max(args.prompt_ids) >= vocab:
+            raise SystemExit(f"moespec generate: --prompt-ids: ids must be < the vocabulary size {vocab}")
+        return args.prompt_ids
+    if tokenizer is not None:
+        return tokenizer(args.prompt)["input_ids"]
+    print("note: no tokenizer for this model; the prompt's bytes are the token ids", file=sys.stderr)
+    return [b % vocab for b in args.prompt.encode()]
+
+
+def _decoder(args, target, draft):
+    from .speculative import ModelDrafter, NgramDrafter, SpeculativeDecoder
+
+    if args.draft:
+        with quiet_loading():
+            draft = transformers.AutoModelForCausalLM.from_pretrained(args.draft, local_files_only=True).eval()
+    use_model = args.drafter == "model" or (args.drafter == "auto" and draft is not None)
+    drafter = ModelDrafter(draft.to(args.device)) if use_model else NgramDrafter()
     inner = args.inner if args.inner != "auto" else ("inductor" if args.device.startswith("cuda") else "eager")
-    drafter = ModelDrafter(draft) if args.drafter == "model" else NgramDrafter()
-    dec = SpeculativeDecoder(target, drafter=drafter, tree=args.tree, budget=args.budget, policy=args.policy,
-                             compile=not args.no_compile, compile_options={"inner": inner})
+    try:
+        dec = SpeculativeDecoder(target, drafter=drafter, tree=args.tree, budget=args.budget, policy=args.policy,
+                                 compile=not args.no_compile, compile_options={"inner": inner})
+    except (ValueError, NotImplementedError) as exc:
+        raise SystemExit(f"moespec generate: {exc}") from None
+    return dec, "model" if use_model else "ngram"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = _parser()
+    args = p.parse_args(argv)
+    _check(p, args)
+    print("loading the model ...", file=sys.stderr, flush=True)
+    target, draft, tokenizer, source = _load(args)
+    target = target.to(args.device)
+    vocab = target.config.get_text_config(decoder=True).vocab_size
+    ids = _prompt_ids(args, tokenizer, vocab)
+    dec, drafter = _decoder(args, target, draft)
+    input_ids = torch.tensor([ids], device=args.device)
+    kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
+                  top_p=args.top_p)
+    for i in range(args.warmup):
+        print(f"warm-up run {i + 1}/{args.warmup} (compiles the verify passes) ...", file=sys.stderr, flush=True)
+        dec.generate(input_ids, **kwargs)
+    compiling = "" if args.warmup or args.no_compile else " (the first run compiles: slower)"
+    print(f"generating {args.max_new_tokens} tokens{compiling} ...", file=sys.stderr, flush=True)
     torch.manual_seed(args.seed)
-    out = dec.generate(input_ids, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
-                       temperature=args.temperature, top_p=args.top_p)
+    t0 = time.perf_counter()
+    out = dec.generate(input_ids, **kwargs)
+    seconds = time.perf_counter() - t0
     new = out.sequences[0, len(ids):].tolist()
-    summary = out.stats.summary()
+    text = tokenizer.decode(ids + new) if tokenizer is not None else None
+    new_text = tokenizer.decode(new) if tokenizer is not None else None
+    tokens_per_s = len(new) / max(seconds, 1e-9)
     if args.json:
-        print(json.dumps({"model": source, "new_token_ids": new, **summary}, default=str))
+        print(json.dumps({"model": source, "drafter": drafter, "tree": str(args.tree), "budget": args.budget,
+                          "text": text, "new_text": new_text, "prompt_ids": ids, "new_token_ids": new,
+                          "seconds": round(seconds, 4), "tokens_per_s": round(tokens_per_s, 2),
+                          "stats": out.stats.summary()}, default=str))
         return 0
-    print(f"model: {source}; tree {args.tree}; budget {args.budget}; drafter {args.drafter}")
-    print(tokenizer.decode(new) if tokenizer is not None else f"new token ids: {new}")
-    t = summary["time_s"]
-    print(f"steps {summary['steps']}, tokens per step {summary['tokens_per_step']}, buckets {summary['buckets']}, "
-          f"budget bound in {summary['budget_bound_fraction']} of verify passes")
-    print(f"time: prefill {t['prefill']:.3f}s draft {t['draft']:.3f}s verify {t['verify']:.3f}s "
-          f"accept {t['accept']:.3f}s total {t['total']:.3f}s")
+    print(f"model: {source}; drafter: {drafter}; tree: {args.tree}; budget: {args.budget or 'none (exact)'}")
+    print("-" * 72)
+    print(text if text is not None else f"prompt ids {ids} -> new token ids {new}")
+    print("-" * 72)
+    print(f"{len(new)} new tokens in {seconds:.2f} s: {tokens_per_s:.1f} tokens/s{compiling}")
+    print(out.stats)
     return 0
 
 

@@ -90,5 +90,5 @@ def test_demo_quick(tmp_path, capsys):
     rows = json.loads((tmp_path / "rows.json").read_text())
     assert [r["budget"] for r in rows] == [None, 4, 8]
     assert rows[1]["verify_experts_per_layer"] <= 4 and rows[0]["agreement"] == 1.0
-    png = (tmp_path / "quality_vs_experts.png").read_bytes()
+    png = (tmp_path / "speed_and_quality.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000

@@ -6,8 +6,6 @@ Target: a tiny random Qwen3-MoE (tests/moe_models.py); drafts: a tiny dense Qwen
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 import transformers
@@ -192,13 +190,3 @@ def test_cuda_graphs_equal_eager():
     assert dec.runner.captures == 1
     assert dec.generate(prompt, max_new_tokens=16, eos_token_id=None, budget=4).stats.buckets == [(16, 4)]
     assert dec.runner.captures == 2
-
-
-def test_cli_generate(capsys):
-    from moe_spec_compile.cli import main
-
-    argv = ["generate", "--config", "--prompt-ids", "5,6,7,5,6,7,5", "--tree", "6,3,2", "--drafter", "ngram",
-            "--budget", "8", "--max-new-tokens", "6", "--json", "--device", "cpu", "--no-compile"]
-    assert main(argv) == 0
-    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert len(out["new_token_ids"]) == 6 and all(b == 8 for _, b in out["buckets"])

@@ -57,18 +57,55 @@ class GenerateStats:
     def buckets(self) -> list[tuple[int, int | None]]:
         return sorted({(v.bucket, v.budget) for v in self.verify}, key=lambda b: (b[0], b[1] or 0))
 
+    @property
+    def time_total(self) -> float:
+        return self.time_prefill + self.time_draft + self.time_verify + self.time_accept
+
+    def experts_per_layer(self) -> float | None:
+        """Mean distinct experts per MoE layer per verify pass (None: not recorded)."""
+        counts = [n for v in self.verify if v.experts_per_layer for n in v.experts_per_layer.values()]
+        return sum(counts) / len(counts) if counts else None
+
     def summary(self) -> dict:
-        total = self.time_prefill + self.time_draft + self.time_verify + self.time_accept
+        """Named, rounded figures: counts, tokens per verify pass (bonus included), tokens/s over the
+        timed phases, experts per layer per verify pass, the share of passes where the budget bound,
+        and the time per phase in seconds (4 significant digits)."""
         bound = [v.budget_bound for v in self.verify if v.budget_bound is not None]
+        experts = self.experts_per_layer()
+        total = self.time_total
         return {
             "steps": self.steps,
             "new_tokens": self.new_tokens,
             "tokens_per_step": round(self.tokens_per_step, 3),
-            "buckets": self.buckets,
+            "tokens_per_s": round(self.new_tokens / total, 2) if total > 0 else None,
+            "experts_per_layer": None if experts is None else round(experts, 2),
             "budget_bound_fraction": round(sum(bound) / len(bound), 3) if bound else None,
-            "time_s": {"prefill": self.time_prefill, "draft": self.time_draft, "verify": self.time_verify,
-                       "accept": self.time_accept, "total": total},
+            "buckets": self.buckets,
+            "time_s": {name: _sig(value) for name, value in (
+                ("prefill", self.time_prefill), ("draft", self.time_draft), ("verify", self.time_verify),
+                ("accept", self.time_accept), ("total", total))},
         }
+
+    def __str__(self) -> str:
+        s = self.summary()
+        t = s["time_s"]
+        rows = [
+            ("new tokens", f"{s['new_tokens']} in {s['steps']} verify passes"),
+            ("tokens per pass", f"{s['tokens_per_step']:.2f} (accepted drafts + 1 bonus)"),
+            ("tokens/s", "-" if s["tokens_per_s"] is None else f"{s['tokens_per_s']:.1f} (prefill included)"),
+            ("experts/layer", "not recorded" if s["experts_per_layer"] is None
+             else f"{s['experts_per_layer']:.1f} per verify pass"),
+            ("budget bound", "-" if s["budget_bound_fraction"] is None
+             else f"in {s['budget_bound_fraction']:.0%} of verify passes"),
+            ("time (s)", "  ".join(f"{k} {v:.3g}" for k, v in t.items())),
+            ("buckets", ", ".join(f"{n} tokens C={'exact' if c is None else c}" for n, c in s["buckets"]) or "-"),
+        ]
+        return "\n".join(f"{name:<16} {value}" for name, value in rows)
+
+
+def _sig(seconds: float) -> float:
+    """4 significant digits: readable, and a positive time never rounds to 0."""
+    return float(f"{seconds:.4g}")
 
 
 @dataclass

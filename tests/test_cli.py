@@ -1,0 +1,211 @@
+"""The `moespec` command line: arguments are checked before any model loads (one-line errors, exit 2),
+flags mean the same in every command, and the commands print what they promise.
+
+Bad arguments go through main() in-process (argparse exits 2 before torch work starts); the commands
+that load a model run on tiny config-built models or the bundled checkpoint with a few tokens.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from moe_spec_compile.cli import main
+from moe_spec_compile.tiny import HERE
+
+BUNDLED = (HERE / "target" / "model.safetensors").exists()
+
+
+def _fails(argv, capsys) -> str:
+    """Run argv, expect exit code 2 and a one-line message (after argparse's usage lines)."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2, exc.value.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and "Traceback" not in "\n".join(err)
+    return err[-1]
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["generate", "--budget", "0"], "budget is an integer C >= 1"),
+    (["generate", "--budget", "eight"], "'eight'"),
+    (["generate", "--tree", "0,2,2"], "TOTAL,DEPTH,TOP_K"),
+    (["generate", "--tree", "-1"], "K >= 0"),
+    (["generate", "--max-new-tokens", "0"], "integer >= 1"),
+    (["generate", "--config", "Qwen3MoEConfig"], "did you mean Qwen3MoeConfig"),
+    (["generate", "--config", "NoSuchConfig"], "MoE examples"),
+    (["generate", "--model", "/nonexistent/dir"], "not a directory"),
+    (["generate", "--prompt-ids", "1,x"], "comma-separated integers"),
+    (["generate", "--config", "Qwen3MoeConfig", "--drafter", "model"], "--draft PATH"),
+    (["generate", "--sample", "--top-p", "1.5"], "--top-p"),
+    (["explain", "--config", "Foo"], "unknown transformers config class"),
+    (["explain", "--model", "/nonexistent/dir"], "not a directory"),
+    (["explain", "--config", "Qwen3MoeConfig", "--model", str(HERE / "target")], "not allowed with"),
+    (["demo", "--budgets", "0"], "budget is an integer C >= 1"),
+    (["demo", "--budgets", "4,x"], "'x'"),
+    (["demo", "--repeats", "0"], "integer >= 1"),
+])
+def test_bad_arguments_fail_fast_in_one_line(argv, words, capsys):
+    assert words in _fails(argv, capsys)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA build with a device accepts --device cuda")
+@pytest.mark.parametrize("command", ["generate", "explain", "demo"])
+def test_device_cuda_without_cuda(command, capsys):
+    assert "use --device cpu" in _fails([command, "--device", "cuda"], capsys)
+
+
+def test_model_dir_needs_config_json(tmp_path, capsys):
+    assert "no config.json" in _fails(["explain", "--model", str(tmp_path)], capsys)
+
+
+def test_no_command_prints_help_and_exits_2(capsys):
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    assert "usage: moespec" in err and "generate" in err and "explain" in err
+    assert main(["--help"]) == 0
+    assert _fails(["bogus"], capsys).endswith("'tune')")
+
+
+@pytest.mark.parametrize("command", ["generate", "explain", "demo"])
+def test_help_shows_descriptions_and_defaults(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "(default:" in out and "--device" in out
+    if command != "demo":
+        assert "--config NAME" in out and "--model PATH" in out
+
+
+def test_explain_deepseek_config(capsys):
+    """The family whose attention needs extra config fields: a table, not a dynamo traceback."""
+    torch._dynamo.reset()
+    assert main(["explain", "--config", "DeepseekV3Config", "--tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("model.layers.") == 2 and "sigmoid" in out and "fused_experts" in out
+
+
+def test_explain_failure_is_one_line(capsys):
+    """A config class that is not a causal LM: one line saying so, exit code 1."""
+    with pytest.raises(SystemExit) as exc:
+        main(["explain", "--config", "CLIPVisionConfig"])
+    assert "cannot build a causal LM from CLIPVisionConfig" in str(exc.value.code)
+
+
+@pytest.mark.skipif(not BUNDLED, reason="no bundled checkpoints")
+def test_explain_defaults_to_the_bundled_target(capsys):
+    torch._dynamo.reset()
+    assert main(["explain", "--tokens", "8"]) == 0
+    captured = capsys.readouterr()
+    assert "bundled tiny target" in captured.err and "model.layers.2.mlp" in captured.out
+    assert "Loading weights" not in captured.err
+
+
+def test_generate_config_json(capsys):
+    """--config NAME: a random target of that family, ngram drafter, budget 8 in every verify bucket."""
+    argv = ["generate", "--config", "Qwen3MoeConfig", "--prompt-ids", "5,6,7,5,6,7,5", "--tree", "6,3,2",
+            "--budget", "8", "--max-new-tokens", "6", "--json", "--no-compile"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(out["new_token_ids"]) == 6 and out["drafter"] == "ngram" and out["tokens_per_s"] > 0
+    assert all(b == 8 for _, b in out["stats"]["buckets"]) and out["stats"]["new_tokens"] == 6
+
+
+@pytest.mark.skipif(not BUNDLED, reason="no bundled checkpoints")
+def test_generate_bundled_prints_prompt_continuation_and_speed(capsys):
+    torch._dynamo.reset()
+    argv = ["generate", "--prompt", "def main(argv):", "--tree", "4", "--max-new-tokens", "8", "--no-compile"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "def main(argv):" in captured.out and "tokens/s" in captured.out and "tokens per pass" in captured.out
+    assert "Loading weights" not in captured.err
+    argv += ["--json"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["text"].startswith("def main(argv):") and out["text"].endswith(out["new_text"])
+    assert len(out["new_token_ids"]) == 8
+
+
+def test_generate_tree_0_is_plain_decoding(capsys):
+    argv = ["generate", "--config", "Qwen3MoeConfig", "--prompt-ids", "5,6,7", "--tree", "0", "--max-new-tokens",
+            "4", "--json", "--no-compile"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "no speculation" in captured.err
+    out = json.loads(captured.out.strip().splitlines()[-1])
+    assert out["stats"]["tokens_per_step"] == 1.0 and len(out["new_token_ids"]) == 4
+
+
+def test_generate_stats_summary_is_rounded_and_printable():
+    from moe_spec_compile.speculative.decoder import GenerateStats, VerifyStats
+
+    stats = GenerateStats(steps=3, new_tokens=10, accepted_per_step=[4, 3, 3], time_prefill=0.0123456789,
+                          time_draft=0.1, time_verify=0.3333333333, time_accept=1e-5)
+    stats.verify = [VerifyStats(17, 24, 8, a, {"l0": 8, "l1": 7}, True) for a in (4, 3)]
+    stats.verify.append(VerifyStats(17, 24, 8, 3, {"l0": 6, "l1": 5}, False))
+    s = stats.summary()
+    total = 0.0123456789 + 0.1 + 0.3333333333 + 1e-5
+    assert s["tokens_per_step"] == round(10 / 3, 3) and s["tokens_per_s"] == round(10 / total, 2)
+    assert s["experts_per_layer"] == round(41 / 6, 2) and s["budget_bound_fraction"] == round(2 / 3, 3)
+    assert s["time_s"]["prefill"] == 0.01235 and s["time_s"]["accept"] == 1e-5 and s["buckets"] == [(24, 8)]
+    text = str(stats)
+    assert len(text.splitlines()) <= 8 and "tokens per pass  3.33" in text and "24 tokens C=8" in text
+
+
+def test_summarize_events():
+    from moe_spec_compile.record import ExpertEvent
+    from moe_spec_compile.report import format_summary, summarize_events
+
+    events = [ExpertEvent("m.0", 12, 4, (1, 2, 3, 9)), ExpertEvent("m.1", 12, 4, (0, 5, 6)),
+              ExpertEvent("m.0", 30, None, tuple(range(11)))]
+    s = summarize_events(events)
+    assert s["executions"] == 3 and s["blocks"] == 2 and s["mean_experts"] == 6.0 and s["max_experts"] == 11
+    assert s["budget_bound_fraction"] == 0.5 and s["mean_tokens"] == 18.0
+    m0 = s["by_block"]["m.0"]
+    assert m0 == {"executions": 2, "mean_tokens": 21.0, "mean_experts": 7.5, "min_experts": 4, "max_experts": 11,
+                  "budgets": [None, 4], "budget_bound_fraction": 1.0}
+    table = format_summary(s)
+    assert table.splitlines()[2].split() == ["m.0", "2", "21.0", "7.5", "4-11", "exact,4", "100%"]
+    assert summarize_events([])["executions"] == 0 and "block" in format_summary(summarize_events([]))
+
+
+def test_explain_compile_failure_is_one_line(monkeypatch, capsys):
+    """Whatever dynamo raises while explaining (100 lines of it) comes out as one line and exit code 1."""
+    import importlib
+
+    explain_module = importlib.import_module("moe_spec_compile.explain")  # the package's .explain is the function
+    def fails(*args, **kwargs):
+        raise RuntimeError("shape mismatch in scaled_dot_product_attention\n" + "  frame ...\n" * 100)
+
+    monkeypatch.setattr(explain_module, "explain", fails)
+    assert main(["explain", "--config", "Qwen3MoeConfig", "--tokens", "4"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("moespec explain: could not compile and run a small random Qwen3MoeConfig model: "
+                       "RuntimeError: shape mismatch in scaled_dot_product_attention")
+
+
+def test_demo_verdict_and_speedup_ranges():
+    from moe_spec_compile.demo import DemoRow, speedup, verdict
+
+    base = [10.0, 12.0, 11.0]
+    fast = DemoRow("C=8", 8, [20.0, 24.0, 22.0], speedup([20.0, 24.0, 22.0], base))
+    assert fast.speedup == (2.0, 20.0 / 12.0, 24.0 / 10.0)
+    slow = DemoRow("exact", None, [5.0, 6.0, 7.0], speedup([5.0, 6.0, 7.0], base))
+    assert "C=8, 2.00x" in verdict([slow, fast]) and "faster than plain decoding in every repeat" in verdict([fast])
+    assert "slower than plain decoding" in verdict([slow])
+    mixed = DemoRow("C=4", 4, [9.0, 13.0], speedup([9.0, 13.0], base))
+    assert "within the noise" in verdict([mixed])
+
+
+@pytest.mark.skipif(not BUNDLED, reason="no bundled checkpoints")
+def test_generate_from_checkpoint_directories(capsys):
+    """--model PATH / --draft PATH: local directories; without tokenizer files the ids are the output."""
+    argv = ["generate", "--model", str(HERE / "target"), "--draft", str(HERE / "draft"), "--prompt-ids", "5,6,7",
+            "--tree", "4", "--max-new-tokens", "6", "--no-compile", "--json"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["drafter"] == "model" and out["text"] is None and len(out["new_token_ids"]) == 6
+    assert out["model"] == f"the checkpoint in {HERE / 'target'}"
