@@ -27,9 +27,20 @@ class ExpertEvent:
     compiled_as: str = ""  # the block name the graph was compiled for (differs when one graph serves many)
 
 
-@dataclass
+@dataclass(eq=False)
 class Recorder:
     events: list[ExpertEvent] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        """Per block: executions, tokens, experts used (mean, max) and budgets (report.summarize_events)."""
+        from .report import summarize_events
+
+        return summarize_events(self.events)
+
+    def __str__(self) -> str:
+        from .report import format_summary
+
+        return format_summary(self.summary())
 
 
 class _Local(threading.local):

@@ -42,6 +42,7 @@ def summarize_events(events: Iterable) -> dict:
         "blocks": len(blocks),
         "mean_tokens": _mean([ev.num_tokens for ev in events]),
         "mean_experts": _mean(experts),
+        "min_experts": min(experts) if experts else None,
         "max_experts": max(experts) if experts else None,
         "budget_bound_fraction": round(sum(bound) / len(bound), 3) if bound else None,
         "by_block": blocks,
@@ -76,7 +77,7 @@ def format_summary(summary: dict) -> str:
                      for name, b in summary["by_block"].items()]
     if summary["executions"]:
         rows.append(("all", str(summary["executions"]), f"{summary['mean_tokens']:.1f}",
-                     f"{summary['mean_experts']:.1f}", f"-{summary['max_experts']}", "",
+                     f"{summary['mean_experts']:.1f}", f"{summary['min_experts']}-{summary['max_experts']}", "",
                      pct(summary["budget_bound_fraction"])))
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]

@@ -123,6 +123,10 @@ def test_device_counters_and_nested_recorders(qwen):
             _run(compiled, x, 6)
         _run(compiled, x, None)
     assert len(inner.events) == 2 and len(outer.events) == 4  # each run: one event per block
+    summary = outer.summary()
+    assert summary["executions"] == 4 and set(summary["by_block"]) == {"model.layers.0.mlp", "model.layers.1.mlp"}
+    assert summary["by_block"]["model.layers.0.mlp"]["budgets"] == [None, 6]
+    assert "model.layers.1.mlp" in str(outer)
     stats = msc.expert_stats()
     assert set(stats) == {"model.layers.0.mlp", "model.layers.1.mlp"}
     for s in stats.values():
