@@ -66,7 +66,7 @@ def test_both_models_beat_the_unigram_baseline_by_a_clear_margin(tiny, heldout_i
     t_loss, d_loss = _heldout_loss(target, heldout_ids), _heldout_loss(draft, heldout_ids)
     for loss in (t_loss, d_loss):
         assert loss < unigram - 2.0 and loss < oracle - 1.0, (t_loss, d_loss, unigram, oracle)
-    assert t_loss < d_loss  # the target is the better model: drafting is worth verifying
+    assert t_loss < d_loss - 0.25, (t_loss, d_loss)  # clearly the better model: drafting is worth verifying
 
 
 @torch.no_grad()

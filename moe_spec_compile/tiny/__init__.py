@@ -1,4 +1,4 @@
-"""The bundled tiny MoE: a Qwen3-MoE target (32 experts, top-4) and a dense Qwen3 draft trained on the
+"""The bundled tiny MoE: a Qwen3-MoE target (fine-grained experts) and a small dense Qwen3 draft trained on the
 Python standard library (train.py), with their byte-level BPE tokenizer. Loaded offline from the package.
 
 load_tiny() -> (target, draft, tokenizer); MODEL_CARD.md says how they were made and how good they are.
@@ -16,23 +16,25 @@ HERE = Path(__file__).resolve().parent
 
 
 def load_tiny(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-              experts_implementation: str | None = None):
+              experts_implementation: str | None = None, root: str | Path | None = None):
     """(target, draft, tokenizer) from the package's files, in eval mode; nothing is downloaded.
 
+    root: another folder laid out as this one (target/, draft/, tokenizer.json), e.g. a training run's --out.
     The checkpoints are stored in fp16; `dtype` is what the models are loaded as (fp32 by default, which
     the CPU computes exactly). experts_implementation: transformers' "grouped_mm" (default), "batched_mm"
     or "eager"."""
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-    if not (HERE / "target" / "model.safetensors").exists():
-        raise FileNotFoundError(f"the bundled checkpoints are missing under {HERE}; "
+    here = HERE if root is None else Path(root)
+    if not (here / "target" / "model.safetensors").exists():
+        raise FileNotFoundError(f"the bundled checkpoints are missing under {here}; "
                                 "run `python -m moe_spec_compile.tiny.train` to make them")
     kwargs = {"dtype": dtype, "local_files_only": True}
     if experts_implementation is not None:
         kwargs["experts_implementation"] = experts_implementation
-    target = AutoModelForCausalLM.from_pretrained(HERE / "target", **kwargs).to(device).eval()
-    draft = AutoModelForCausalLM.from_pretrained(HERE / "draft", dtype=dtype, local_files_only=True).to(device).eval()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(HERE / "tokenizer.json"), eos_token="<|endoftext|>",
+    target = AutoModelForCausalLM.from_pretrained(here / "target", **kwargs).to(device).eval()
+    draft = AutoModelForCausalLM.from_pretrained(here / "draft", dtype=dtype, local_files_only=True).to(device).eval()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(here / "tokenizer.json"), eos_token="<|endoftext|>",
                                         pad_token="<|endoftext|>")
     return target, draft, tokenizer
 

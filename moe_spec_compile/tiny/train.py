@@ -1,15 +1,15 @@
 """Train the bundled tiny MoE target and its dense draft on the Python standard library, on the CPU.
 
 stdlib source -> byte-level BPE (tokenizers) -> Qwen3-MoE target (6 layers, hidden 256, 64 fine-grained experts
-top-6), then a one-layer Qwen3 dense draft distilled from it -> fp16 safetensors + tokenizer + train_stats.json under moe_spec_compile/tiny/
--> MODEL_CARD.md (python -m moe_spec_compile.tiny.card)
+top-6), then a one-layer Qwen3 dense draft distilled from it -> fp16 safetensors + tokenizer + train_stats.json
+under moe_spec_compile/tiny/ -> MODEL_CARD.md (python -m moe_spec_compile.tiny.card)
 
     python -m moe_spec_compile.tiny.train --out moe_spec_compile/tiny [--target-steps 1500 --draft-steps 1200]
 
 Deterministic: fixed seeds, a fixed batch order, 2 threads. Training stops at a step count (not a clock):
-the step counts were sized so that the whole run takes about 40 minutes on 2 idle CPU cores (the limit is 60). The draft's loss is
-(1 - a) * cross-entropy + a * KL(target || draft) on the same batches (a = --distill), the target being the
-fp16-rounded checkpoint as shipped: a draft that imitates the target gets more of its tokens accepted.
+the step counts were sized so that the whole run takes about 40 minutes on 2 idle CPU cores (the limit is 60).
+The draft's loss is (1 - a) * cross-entropy + a * KL(target || draft) on the same batches (a = --distill), the
+target being the fp16-rounded checkpoint as shipped: a draft that imitates the target gets more of its tokens accepted.
 Run as a script it restarts itself with OMP_WAIT_POLICY=PASSIVE (unless set): on cores shared with other work,
 OpenMP threads spinning at barriers made training steps up to 10x slower; sleeping does not change the numbers.
 """
