@@ -7,7 +7,7 @@ with each budget C, each row printed as it finishes (tokens/s over repeats, spee
 accepted length, experts per layer per verify, agreement with the exact output, held-out quality under C)
 -> a PNG with speed beside quality, and the rows as JSON
 
-    moespec demo                    # budgets 4,6,8,12,16 against the exact run and plain decoding
+    moespec demo                    # budgets E/16, E/8, E/4, E/2 against the exact run and plain decoding
     moespec demo --quick --budgets 4,8,16
 """
 
@@ -219,8 +219,9 @@ def plot(rows: list[DemoRow], path: Path, num_experts: int, unreliable: bool = F
 
 def _parser():
     p = new_parser("moespec demo", __doc__)
-    p.add_argument("--budgets", type=budgets_arg, default="4,6,8,12,16",
-                   help="comma-separated budgets C, experts per layer per verify pass (the target has 32)")
+    p.add_argument("--budgets", type=budgets_arg, default=None,
+                   help="comma-separated budgets C, experts per layer per verify pass (default: E/16, E/8, E/4 and "
+                   "E/2 of the target's E experts)")
     p.add_argument("--policy", default="substitute", choices=("substitute", "truncate"))
     p.add_argument("--prompts", type=positive_int, default=2, help="held-out prompts per run")
     p.add_argument("--prompt-len", type=positive_int, default=48, help="tokens per prompt")
@@ -229,8 +230,8 @@ def _parser():
     p.add_argument("--windows", type=positive_int, default=32, help="held-out 32-token passes scored per row")
     p.add_argument("--out", default="moespec_demo", help="folder for the plot and the JSON rows")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    p.add_argument("--quick", action="store_true", help="a small, fast run (CI): budgets 4,8, 1 prompt, 12 tokens, "
-                   "2 repeats, 4 windows, eager")
+    p.add_argument("--quick", action="store_true", help="a small, fast run (CI): budgets E/8 and E/4, 1 prompt, "
+                   "12 tokens, 2 repeats, 4 windows, eager")
     return p
 
 
@@ -247,7 +248,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     check_device(p, args.device)
     if args.quick:
-        args.budgets, args.prompts, args.new_tokens, args.windows, args.repeats = [4, 8], 1, 12, 4, 2
+        args.prompts, args.new_tokens, args.windows, args.repeats = 1, 12, 4, 2
     warning = load_warning()
     if warning:
         _say(warning)
@@ -257,6 +258,9 @@ def main(argv=None) -> int:
     prompts, heldout = prompts_and_heldout(tok, args.prompts, args.prompt_len)
     prompts = [x.to(args.device) for x in prompts]
     e = target.config.num_experts
+    if args.budgets is None:
+        fractions = (8, 4) if args.quick else (16, 8, 4, 2)
+        args.budgets = sorted({max(1, e // f) for f in fractions})
     _say(f"moespec demo: bundled Qwen3-MoE target ({target.config.num_hidden_layers} layers, {e} experts, "
          f"top-{target.config.num_experts_per_tok}), dense draft, {args.prompts} held-out prompts, "
          f"{args.new_tokens} new tokens each, {args.repeats} timed repeats per row\n")
