@@ -1,6 +1,6 @@
 """What a budget costs in quality: held-out text scored under budgets C, each 32-token window one pass.
 
-load_tiny() -> heldout_text() -> score_windows(budget C) for C in (None, 4, 8, 16) -> loss, accuracy,
+load_tiny() -> heldout_text() -> score_windows(budget C) for C in (None, E/8, E/4, E/2) -> loss, accuracy,
 experts per layer, and how often each position's argmax equals the exact pass's
 (quality.evaluate does the same plus speculative decoding runs; `moespec demo` prints and plots both)
 """
@@ -17,7 +17,8 @@ compiled = torch.compile(target, backend="moespec", options={"inner": "eager", "
 
 exact = None
 print(f"{'budget':>6} {'experts/layer':>13} {'loss':>6} {'accuracy':>8} {'same argmax':>11}")
-for c in (None, 4, 8, 16):
+e = target.config.num_experts
+for c in (None, e // 8, e // 4, e // 2):
     s = score_windows(target, tokens, window=32, budget=c, max_windows=8, compiled=compiled)
     exact = s.predictions if exact is None else exact
     same = (s.predictions == exact).float().mean().item()
