@@ -31,7 +31,8 @@ def test_budgeted_graph_replay_equals_eager(policy):
                                      compile=True, compile_options={"inner": "eager"}, cuda_graphs=graphs)
         runs[graphs] = [dec.generate(prompt, max_new_tokens=12, eos_token_id=None, budget=c) for c in (4, 6, None)]
         if graphs:
-            assert dec.runner.captures == len({b for out in runs[graphs] for b in out.stats.buckets})
+            # one graph per tree-size bucket, whatever the budget (budgets are device data)
+            assert dec.runner.captures == len({n for out in runs[graphs] for n, _ in out.stats.buckets})
     for replayed, eager in zip(runs[True], runs[False]):
         assert replayed.sequences.tolist() == eager.sequences.tolist()
         assert replayed.stats.buckets == eager.stats.buckets

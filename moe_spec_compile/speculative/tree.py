@@ -103,11 +103,14 @@ class DraftTree:
 
     tokens [n] int64: node tokens, tokens[0] = the root.  parents [n] int64: parents[0] = -1 and
     parents[i] < i.  depth [n] int64: depth[0] = 0.  Siblings are listed in the drafter's order of
-    preference (sampling acceptance tries them in that order)."""
+    preference (sampling acceptance tries them in that order).  logprob [n] fp32 or None: the drafter's
+    cumulative log-probability of each node's path from the root (logprob[0] = 0), when it has one; the
+    decoder's node_weights="path" weighs the nodes' tokens by its exp in the budget's expert scores."""
 
     tokens: torch.Tensor
     parents: torch.Tensor
     depth: torch.Tensor
+    logprob: torch.Tensor | None = None
 
     @property
     def size(self) -> int:
