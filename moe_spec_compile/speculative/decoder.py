@@ -20,7 +20,7 @@ from ..budget import validate_budget, validate_policy
 from ..record import record_experts
 from .accept import Acceptance, SamplingConfig, accept_greedy, accept_sample
 from .buckets import DEFAULT_TREE_BUCKETS, VerifyRunner, pick_bucket
-from .checks import check_compile_options
+from .checks import check_compile_options, check_input_ids, check_int, check_tree_fits_vocab
 from .drafters import Drafter, NgramDrafter
 from .kv import Masks, TreeCache, forward, takes_cache_position
 from .tree import DraftTree, StaticTree, TreeSpec, ancestors, as_tree_shape
@@ -165,7 +165,6 @@ class SpeculativeDecoder:
             self.verify_model = torch.compile(self.eager_target, backend="moespec", dynamic=False, options=options)
             _allow_recompiles(len(tree_buckets) + 8)
         self.drafter = drafter if drafter is not None else NgramDrafter()
-        self.tree = as_tree_shape(tree)
         self.budget = _check_budget(budget)
         self.policy = validate_policy(policy)
         self.tree_buckets = tuple(tree_buckets)
@@ -176,6 +175,7 @@ class SpeculativeDecoder:
         self.collect_expert_stats = not self.cuda_graphs if collect_expert_stats is None else collect_expert_stats
         self.timing = timing
         self.vocab_size = self.eager_target.config.get_text_config(decoder=True).vocab_size
+        self.tree = self._tree_shape(tree)
         if hasattr(self.drafter, "vocab_size") and self.drafter.vocab_size is None:
             self.drafter.vocab_size = self.vocab_size
         self._cache_position = takes_cache_position(self.eager_target)
@@ -192,8 +192,9 @@ class SpeculativeDecoder:
         With do_sample=False the output equals the target's own greedy decoding when the budget is None.
         Sampling keeps the target's distribution (after temperature, top_k, top_p) exactly."""
         ids = self._check_input(input_ids)
+        max_new_tokens = check_int(max_new_tokens, "max_new_tokens", 1)
         sampling = SamplingConfig(do_sample, temperature, top_p, top_k)
-        shape = self.tree if tree is _UNSET else as_tree_shape(tree)
+        shape = self.tree if tree is _UNSET else self._tree_shape(tree)
         schedule = self.budget if budget is _UNSET else _check_budget(budget)
         eos = self._eos_set(eos_token_id)
         stats = GenerateStats()
@@ -298,8 +299,13 @@ class SpeculativeDecoder:
         return acc
 
     # --- helpers -----------------------------------------------------------------------------------
+    def _tree_shape(self, tree):
+        shape = as_tree_shape(tree)
+        check_tree_fits_vocab(shape, self.vocab_size)
+        return shape
+
     def _check_input(self, input_ids) -> torch.Tensor:
-        ids = torch.as_tensor(input_ids)
+        ids = check_input_ids(torch.as_tensor(input_ids), self.vocab_size)
         if ids.dim() == 1:
             ids = ids[None]
         if ids.dim() != 2 or ids.shape[1] == 0:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from .checks import check_int
 from .kv import Masks, TreeCache, forward, takes_cache_position
 from .tree import DraftTree, StaticTree, TreeSpec
 
@@ -222,7 +223,10 @@ class NgramDrafter(Drafter):
     several earlier occurrences are merged into a trie; no model runs. Host-side Python."""
 
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1, max_matches: int = 16):
-        if not 1 <= min_ngram <= max_ngram:
+        check_int(max_ngram, "max_ngram", 1)
+        check_int(min_ngram, "min_ngram", 1)
+        check_int(max_matches, "max_matches", 1)
+        if not min_ngram <= max_ngram:
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
         self.max_ngram, self.min_ngram, self.max_matches = max_ngram, min_ngram, max_matches
         self.device = torch.device("cpu")
