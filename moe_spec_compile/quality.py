@@ -6,8 +6,8 @@ held-out windows of T tokens, each scored as one budgeted pass -> (c) loss, next
 agreement of each position's argmax with the exact pass (a teacher-forced, per-position form of (a))
 
 Budget None is the exact target: under it the speculative output equals the target's own greedy decoding,
-so (a) is measured against that run. The target is compiled here with backend="moespec". Each requested
-budget is made a budget bucket of the decoder, so verify passes and scored windows run under the same C.
+so (a) is measured against that run. The target is compiled here with backend="moespec". The decoder runs
+every verify pass under exactly the requested C (budgets are device data), as the scored windows do.
 """
 
 from __future__ import annotations
