@@ -268,13 +268,11 @@ def main(argv=None) -> int:
 
     from .quality import _compiled, speculative_run
     from .speculative import SpeculativeDecoder
-    from .speculative.buckets import DEFAULT_BUDGET_BUCKETS
 
     options = {"inner": "eager"} if args.quick or args.device == "cpu" else {}
-    buckets = tuple(sorted(set(DEFAULT_BUDGET_BUCKETS) | set(args.budgets)))  # no rounding C up to a bucket
     drafter = msc.ModelDrafter(draft)
     decoder = SpeculativeDecoder(target, drafter=drafter, tree=msc.TreeSpec(*TREE), policy=args.policy,
-                                 compile=True, compile_options=options, budget_buckets=buckets)
+                                 compile=True, compile_options=options)
     scorer = _compiled(target, options)
     budgets = [None] + list(args.budgets)
     # Untimed: compiles the verify pass (one graph per tree-size bucket; budgets are data, no recompiles) and

@@ -1,11 +1,18 @@
 """msc.explain(model, *example_args): which MoE blocks the backend finds, rewrites or declines, and why.
 
 compile with the moespec backend (eager inner) -> run once under record_experts -> one row per block
+
+explain's tracing is kept apart from the caller's own compiles: it runs in an isolated dynamo region
+(torch.compile(isolate_recompiles=True)), so it neither counts against nor fills the recompile limit
+of the model's code, and its cache entries are invalidated afterwards. A later
+``torch.compile(model, backend="moespec", options={"budget": C})`` compiles as if explain never ran.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import inspect
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -41,8 +48,9 @@ def explain(model: torch.nn.Module, *example_args, options: dict | None = None, 
     the layers that ran are taken from the recorded expert events."""
     opts = {**(options or {}), "inner": "eager"}
     # A fresh backend object: dynamo must compile anew (a cached graph would report nothing).
-    compiled = torch.compile(model, backend=functools.partial(moespec_backend, options=opts))
-    with collect_reports() as reports, record_experts() as rec, torch.no_grad():
+    backend = functools.partial(moespec_backend, options=opts)
+    with _isolated_compile(model, backend) as compiled, collect_reports() as reports, record_experts() as rec, \
+            torch.no_grad():
         compiled(*example_args, **example_kwargs)
     by_name = {r.name: r for r in reports}
     blocks = list(reports)
@@ -57,6 +65,61 @@ def explain(model: torch.nn.Module, *example_args, options: dict | None = None, 
     blocks = [b for b in blocks if b.rewritten or b.name not in routed]
     blocks = [replace(b, router=b.router + " (attention heads)") if _ATTENTION.search(b.name) else b for b in blocks]
     return ExplainReport(sorted(blocks, key=lambda b: _natural(b.name)))
+
+
+_ISOLATE = "isolate_recompiles" in inspect.signature(torch.compile).parameters
+
+
+@contextlib.contextmanager
+def _isolated_compile(model, backend):
+    """torch.compile(model, backend) whose cache entries stay out of the caller's way (see the module doc).
+
+    Each explain call is a new backend object, so dynamo's backend guard never lets one call reuse another's
+    graph; without isolation every call would add a cache entry to the model's code and, after
+    ``recompile_limit`` (8) calls, explain would report nothing and the user's own moespec compile would
+    fall back to eager without a word. On a torch without ``isolate_recompiles`` the recompile limit is
+    raised by the number of entries explain leaves behind instead (entries cannot be removed one by one)."""
+    from torch._dynamo import convert_frame
+
+    isolate = _ISOLATE
+    before = {id(c): {e.compile_id for e in _entries(c)} for c in _seen_codes(convert_frame)}
+    kwargs = {"isolate_recompiles": True} if isolate else {}
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    limit = getattr(cfg, name)
+    # explain's own compiles must not stop at a limit the caller's entries already used up
+    with cfg.patch(**({} if isolate else {name: limit + max(map(len, before.values()), default=0) + 64})):
+        try:
+            yield torch.compile(model, backend=backend, **kwargs)
+        finally:
+            left = _invalidate_new_entries(convert_frame, before)
+    if not isolate and left:
+        setattr(cfg, name, max(getattr(cfg, name), limit + left))
+
+
+def _seen_codes(convert_frame) -> list:
+    return [c for c in (w() for w in convert_frame.input_codes.seen) if c is not None]
+
+
+def _entries(code) -> list:
+    return torch._C._dynamo.eval_frame._debug_get_cache_entry_list(code)
+
+
+def _invalidate_new_entries(convert_frame, before: dict) -> int:
+    """Invalidate the cache entries compiled since `before` (they could never match again: their backend
+    guard names explain's backend object); the most entries any one code object gained."""
+    from torch._dynamo.guards import DeletedGuardManagerWrapper
+
+    most = 0
+    for code in _seen_codes(convert_frame):
+        old = before.get(id(code), set())
+        new = [e for e in _entries(code) if e.compile_id not in old]
+        most = max(most, len(new))
+        for entry in new:
+            extra = getattr(entry.guard_manager, "extra_state", None)
+            if extra is not None:
+                extra.invalidate(entry, DeletedGuardManagerWrapper("compiled by msc.explain, which is done"))
+    return most
 
 
 def _natural(name: str):

@@ -6,8 +6,8 @@ held-out windows of T tokens, each scored as one budgeted pass -> (c) loss, next
 agreement of each position's argmax with the exact pass (a teacher-forced, per-position form of (a))
 
 Budget None is the exact target: under it the speculative output equals the target's own greedy decoding,
-so (a) is measured against that run. The target is compiled here with backend="moespec". Each requested
-budget is made a budget bucket of the decoder, so verify passes and scored windows run under the same C.
+so (a) is measured against that run. The target is compiled here with backend="moespec". The decoder runs
+every verify pass under exactly the requested C (budgets are device data), as the scored windows do.
 """
 
 from __future__ import annotations
@@ -135,13 +135,11 @@ def evaluate(target, drafter, prompts: Sequence[torch.Tensor], heldout: torch.Te
 
     prompts: token tensors [L] for (a) and (b); heldout [N] for (c); drafter: e.g. msc.ModelDrafter(draft)."""
     from .speculative import SpeculativeDecoder, TreeSpec
-    from .speculative.buckets import DEFAULT_BUDGET_BUCKETS
 
     tree = tree if tree is not None else TreeSpec(total_tokens=16, depth=4, top_k=4)
     budgets = [None] + [b for b in budgets if b is not None]
-    buckets = tuple(sorted(set(DEFAULT_BUDGET_BUCKETS) | set(budgets[1:])))  # no rounding C up to a bucket
     decoder = SpeculativeDecoder(target, drafter=drafter, tree=tree, policy=policy, compile=True,
-                                 compile_options=compile_options, budget_buckets=buckets)
+                                 compile_options=compile_options)  # every verify pass runs at exactly C
     scorer = _compiled(target, compile_options)
     speculative_run(decoder, prompts, None, max_new_tokens)  # warm-up: compile each tree-size bucket, untimed
     rows, reference, exact = [], None, None

@@ -84,9 +84,10 @@ def _per_router(c, index: int, name: str):
 
 
 @contextlib.contextmanager
-def reference_budget(model, c, policy: str, score: str = "prob"):
+def reference_budget(model, c, policy: str, score: str = "prob", weights: torch.Tensor | None = None):
     """Inside: the eager model routes with budget C under `policy`, in plain PyTorch. c: an int, a list in layer
-    order or a dict {block name: C}; a router whose C is None (or >= E) stays exact."""
+    order or a dict {block name: C}; a router whose C is None (or >= E) stays exact. weights [T]: each token's
+    weight in the expert scores (msc.token_weights), over the pass's flattened tokens."""
     patched = []
     names = {id(m): n for n, m in model.named_modules()}
     for index, (router, attr) in enumerate(_routers(model)):
@@ -102,7 +103,7 @@ def reference_budget(model, c, policy: str, score: str = "prob"):
 
         def wrapped(hidden, *a, _orig=orig, _gate=gate, _e=num_experts, _k=top_k, _attr=attr, _c=c_here, **kw):
             probs = _router_probs(_gate, hidden)
-            keep = budget_mask(probs, _c, score, _router_x(_gate, hidden, probs), _k)
+            keep = budget_mask(probs, _c, score, _router_x(_gate, hidden, probs), _k, weights)
             if policy == "substitute":
                 real_topk = torch.topk
 

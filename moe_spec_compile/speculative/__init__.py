@@ -1,5 +1,5 @@
 """Speculation-aware decoding: draft trees, tree verification under an expert budget, KV compaction,
-one CUDA graph per (tree size, budget) bucket.
+one CUDA graph per tree-size bucket serving every budget (budgets are device data).
 
 prompt -> prefill (exact) -> [draft tree -> verify (budget C) -> accept path + bonus -> compact KV]*
 """

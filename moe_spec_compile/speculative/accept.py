@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .checks import check_sampling
 from .tree import DraftTree
 
 __all__ = ["Acceptance", "SamplingConfig", "accept_greedy", "accept_sample", "process_logits"]
@@ -43,12 +44,7 @@ class SamplingConfig:
     top_k: int | None = None
 
     def __post_init__(self):
-        if self.do_sample and not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1 or None, got {self.top_k}")
+        check_sampling(self.do_sample, self.temperature, self.top_p, self.top_k)
 
 
 @dataclass

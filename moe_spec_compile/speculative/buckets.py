@@ -1,35 +1,41 @@
-"""Buckets and the verify runner: pad each verify pass to a tree-size bucket, round its budget up to a
-budget bucket, and run it eagerly or by replaying that bucket's CUDA graph.
+"""Buckets and the verify runner: pad each verify pass to a tree-size bucket and run it eagerly or by
+replaying that bucket's CUDA graph, under exactly the caller's budget and token weights.
 
-(tree size n, budget C) -> (bucket N >= n, bucket C' >= C) -> eager forward | capture once, then replay
+(tree size n, budget C, node weights w) -> bucket N >= n -> with msc.budget(C), msc.token_weights(w):
+eager forward | capture once per N, then replay
 
 Legend: N padded pass size, S cache slots, V vocabulary.
 
-A compiled target (backend="moespec", dynamic=False) compiles once per pass size N; the budget is read
-at run time by the moespec ops (``with budget(C')``), so a budget change never recompiles. On CUDA
-each (N, C') is captured once: warm-up on a side stream, capture into a pool shared by all buckets,
-static input buffers per N (tokens, positions, mask, write slots) that every call copies into. The
-captured graph bakes in the budget that was in force at capture time, hence one graph per budget.
-Only the CPU path (no capture) has been exercised by this project's tests; the CUDA graph path is
-written to torch.cuda.CUDAGraph's rules but was not run on a GPU here.
+A compiled target (backend="moespec", dynamic=False) compiles once per pass size N. Budgets are device
+data: ``msc.budget(C)`` and ``msc.token_weights(w)`` write the moespec ops' tables in place, and the ops read
+them on the device, so one graph per N serves every budget (None included) and every weighting; a budget
+change never recompiles nor recaptures, and C is never rounded. On CUDA each N is captured once: warm-up on
+a side stream, capture into a pool shared by all buckets, static input buffers per N (tokens, positions,
+mask, write slots) that every call copies into. The budget and weight tables are written before the capture
+(and before each replay), never inside it: a capture may not record host-to-device copies. While a stream
+captures, the ops always take their budgeted path (reading C from the tables), so a graph captured under
+one budget replays correctly under any other. The policy is host-side and is the runner's own (fixed per
+decoder). Only the CPU path (no capture) has been exercised by this project's CPU tests; the CUDA graph
+path follows torch.cuda.CUDAGraph's rules and is covered by tests/test_speculative_gpu.py on a GPU.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ..budget import budget as budget_ctx
+from ..budget import token_weights
 from .kv import TreeCache, forward
 
-__all__ = ["DEFAULT_TREE_BUCKETS", "DEFAULT_BUDGET_BUCKETS", "pick_bucket", "VerifyRunner"]
+__all__ = ["DEFAULT_TREE_BUCKETS", "pick_bucket", "VerifyRunner"]
 
 DEFAULT_TREE_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
-DEFAULT_BUDGET_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 
 
 def pick_bucket(value: int | None, buckets) -> int | None:
-    """The smallest bucket >= value; None stays None (exact routing); past the largest bucket the
-    value is its own bucket."""
+    """The smallest bucket >= value; None stays None; past the largest bucket the value is its own bucket."""
     if value is None:
         return None
     for b in sorted(buckets):
@@ -39,7 +45,7 @@ def pick_bucket(value: int | None, buckets) -> int | None:
 
 
 class VerifyRunner:
-    """Runs padded verify passes of a target; one CUDA graph per (N, C') when use_graphs."""
+    """Runs padded verify passes of a target; one CUDA graph per pass size N when use_graphs."""
 
     def __init__(self, model, cache: TreeCache, use_graphs: bool, cache_position: bool = False,
                  policy: str = "substitute"):
@@ -49,14 +55,16 @@ class VerifyRunner:
         self.use_graphs = use_graphs
         self.cache_position = cache_position
         self.static: dict[int, dict] = {}  # N -> static input buffers
-        self.graphs: dict[tuple[int, int | None], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # N -> (graph, its logits)
         self.pool = None
         self.captures = 0
 
-    def __call__(self, tokens, positions, mask, slots, c: int | None) -> torch.Tensor:
-        """tokens, positions, slots [N]; mask [1, 1, N, S] (or a dict of them) -> logits [N, V]."""
+    def __call__(self, tokens, positions, mask, slots, c=None, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens, positions, slots [N]; mask [1, 1, N, S] (or a dict of them); c the budget (None: exact; any
+        budget msc.budget takes); weights [N] fp32 the tokens' weights in the expert scores (0: padding; None:
+        all 1) -> logits [N, V]."""
         if not self.use_graphs:
-            with self._budget(c):
+            with self.scope(c, weights):
                 return forward(self.model, self.cache, tokens, positions, mask, slots, self.cache_position)
         n = tokens.shape[0]
         buf = self._buffers(n, mask)
@@ -65,16 +73,21 @@ class VerifyRunner:
         buf["slots"].copy_(slots)
         _copy_mask(buf["mask"], mask)
         self.cache.slots = buf["slots"]
-        key = (n, c)
-        if key not in self.graphs:
-            self.graphs[key] = self._capture(buf, c)
-        graph, logits = self.graphs[key]
-        graph.replay()
+        with self.scope(c, weights):  # tables written here, outside any capture
+            if n not in self.graphs:
+                self.graphs[n] = self._capture(buf)
+            graph, logits = self.graphs[n]
+            graph.replay()
         return logits
 
-    def _budget(self, c: int | None):
-        """Budget C' for this pass whatever its size (max_budget_tokens only keeps prefills exact)."""
-        return budget_ctx(c, policy=self.policy, max_budget_tokens=None)
+    def scope(self, c, weights: torch.Tensor | None = None):
+        """``msc.budget(c)`` (exactly C, whatever the pass size: max_budget_tokens only keeps prefills exact)
+        and ``msc.token_weights(weights)``: both write device tables in place."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(budget_ctx(c, policy=self.policy, max_budget_tokens=None))
+        if weights is not None:
+            stack.enter_context(token_weights(weights))
+        return stack
 
     def _buffers(self, n: int, mask) -> dict:
         if n not in self.static:
@@ -92,18 +105,20 @@ class VerifyRunner:
         return forward(self.model, self.cache, buf["tokens"], buf["positions"], buf["mask"], buf["slots"],
                        self.cache_position)
 
-    def _capture(self, buf, c: int | None):
-        """Warm up on a side stream (compiles, allocates workspaces), then capture one forward."""
+    def _capture(self, buf):
+        """Warm up on a side stream (compiles, allocates workspaces), then capture one forward. Called inside
+        scope(): the budget and weight tables already hold this call's values, and the graph reads them
+        by address at every replay."""
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), self._budget(c):
+        with torch.cuda.stream(side):
             for _ in range(2):
                 self._run_static(buf)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool), self._budget(c):
+        with torch.cuda.graph(graph, pool=self.pool):
             logits = self._run_static(buf)
         self.captures += 1
         return graph, logits

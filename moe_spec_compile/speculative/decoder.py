@@ -1,7 +1,8 @@
 """The speculative decoding loop: prefill, then draft -> verify -> accept until done.
 
 prompt --prefill (exact)--> root; loop: draft tree below root -> one verify pass of the padded tree
-(tree mask, budget C) -> accept path + bonus -> compact the KV cache -> next root
+(tree mask, exactly budget C, node weights; padding weighs 0) -> accept path + bonus -> compact the KV cache
+-> next root
 
 Legend: L prompt length, n tree nodes (root included), N padded pass size, S cache slots, V vocabulary.
 """
@@ -9,6 +10,7 @@ Legend: L prompt length, n tree nodes (root included), N padded pass size, S cac
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -17,10 +19,12 @@ from ..budget import budget as budget_ctx
 from ..budget import validate_budget, validate_policy
 from ..record import record_experts
 from .accept import Acceptance, SamplingConfig, accept_greedy, accept_sample
-from .buckets import DEFAULT_BUDGET_BUCKETS, DEFAULT_TREE_BUCKETS, VerifyRunner, pick_bucket
+from .buckets import DEFAULT_TREE_BUCKETS, VerifyRunner, pick_bucket
+from .checks import check_compile_options, check_input_ids, check_int, check_tree_fits_vocab
 from .drafters import Drafter, NgramDrafter
 from .kv import Masks, TreeCache, forward, takes_cache_position
 from .tree import DraftTree, StaticTree, TreeSpec, ancestors, as_tree_shape
+from .weights import DEFAULT_NODE_WEIGHTS, node_weights, validate_node_weights
 
 __all__ = ["SpeculativeDecoder", "GenerateOutput", "GenerateStats", "VerifyStats"]
 
@@ -31,10 +35,12 @@ _UNSET = object()
 class VerifyStats:
     tree_size: int  # nodes drafted + root
     bucket: int  # the padded pass size N
-    budget: int | None  # the budget bucket C' this pass ran under (None: exact)
+    budget: int | None  # the budget C this pass ran under, exactly as asked (None: exact)
     accepted: int  # tokens this step emitted (accepted drafted tokens + the bonus)
     experts_per_layer: dict[str, int] | None = None  # distinct experts each MoE block used (None: not recorded)
-    budget_bound: bool | None = None  # some block used all C' experts it was allowed
+    budget_bound: bool | None = None  # some block used all the experts its budget allowed
+    layer_budgets: dict[str, int | None] | None = None  # the C each block applied: C clamped to [k, E], None when
+    #                                                     C >= E (exact); None: not recorded
 
 
 @dataclass
@@ -126,29 +132,42 @@ class SpeculativeDecoder:
     by the caller needs the same, ``torch._dynamo.config.recompile_limit``).
     Budgets only bind inside a moespec-compiled target. drafter: ModelDrafter, NgramDrafter or anything
     with the Drafter interface (default NgramDrafter()). tree: int K (a chain), TreeSpec, or a list of
-    paths. budget: None (exact), an int C, or a callable ``step -> C`` (a schedule; each value goes to its
-    bucket). The prefill is always exact; the budget applies to verify passes only.
-    cuda_graphs: capture each (tree size, budget) bucket's verify pass once (default: on CUDA).
+    paths. budget: None (exact), an int C, or a callable ``step -> C`` (a schedule). Every
+    verify pass runs under exactly that C (``msc.budget(C, policy=policy)`` around it: budgets are device
+    data, so one graph per tree-size bucket serves every budget; C is never rounded up). The prefill is
+    always exact. policy: "substitute" | "truncate". Budget, policy and max_budget_tokens are the decoder's
+    own: passing them in ``compile_options`` raises a ValueError.
+    node_weights: how much each tree node's token counts when the budget picks its experts: "path" (the
+    drafter's path probability; "uniform" for drafters without probabilities, e.g. NgramDrafter), "depth"
+    (0.5 ** depth) or "uniform"; padding rows always weigh 0 (speculative/weights.py).
+    budget_buckets: deprecated and ignored (a DeprecationWarning): budgets are no longer rounded to buckets.
+    cuda_graphs: capture each tree-size bucket's verify pass once (default: on CUDA).
     collect_expert_stats: record experts per layer per verify pass (reads ids back to the host; default:
     when not replaying graphs, where Python does not run). Batch size 1.
     """
 
     def __init__(self, target, drafter: Drafter | None = None, tree=4, budget=None, policy: str = "substitute",
                  compile: bool = False, compile_options: dict | None = None, tree_buckets=DEFAULT_TREE_BUCKETS,
-                 budget_buckets=DEFAULT_BUDGET_BUCKETS, cuda_graphs: bool | None = None,
-                 collect_expert_stats: bool | None = None, timing: bool = True):
+                 budget_buckets=_UNSET, cuda_graphs: bool | None = None,
+                 collect_expert_stats: bool | None = None, timing: bool = True,
+                 node_weights: str = DEFAULT_NODE_WEIGHTS):
         self.target = target
         self.eager_target = getattr(target, "_orig_mod", target)  # prefill runs here: exact, any length
         self.verify_model = target
+        compile_options = check_compile_options(compile_options)
+        if budget_buckets is not _UNSET:
+            warnings.warn("SpeculativeDecoder(budget_buckets=...) is deprecated and ignored: budgets are device "
+                          "data, so every verify pass runs under exactly the budget asked for (never rounded "
+                          "up) with one graph per tree-size bucket", DeprecationWarning, stacklevel=2)
+        self.node_weights = validate_node_weights(node_weights)
         if compile:
-            options = {"policy": validate_policy(policy), "max_budget_tokens": None, **(compile_options or {})}
+            options = {"policy": validate_policy(policy), "max_budget_tokens": None, **compile_options}
             self.verify_model = torch.compile(self.eager_target, backend="moespec", dynamic=False, options=options)
             _allow_recompiles(len(tree_buckets) + 8)
         self.drafter = drafter if drafter is not None else NgramDrafter()
-        self.tree = as_tree_shape(tree)
         self.budget = _check_budget(budget)
         self.policy = validate_policy(policy)
-        self.tree_buckets, self.budget_buckets = tuple(tree_buckets), tuple(budget_buckets)
+        self.tree_buckets = tuple(tree_buckets)
         self.device = next(self.eager_target.parameters()).device
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
         if self.cuda_graphs and self.device.type != "cuda":
@@ -156,6 +175,7 @@ class SpeculativeDecoder:
         self.collect_expert_stats = not self.cuda_graphs if collect_expert_stats is None else collect_expert_stats
         self.timing = timing
         self.vocab_size = self.eager_target.config.get_text_config(decoder=True).vocab_size
+        self.tree = self._tree_shape(tree)
         if hasattr(self.drafter, "vocab_size") and self.drafter.vocab_size is None:
             self.drafter.vocab_size = self.vocab_size
         self._cache_position = takes_cache_position(self.eager_target)
@@ -172,8 +192,9 @@ class SpeculativeDecoder:
         With do_sample=False the output equals the target's own greedy decoding when the budget is None.
         Sampling keeps the target's distribution (after temperature, top_k, top_p) exactly."""
         ids = self._check_input(input_ids)
+        max_new_tokens = check_int(max_new_tokens, "max_new_tokens", 1)
         sampling = SamplingConfig(do_sample, temperature, top_p, top_k)
-        shape = self.tree if tree is _UNSET else as_tree_shape(tree)
+        shape = self.tree if tree is _UNSET else self._tree_shape(tree)
         schedule = self.budget if budget is _UNSET else _check_budget(budget)
         eos = self._eos_set(eos_token_id)
         stats = GenerateStats()
@@ -234,14 +255,13 @@ class SpeculativeDecoder:
         return self.drafter.draft(root, shape)
 
     def verify(self, tree: DraftTree, c: int | None) -> tuple[torch.Tensor, VerifyStats]:
-        """One forward of the padded tree through the target under budget bucket C' -> logits [n, V].
+        """One forward of the padded tree through the target under exactly budget C -> logits [n, V].
 
-        Padding repeats the root (same token, position and mask row), so a padded row computes
-        exactly the root's output; its only effect is to weigh the root more in the budget's expert
-        scores (s_e sums router probabilities over the pass's rows)."""
+        Padding repeats the root (same token, position and mask row), so a padded row computes exactly
+        the root's output; it weighs 0 in the budget's expert scores (msc.token_weights), as it must not
+        vote. The nodes weigh as self.node_weights says."""
         n = tree.size
         big_n = pick_bucket(n, self.tree_buckets)
-        c_b = pick_bucket(c, self.budget_buckets)
         dev, prefix = self.device, self.cache.length
         if prefix + big_n > self.cache.max_len:
             raise RuntimeError(f"KV cache of {self.cache.max_len} slots is full ({prefix} + {big_n})")
@@ -255,13 +275,14 @@ class SpeculativeDecoder:
         pos = prefix + depth
         mask = self.masks.tree(anc, prefix, pos, pos)
         slots = prefix + torch.arange(big_n, device=dev)
-        stat = VerifyStats(tree_size=n, bucket=big_n, budget=c_b, accepted=0)
+        weights = node_weights(tree, self.node_weights, big_n)
+        stat = VerifyStats(tree_size=n, bucket=big_n, budget=c, accepted=0)
         if self.collect_expert_stats and not self.cuda_graphs:
             with record_experts() as rec:
-                logits = self.runner(tokens, pos, mask, slots, c_b)
+                logits = self.runner(tokens, pos, mask, slots, c, weights)
             _expert_stats(stat, rec.events)
         else:
-            logits = self.runner(tokens, pos, mask, slots, c_b)
+            logits = self.runner(tokens, pos, mask, slots, c, weights)
         return logits[:n, : self.vocab_size], stat
 
     def accept(self, tree: DraftTree, logits: torch.Tensor, sampling: SamplingConfig, generator=None,
@@ -278,8 +299,13 @@ class SpeculativeDecoder:
         return acc
 
     # --- helpers -----------------------------------------------------------------------------------
+    def _tree_shape(self, tree):
+        shape = as_tree_shape(tree)
+        check_tree_fits_vocab(shape, self.vocab_size)
+        return shape
+
     def _check_input(self, input_ids) -> torch.Tensor:
-        ids = torch.as_tensor(input_ids)
+        ids = check_input_ids(torch.as_tensor(input_ids), self.vocab_size)
         if ids.dim() == 1:
             ids = ids[None]
         if ids.dim() != 2 or ids.shape[1] == 0:
@@ -340,6 +366,7 @@ def _expert_stats(stat: VerifyStats, events) -> None:
     if not events:
         return
     stat.experts_per_layer = {ev.block: len(ev.experts) for ev in events}
+    stat.layer_budgets = {ev.block: ev.budget for ev in events}
     stat.budget_bound = any(ev.budget is not None and len(ev.experts) >= ev.budget for ev in events)
 
 

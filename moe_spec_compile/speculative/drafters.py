@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from .checks import check_int
 from .kv import Masks, TreeCache, forward, takes_cache_position
 from .tree import DraftTree, StaticTree, TreeSpec
 
@@ -169,7 +170,8 @@ class ModelDrafter(Drafter):
         local[gid] = torch.arange(gid.shape[0], device=dev)
         tree_parents = torch.where(all_parent[gid] >= 0, local[all_parent[gid].clamp(min=0)], -1)
         self._remember(gid, next_gid, fed_of)
-        return DraftTree(all_tok[gid], tree_parents, all_depth[gid])
+        all_logprob = torch.cat([root_logp.new_zeros(1), all_score])
+        return DraftTree(all_tok[gid], tree_parents, all_depth[gid], all_logprob[gid])
 
     def _draft_static(self, root: torch.Tensor, root_logp: torch.Tensor, shape: StaticTree) -> DraftTree:
         """Fixed tree: node (r_1, .., r_d) takes the r_d-th best token at its parent. Feed every
@@ -182,6 +184,7 @@ class ModelDrafter(Drafter):
         self._begin_tree(max(len(inner) - 1, 1))
         tokens = torch.zeros(n, dtype=torch.long, device=dev)
         tokens[0] = root[0]
+        logprob = torch.zeros(n, dtype=torch.float32, device=dev)  # cumulative draft log-prob of each path
         fed_id = {0: -1}
         logp_of = {0: root_logp[None]}  # node -> [1, V] log-probs (per level batch, row picked below)
         row_of = {0: 0}
@@ -190,8 +193,9 @@ class ModelDrafter(Drafter):
             need = max(paths[i][-1] for i in level) + 1
             for i in level:
                 p = parents[i]
-                top = logp_of[p][row_of[p]].topk(need).indices
+                top_lp, top = logp_of[p][row_of[p]].topk(need)
                 tokens[i] = top[paths[i][-1]]
+                logprob[i] = logprob[p] + top_lp[paths[i][-1]]
             feed = [i for i in level if i in inner]
             if feed:
                 fp = torch.tensor([fed_id[parents[i]] for i in feed], device=dev)
@@ -200,7 +204,7 @@ class ModelDrafter(Drafter):
                 for r, i in enumerate(feed):
                     fed_id[i], logp_of[i], row_of[i] = base + r, logp, r
         tree = DraftTree.from_lists([0] * n, parents, dev)
-        tree.tokens = tokens
+        tree.tokens, tree.logprob = tokens, logprob
         self._gid = torch.arange(n)
         self._gid_fed = torch.tensor([fed_id.get(i, -1) for i in range(n)])
         return tree
@@ -219,7 +223,10 @@ class NgramDrafter(Drafter):
     several earlier occurrences are merged into a trie; no model runs. Host-side Python."""
 
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1, max_matches: int = 16):
-        if not 1 <= min_ngram <= max_ngram:
+        check_int(max_ngram, "max_ngram", 1)
+        check_int(min_ngram, "min_ngram", 1)
+        check_int(max_matches, "max_matches", 1)
+        if not min_ngram <= max_ngram:
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
         self.max_ngram, self.min_ngram, self.max_matches = max_ngram, min_ngram, max_matches
         self.device = torch.device("cpu")

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .checks import check_int, check_rank
+
 __all__ = ["TreeSpec", "StaticTree", "DraftTree", "as_tree_shape", "ancestors"]
 
 
@@ -29,9 +31,7 @@ class TreeSpec:
 
     def __post_init__(self):
         for name in ("total_tokens", "depth", "top_k"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"TreeSpec.{name} must be an int >= 0, got {v!r}")
+            check_int(getattr(self, name), f"TreeSpec.{name}", 0)
         if self.total_tokens and (self.depth < 1 or self.top_k < 1):
             raise ValueError(f"TreeSpec with total_tokens > 0 needs depth >= 1 and top_k >= 1, got {self}")
 
@@ -58,10 +58,12 @@ class StaticTree:
 
     def __init__(self, paths):
         norm = set()
+        if isinstance(paths, str) or not hasattr(paths, "__iter__"):
+            raise ValueError(f"tree paths must be a list of tuples of child ranks, got {paths!r}")
         for p in paths:
-            p = tuple(int(r) for r in p)
-            if not p or min(p) < 0:
-                raise ValueError(f"static tree paths must be non-empty tuples of ranks >= 0, got {p!r}")
+            if isinstance(p, str) or not isinstance(p, (tuple, list)) or not p:
+                raise ValueError(f"tree paths must be non-empty tuples of child ranks (ints >= 0), got {p!r}")
+            p = tuple(check_rank(r, p) for r in p)
             for i in range(1, len(p) + 1):
                 norm.add(p[:i])
         object.__setattr__(self, "paths", tuple(sorted(norm, key=lambda q: (len(q), q))))
@@ -88,13 +90,12 @@ def as_tree_shape(tree) -> TreeSpec | StaticTree:
     """int K -> a chain of K drafted tokens; TreeSpec and StaticTree as they are; a list of paths -> StaticTree."""
     if isinstance(tree, (TreeSpec, StaticTree)):
         return tree
-    if isinstance(tree, int) and not isinstance(tree, bool):
-        if tree < 0:
-            raise ValueError(f"tree=K needs K >= 0, got {tree}")
-        return TreeSpec(tree, tree, 1)
     if isinstance(tree, (list, tuple)):
         return StaticTree(tree)
-    raise TypeError(f"tree must be an int K, a TreeSpec or a list of paths, got {type(tree).__name__}")
+    if isinstance(tree, bool) or not isinstance(tree, int):
+        raise ValueError(f"tree must be an int K (a chain), a TreeSpec or a list of paths, got {tree!r}")
+    k = check_int(tree, "tree", 0)
+    return TreeSpec(k, k, 1)
 
 
 @dataclass
@@ -103,11 +104,14 @@ class DraftTree:
 
     tokens [n] int64: node tokens, tokens[0] = the root.  parents [n] int64: parents[0] = -1 and
     parents[i] < i.  depth [n] int64: depth[0] = 0.  Siblings are listed in the drafter's order of
-    preference (sampling acceptance tries them in that order)."""
+    preference (sampling acceptance tries them in that order).  logprob [n] fp32 or None: the drafter's
+    cumulative log-probability of each node's path from the root (logprob[0] = 0), when it has one; the
+    decoder's node_weights="path" weighs the nodes' tokens by its exp in the budget's expert scores."""
 
     tokens: torch.Tensor
     parents: torch.Tensor
     depth: torch.Tensor
+    logprob: torch.Tensor | None = None
 
     @property
     def size(self) -> int:

@@ -1,0 +1,96 @@
+"""Argument checks of the speculative decoder, its drafters and tree shapes: a ValueError naming the argument.
+
+user arguments -> check_* -> the value (normalized) or ValueError("<argument> must be ..., got ...")
+
+Imported by decoder.py, drafters.py and tree.py; imports nothing of theirs (no cycle).
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+__all__ = ["check_compile_options", "check_int", "check_number", "check_sampling", "check_input_ids", "check_rank",
+           "check_tree_fits_vocab"]
+
+# compile options the decoder sets itself for every verify pass: passing them to the backend would be overridden
+_DECODER_OWNS = {
+    "budget": "pass budget= to SpeculativeDecoder (or to generate()); it binds every verify pass exactly",
+    "policy": "pass policy= to SpeculativeDecoder",
+    "max_budget_tokens": "the decoder budgets every verify pass whatever its size and keeps the prefill exact",
+}
+
+
+def check_compile_options(options) -> dict:
+    """compile_options for backend="moespec": a dict without the options the decoder applies itself."""
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise ValueError(f"compile_options must be a dict of moespec backend options, got {type(options).__name__}")
+    for key, how in _DECODER_OWNS.items():
+        if key in options:
+            raise ValueError(f"compile_options[{key!r}] is not accepted by SpeculativeDecoder: it would be "
+                             f"overridden on every verify pass; {how}")
+    return dict(options)
+
+
+def check_int(value, name: str, minimum: int | None = None) -> int:
+    """An int (bool refused: True is not a count) >= minimum."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_number(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    return float(value)
+
+
+def check_sampling(do_sample, temperature, top_p, top_k) -> None:
+    """generate()'s sampling arguments: temperature > 0 when sampling, top_p in (0, 1], top_k None or an int >= 1."""
+    if not isinstance(do_sample, bool):
+        raise ValueError(f"do_sample must be a bool, got {do_sample!r}")
+    temperature = check_number(temperature, "temperature")
+    if do_sample and not temperature > 0:
+        raise ValueError(f"temperature must be > 0 when sampling (do_sample=True), got {temperature}")
+    top_p = check_number(top_p, "top_p")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+    if top_k is not None:
+        check_int(top_k, "top_k", 1)
+
+
+def check_input_ids(ids: torch.Tensor, vocab_size: int | None = None) -> torch.Tensor:
+    """Integer token ids (not float, not bool), every id in [0, vocab_size)."""
+    if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
+        raise ValueError(f"input_ids must be an integer tensor of token ids, got dtype {ids.dtype}")
+    if vocab_size is not None and ids.numel():
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"input_ids must lie in [0, {vocab_size}) (the target's vocabulary), got "
+                             f"{lo if lo < 0 else hi}")
+    return ids
+
+
+def check_rank(rank, path) -> int:
+    """One child rank of a static tree path: an int >= 0 (0.5 is not truncated to 0)."""
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 0:
+        raise ValueError(f"tree paths must hold child ranks that are ints >= 0, got {rank!r} in {path!r}")
+    return int(rank)
+
+
+def check_tree_fits_vocab(shape, vocab_size: int) -> None:
+    """Child ranks (a static tree) and top_k (a TreeSpec) below the vocabulary size: rank r is the r-th best
+    token, and there are only vocab_size of them."""
+    paths = getattr(shape, "paths", None)
+    if paths is not None:
+        worst = max((r for p in paths for r in p), default=0)
+        if worst >= vocab_size:
+            raise ValueError(f"tree rank {worst} needs a vocabulary of more than {worst} tokens; the target has "
+                             f"{vocab_size}")
+    elif getattr(shape, "top_k", 0) > vocab_size:
+        raise ValueError(f"tree top_k={shape.top_k} exceeds the target's vocabulary of {vocab_size} tokens")
