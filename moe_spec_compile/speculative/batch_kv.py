@@ -17,9 +17,8 @@ them) and stay in the batch until the decoder packs the live rows into a smaller
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache
 
-from .kv import _additive, sliding_window_of
+from .kv import TreeCache, _additive, sliding_window_of
 
 __all__ = ["BatchCache", "BatchMasks", "batch_tree_mask", "batch_forward", "batch_ancestors"]
 
@@ -60,14 +59,15 @@ class _BatchLayer:
     get_max_length = get_max_cache_shape
 
 
-class BatchCache(Cache):
+class BatchCache(TreeCache):
     """A static [R, Hkv, S, d] KV cache per layer; ``slots`` [R, n] says where each row's next tokens go.
 
-    ``lengths`` [R] (device, int64) is each row's end of prefix, ``pad`` [R] its left padding. Models only
-    read the cache's own length when they get no position ids, and the decoder always passes them."""
+    ``lengths`` [R] (device, int64) is each row's end of prefix, ``pad`` [R] its left padding. The Cache API
+    the models call comes from kv.TreeCache; models only read the cache's own length (0 here) when they get
+    no position ids, and the decoder always passes them."""
 
     def __init__(self, num_layers: int, rows: int, max_len: int, device=None):
-        self.rows, self.max_len = int(rows), int(max_len)
+        self.rows, self.max_len, self.length = int(rows), int(max_len), 0
         self.lengths = torch.zeros(rows, dtype=torch.long, device=device)
         self.pad = torch.zeros(rows, dtype=torch.long, device=device)
         self.slots = torch.zeros(rows, 1, dtype=torch.long, device=device)
@@ -80,42 +80,10 @@ class BatchCache(Cache):
         cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
         return cls(cfg.num_hidden_layers, rows, max_len, device)
 
-    # --- the Cache API the models call ---------------------------------------------------------
-    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
-        return self.layers[layer_idx].update(key_states, value_states)
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return 0
-
-    def get_max_cache_shape(self, layer_idx: int = 0) -> int:
-        return self.max_len
-
-    def get_max_length(self) -> int:
-        return self.max_len
-
-    @property
-    def is_compileable(self) -> bool:
-        return True
-
-    @property
-    def is_initialized(self) -> bool:
-        return all(layer.is_initialized for layer in self.layers)
-
-    def __len__(self):
-        return len(self.layers)
-
     def __repr__(self):
         return f"BatchCache(layers={len(self.layers)}, rows={self.rows}, max_len={self.max_len})"
 
-    # --- what the decoder does with it ---------------------------------------------------------
-    def write_at(self, slots: torch.Tensor) -> None:
-        """The next forward writes row b's n tokens at ``slots[b]`` ([R, n]; copied into a fixed buffer
-        when the shape matches, so a captured CUDA graph keeps reading the same address)."""
-        if self.slots.shape == slots.shape:
-            self.slots.copy_(slots)
-        else:
-            self.slots = slots.to(dtype=torch.long, device=self.slots.device).clone()
-
+    # write_at(slots [R, n]) comes from TreeCache: a fixed buffer when the shape matches (CUDA graphs)
     def compact(self, order: torch.Tensor, start: torch.Tensor) -> None:
         """Move slots ``start[b] + order[b, i]`` to ``start[b] + i`` in every row and layer, on the device.
 

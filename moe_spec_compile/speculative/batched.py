@@ -38,7 +38,8 @@ from .accept import SamplingConfig, process_logits
 from .batch_accept import accept_greedy_batch, accept_sample_batch
 from .batch_drafters import BatchTree, batch_drafter_for
 from .batch_kv import BatchCache, BatchMasks, batch_ancestors, batch_forward
-from .buckets import pick_bucket
+from .buckets import _clone_mask, _copy_mask, pick_bucket
+from .decoder import GenerateOutput, _allow_recompiles  # decoder imports this module lazily (no cycle)
 from .tree import StaticTree, TreeSpec
 
 __all__ = ["DEFAULT_ROW_BUCKETS", "BatchGenerateStats", "BatchVerifyStats", "BatchVerifyRunner", "BatchedGenerator",
@@ -194,10 +195,10 @@ class BatchVerifyRunner:
         buf = self.static.get(key)
         if buf is None:
             buf = self.static[key] = {"tokens": tokens.clone(), "positions": positions.clone(), "slots": slots.clone(),
-                                      "weights": weights.clone(), "mask": _clone(mask)}
+                                      "weights": weights.clone(), "mask": _clone_mask(mask)}
         for name, value in (("tokens", tokens), ("positions", positions), ("slots", slots), ("weights", weights)):
             buf[name].copy_(value)
-        _copy(buf["mask"], mask)
+        _copy_mask(buf["mask"], mask)
         cache.slots = buf["slots"]  # batch_forward copies slots onto itself: the graph reads this address
         with budget_ctx(c, policy=self.policy, max_budget_tokens=None), token_weights(buf["weights"]):
             if key not in self.graphs:
@@ -231,15 +232,6 @@ class BatchVerifyRunner:
         self.graphs.clear()
 
 
-def _clone(mask):
-    return {k: v.clone() for k, v in mask.items()} if isinstance(mask, dict) else mask.clone()
-
-
-def _copy(dst, src) -> None:
-    for k in dst if isinstance(dst, dict) else [None]:
-        (dst[k] if k else dst).copy_(src[k] if k else src)
-
-
 class BatchedGenerator:
     """The batched loop behind ``SpeculativeDecoder.generate`` when input_ids has several rows.
 
@@ -254,13 +246,12 @@ class BatchedGenerator:
         self.max_len = 0
         self.runner = BatchVerifyRunner(dec.verify_model, dec.cuda_graphs, dec._cache_position, dec.policy)
         self.drafter = None
+        _allow_recompiles(len(self.row_buckets) * len(dec.tree_buckets) + 8)  # one graph per (R, N) when compiled
 
     # --- the loop ----------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, max_new_tokens: int, sampling: SamplingConfig, shape, schedule,
                  eos: set[int], pad_token_id: int | None, generator=None):
-        from .decoder import GenerateOutput
-
         ids, mask = check_batch(input_ids, attention_mask)
         ids, mask = ids.to(self.device), mask.to(self.device)
         b, length = ids.shape

@@ -130,7 +130,7 @@ class SpeculativeDecoder:
     bucket). The prefill is always exact; the budget applies to verify passes only.
     cuda_graphs: capture each (tree size, budget) bucket's verify pass once (default: on CUDA).
     collect_expert_stats: record experts per layer per verify pass (reads ids back to the host; default:
-    when not replaying graphs, where Python does not run). Batch size 1.
+    when not replaying graphs, where Python does not run). Batches [B, L]: generate with attention_mask.
     """
 
     def __init__(self, target, drafter: Drafter | None = None, tree=4, budget=None, policy: str = "substitute",
