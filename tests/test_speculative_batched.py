@@ -16,6 +16,8 @@ from test_speculative_sampling import CHI2_TAIL, _tiny_pair, chi2
 
 import moe_spec_compile as msc
 from moe_spec_compile.speculative import Drafter, GenerateStats
+from moe_spec_compile.speculative.batch_accept import accept_greedy_batch
+from moe_spec_compile.speculative.batch_drafters import BatchTree
 from moe_spec_compile.speculative.batch_kv import BatchCache
 from moe_spec_compile.speculative.batched import BatchGenerateStats, BatchVerifyRunner
 
@@ -85,6 +87,17 @@ def test_greedy_equals_batched_generate(target, draft, batch, kind, tree):
         assert out.stats.tokens_per_step > 2
 
 
+@pytest.mark.parametrize("family", ["deepseek_v3", "gpt_oss"])
+def test_families(family):
+    """DeepSeek-V3 (MLA: different key and value head dims) and GPT-OSS (sliding layers, window 16, with
+    sequences longer than the window) in a left-padded batch."""
+    model = build(family)[0]
+    ids, mask = left_padded([0, 5, 2], length=12, seed=2)
+    dec = msc.SpeculativeDecoder(model, drafter=msc.ModelDrafter(model), tree=msc.TreeSpec(6, 3, 2))
+    out = dec.generate(ids, attention_mask=mask, max_new_tokens=14, eos_token_id=None)
+    assert out.sequences.tolist() == reference(model, ids, mask, 14).tolist()
+
+
 def test_finished_rows_leave_the_pass(target, batch):
     """Rows stop on their own: after row 1's EOS the live rows move to a smaller rows bucket, finished rows
     stop voting, and the stats say so per row."""
@@ -124,6 +137,25 @@ def test_kv_compaction_matches_recompute(target, draft):
                 assert torch.allclose(layer.values[i, :, p:end], ref.layers[j].values[0], atol=1e-5)
                 checked += 1
     assert checked >= 3
+
+
+def test_padding_nodes_mirror_the_root(target):
+    """A tree bucket's padding node computes its row's root output (same token, position and view), so under
+    exact routing it adds no experts; acceptance never takes it."""
+    ids, mask = left_padded([0, 3], seed=4)
+    dec = msc.SpeculativeDecoder(target, drafter=msc.NgramDrafter(), tree=msc.TreeSpec(6, 3, 2))
+    dec.generate(ids, attention_mask=mask, max_new_tokens=4, eos_token_id=None)
+    gen = dec._batched
+    r = gen.cache.rows
+    rows = lambda xs: torch.tensor([xs] * r)  # noqa: E731
+    tree = BatchTree(rows([7, 8, 9]), rows([-1, 0, 1]), rows([0, 1, 2]), rows([True] * 3))
+    live = torch.ones(r, dtype=torch.bool)
+    logits, anc, padded, _ = gen.verify(tree, live, None, msc.TreeSpec(2, 2, 1))
+    assert logits.shape[1] == 4 and not padded.valid[:, 3].any()
+    assert torch.allclose(logits[:, 3], logits[:, 0], atol=1e-5)
+    assert not torch.allclose(logits[:, 1], logits[:, 0], atol=1e-3)
+    acc = accept_greedy_batch(padded, logits, anc, live)
+    assert not acc.on_path[:, 3].any()
 
 
 def test_batch_one_unchanged(target, draft):

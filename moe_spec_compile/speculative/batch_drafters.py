@@ -8,8 +8,8 @@ K top_k, D depth, F drafted nodes fed through the draft model per step, G candid
 
 All rows share the tree *shape* (a chain, a TreeSpec or a StaticTree) but not the tree: a ModelDrafter row
 expands its own best nodes, an n-gram row looks up its own history. Trees with fewer nodes than the widest
-row are padded (``BatchTree.valid`` False): a padded node repeats the root's token as a child of the root;
-the decoder gives it weight 0 in the budget's expert scores and acceptance never takes it.
+row are padded (``BatchTree.valid`` False): a padded node mirrors the root (pad_tree); the decoder gives it
+weight 0 in the budget's expert scores and acceptance never takes it.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from .kv import takes_cache_position
 from .tree import DraftTree, StaticTree, TreeSpec
 
 __all__ = ["BatchTree", "BatchAcceptance", "BatchModelDrafter", "BatchNgramDrafter", "batch_drafter_for",
-           "pad_trees"]
+           "pad_tree", "pad_trees"]
 
 
 @dataclass
@@ -64,17 +64,26 @@ class BatchAcceptance:
     bonus: list[int]
 
 
+def pad_tree(tree: BatchTree, n: int) -> BatchTree:
+    """Pad every row to n nodes. A padding node mirrors its row's root: the root's token at the root's depth
+    (position), and the decoder lets it attend what the root attends (batched.BatchedGenerator.verify), so it
+    computes the root's output and, under exact routing, picks the root's experts: no extra expert traffic."""
+    r, m = tree.tokens.shape
+    if m >= n:
+        return tree
+    dev, extra = tree.tokens.device, n - m
+    zeros = torch.zeros(r, extra, dtype=torch.long, device=dev)
+    return BatchTree(torch.cat([tree.tokens, tree.tokens[:, :1].expand(r, extra)], 1),
+                     torch.cat([tree.parents, zeros], 1), torch.cat([tree.depth, zeros], 1),
+                     torch.cat([tree.valid, zeros.bool()], 1))
+
+
 def pad_trees(trees: list[DraftTree], device) -> BatchTree:
-    """Stack per-row trees, padding each to the widest with root-token children of the root."""
+    """Stack per-row trees, each padded to the widest (pad_tree)."""
     n = max(t.size for t in trees)
-    rows = []
-    for t in trees:
-        pad = n - t.size
-        rows.append((torch.cat([t.tokens.to(device), t.tokens[:1].to(device).expand(pad)]),
-                     torch.cat([t.parents.to(device), torch.zeros(pad, dtype=torch.long, device=device)]),
-                     torch.cat([t.depth.to(device), torch.ones(pad, dtype=torch.long, device=device)]),
-                     torch.arange(n, device=device) < t.size))
-    return BatchTree(*(torch.stack(parts) for parts in zip(*rows)))
+    rows = [pad_tree(BatchTree(t.tokens.to(device)[None], t.parents.to(device)[None], t.depth.to(device)[None],
+                               torch.ones(1, t.size, dtype=torch.bool, device=device)), n) for t in trees]
+    return BatchTree(*(torch.cat(parts) for parts in zip(*((x.tokens, x.parents, x.depth, x.valid) for x in rows))))
 
 
 def batch_drafter_for(drafter):

@@ -36,7 +36,7 @@ from ..budget import budget as budget_ctx
 from ..record import record_experts
 from .accept import SamplingConfig, process_logits
 from .batch_accept import accept_greedy_batch, accept_sample_batch
-from .batch_drafters import BatchTree, batch_drafter_for
+from .batch_drafters import BatchTree, batch_drafter_for, pad_tree
 from .batch_kv import BatchCache, BatchMasks, batch_ancestors, batch_forward
 from .buckets import _clone_mask, _copy_mask, pick_bucket
 from .decoder import GenerateOutput, _allow_recompiles  # decoder imports this module lazily (no cycle)
@@ -338,8 +338,9 @@ class BatchedGenerator:
     def verify(self, tree: BatchTree, live: torch.Tensor, c, shape):
         """One forward of every row's padded tree under budget c -> (logits [R, N, V], anc, padded tree, stats).
 
-        Row b's nodes sit after its prefix (slots length_b ..), at positions length_b - pad_b + depth. Weights
-        for the budget's expert scores: 1 for a live row's real node, 0 for padding nodes and other rows."""
+        Row b's nodes sit after its prefix (slots length_b ..), at positions length_b - pad_b + depth; a padding
+        node sees what the root sees (pad_tree). Weights for the budget's expert scores: 1 for a live row's real
+        node, 0 for padding nodes and for dead and padding rows."""
         cache, dev = self.cache, self.device
         r, n = tree.tokens.shape
         big_n = pick_bucket(n, self.dec.tree_buckets)
@@ -348,8 +349,9 @@ class BatchedGenerator:
                              "msc.token_weights covers; use fewer rows or a smaller tree")
         if max(self.len_host) + big_n > self.max_len:
             raise RuntimeError(f"KV cache of {self.max_len} slots is full ({max(self.len_host)} + {big_n})")
-        tree = _pad_tree(tree, big_n)
+        tree = pad_tree(tree, big_n)
         anc = batch_ancestors(tree.parents, max(shape.depth, 1))
+        anc = torch.where(tree.valid[..., None], anc, torch.arange(big_n, device=dev) == 0)  # padding: as the root
         pos = (cache.lengths - cache.pad)[:, None] + tree.depth
         mask = self.masks.tree(anc, cache.lengths, cache.pad, pos, pos)
         slots = cache.lengths[:, None] + torch.arange(big_n, device=dev)
@@ -441,15 +443,3 @@ def _root_only(roots: torch.Tensor) -> BatchTree:
     r, dev = roots.shape[0], roots.device
     zero = torch.zeros(r, 1, dtype=torch.long, device=dev)
     return BatchTree(roots[:, None].clone(), zero - 1, zero, torch.ones(r, 1, dtype=torch.bool, device=dev))
-
-
-def _pad_tree(tree: BatchTree, n: int) -> BatchTree:
-    """Pad every row to n nodes: padding nodes repeat the root's token as children of the root."""
-    r, m = tree.tokens.shape
-    if m == n:
-        return tree
-    dev, extra = tree.tokens.device, n - m
-    return BatchTree(torch.cat([tree.tokens, tree.tokens[:, :1].expand(r, extra)], 1),
-                     torch.cat([tree.parents, torch.zeros(r, extra, dtype=torch.long, device=dev)], 1),
-                     torch.cat([tree.depth, torch.ones(r, extra, dtype=torch.long, device=dev)], 1),
-                     torch.cat([tree.valid, torch.zeros(r, extra, dtype=torch.bool, device=dev)], 1))
