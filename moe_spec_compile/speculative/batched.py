@@ -280,9 +280,10 @@ class BatchedGenerator:
             self._pack(drafting)
             c = schedule(len(stats.verify)) if callable(schedule) else schedule
             self._step(shape, c, sampling, generator, drafting, stats)
+        sequences = self._sequences(ids, pad_token_id)
         for rs, toks in zip(stats.rows, self.new):
             rs.new_tokens = len(toks)
-        return GenerateOutput(self._sequences(ids, pad_token_id), stats)
+        return GenerateOutput(sequences, stats)
 
     def _step(self, shape, c, sampling, generator, drafting: bool, stats: BatchGenerateStats) -> None:
         """draft -> verify -> accept for every live row."""
@@ -403,6 +404,7 @@ class BatchedGenerator:
     def _sequences(self, ids: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
         """[B, L + longest row's new tokens]: prompts as given, new tokens, then the pad token (transformers'
         layout; a row that stopped at EOS is padded after it)."""
+        self.new = [t[: max(self.max_new, 0)] for t in self.new]  # max_new_tokens=0: nothing, as at batch 1
         width = max(len(t) for t in self.new)
         if pad_token_id is None and any(len(t) < width for t in self.new):
             raise ValueError("rows finished at different lengths and there is no pad token: pass pad_token_id "
