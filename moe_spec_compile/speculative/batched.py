@@ -141,6 +141,21 @@ class BatchGenerateStats:
         }
 
 
+    def __str__(self) -> str:
+        s = self.summary()
+        t = s["time_s"]
+        rows = [
+            ("rows", f"{s['rows']}: {s['new_tokens']} new tokens in {s['steps']} verify passes"),
+            ("tokens per pass", f"{s['tokens_per_step']:.2f} per row (accepted drafts + 1 bonus)"),
+            ("tokens/s", "-" if s["tokens_per_s"] is None else f"{s['tokens_per_s']:.1f} (prefill included)"),
+            ("experts/layer", "not recorded" if s["experts_per_layer"] is None
+             else f"{s['experts_per_layer']:.1f} per verify pass, {s['experts_per_token']:.2f} per emitted token"),
+            ("time (s)", "  ".join(f"{k} {v:.3g}" for k, v in t.items())),
+            ("buckets", ", ".join(f"{r} rows x {n} tokens" for r, n in s["buckets"]) or "-"),
+        ]
+        return "\n".join(f"{name:<16} {value}" for name, value in rows)
+
+
 def check_batch(input_ids: torch.Tensor, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids [B, L], mask [B, L] int64) or ValueError: the mask must match input_ids' shape, hold 0/1 only,
     pad on the left (every row's zeros before its ones) and leave every row at least one real token."""
