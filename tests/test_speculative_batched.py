@@ -140,22 +140,23 @@ def test_kv_compaction_matches_recompute(target, draft):
 
 
 def test_padding_nodes_mirror_the_root(target):
-    """A tree bucket's padding node computes its row's root output (same token, position and view), so under
-    exact routing it adds no experts; acceptance never takes it."""
-    ids, mask = left_padded([0, 3], seed=4)
+    """A tree bucket's padding node, and every node of a dead row, computes its row's root output (same token,
+    position and view), so under exact routing it adds no experts; acceptance never takes it."""
+    ids, mask = left_padded([0, 3, 1], seed=4)
     dec = msc.SpeculativeDecoder(target, drafter=msc.NgramDrafter(), tree=msc.TreeSpec(6, 3, 2))
-    dec.generate(ids, attention_mask=mask, max_new_tokens=4, eos_token_id=None)
+    dec.generate(ids, attention_mask=mask, max_new_tokens=1, eos_token_id=None)  # prefill only: 4 rows stay
     gen = dec._batched
     r = gen.cache.rows
     rows = lambda xs: torch.tensor([xs] * r)  # noqa: E731
     tree = BatchTree(rows([7, 8, 9]), rows([-1, 0, 1]), rows([0, 1, 2]), rows([True] * 3))
-    live = torch.ones(r, dtype=torch.bool)
+    live = torch.tensor([True, False] + [True] * (r - 2))
     logits, anc, padded, _ = gen.verify(tree, live, None, msc.TreeSpec(2, 2, 1))
-    assert logits.shape[1] == 4 and not padded.valid[:, 3].any()
+    assert r == 4 and logits.shape[1] == 4 and not padded.valid[:, 3].any() and not padded.valid[1].any()
     assert torch.allclose(logits[:, 3], logits[:, 0], atol=1e-5)
-    assert not torch.allclose(logits[:, 1], logits[:, 0], atol=1e-3)
+    assert torch.allclose(logits[1], logits[1, :1].expand(4, -1), atol=1e-5)  # the dead row: all as its root
+    assert not torch.allclose(logits[0, 1], logits[0, 0], atol=1e-3)
     acc = accept_greedy_batch(padded, logits, anc, live)
-    assert not acc.on_path[:, 3].any()
+    assert not acc.on_path[:, 3].any() and not acc.on_path[1].any()
 
 
 def test_batch_one_unchanged(target, draft):

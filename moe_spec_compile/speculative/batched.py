@@ -21,7 +21,9 @@ R * C experts, which is not the budget C a user asked for.
 
 Rows that finish (EOS or max_new_tokens) stop voting at once and leave the pass when the live rows fit a
 smaller rows bucket: both caches are packed on the device (index_select over rows), the per-bucket target
-cache keeps its buffers so CUDA graphs captured for it stay valid.
+cache keeps its buffers so CUDA graphs captured for it stay valid. Until then a dead row's nodes (like the
+padding nodes of a narrower tree) mirror its root: same token, position and view, so under exact routing
+they pick the root's experts and a dead row adds at most k experts per layer to the pass.
 """
 
 from __future__ import annotations
@@ -355,8 +357,9 @@ class BatchedGenerator:
         """One forward of every row's padded tree under budget c -> (logits [R, N, V], anc, padded tree, stats).
 
         Row b's nodes sit after its prefix (slots length_b ..), at positions length_b - pad_b + depth; a padding
-        node sees what the root sees (pad_tree). Weights for the budget's expert scores: 1 for a live row's real
-        node, 0 for padding nodes and for dead and padding rows."""
+        node, and every node of a dead row, sees what the root sees (pad_tree): under exact routing it adds no
+        experts beyond its row's root's. Weights for the budget's expert scores: 1 for a live row's real node, 0
+        for padding nodes and for dead and padding rows."""
         cache, dev = self.cache, self.device
         r, n = tree.tokens.shape
         big_n = pick_bucket(n, self.dec.tree_buckets)
@@ -366,12 +369,15 @@ class BatchedGenerator:
         if max(self.len_host) + big_n > self.max_len:
             raise RuntimeError(f"KV cache of {self.max_len} slots is full ({max(self.len_host)} + {big_n})")
         tree = pad_tree(tree, big_n)
+        valid = tree.valid & live[:, None]  # a dead row's nodes all mirror its root too: at most k experts
+        tree = BatchTree(torch.where(valid, tree.tokens, tree.tokens[:, :1]), tree.parents,
+                         torch.where(valid, tree.depth, 0), valid)
         anc = batch_ancestors(tree.parents, max(shape.depth, 1))
-        anc = torch.where(tree.valid[..., None], anc, torch.arange(big_n, device=dev) == 0)  # padding: as the root
+        anc = torch.where(valid[..., None], anc, torch.arange(big_n, device=dev) == 0)  # padding: as the root
         pos = (cache.lengths - cache.pad)[:, None] + tree.depth
         mask = self.masks.tree(anc, cache.lengths, cache.pad, pos, pos)
         slots = cache.lengths[:, None] + torch.arange(big_n, device=dev)
-        weights = (tree.valid & live[:, None]).float().reshape(-1)
+        weights = valid.float().reshape(-1)
         stat = BatchVerifyStats(rows=sum(self.live_host), row_bucket=r, tree_size=n, bucket=big_n,
                                 tokens=int(weights.sum()), budget=c)
         if self.dec.collect_expert_stats and not self.dec.cuda_graphs:
