@@ -103,12 +103,6 @@ def test_kv_compaction_matches_recompute(target, draft):
             assert torch.allclose(layer.values[:, :, :n], ref.layers[i].values, atol=1e-5)
 
 
-def test_batch_refused(target):
-    dec = msc.SpeculativeDecoder(target, tree=2)
-    with pytest.raises(ValueError, match="batch size 1"):
-        dec.generate(torch.zeros(2, 4, dtype=torch.long), max_new_tokens=2)
-
-
 @pytest.fixture(scope="module")
 def compiled(target):
     """The target compiled by the moespec backend (eager inner compiler: fast on the CPU)."""

@@ -5,6 +5,7 @@ prompt -> prefill (exact) -> [draft tree -> verify (budget C) -> accept path + b
 """
 
 from .accept import SamplingConfig
+from .batched import BatchGenerateStats, BatchVerifyStats
 from .decoder import GenerateOutput, GenerateStats, SpeculativeDecoder, VerifyStats
 from .drafters import Drafter, ModelDrafter, NgramDrafter
 from .tree import DraftTree, StaticTree, TreeSpec
@@ -14,6 +15,8 @@ __all__ = [
     "GenerateOutput",
     "GenerateStats",
     "VerifyStats",
+    "BatchGenerateStats",
+    "BatchVerifyStats",
     "SamplingConfig",
     "Drafter",
     "ModelDrafter",

@@ -143,7 +143,7 @@ class SpeculativeDecoder:
     budget_buckets: deprecated and ignored (a DeprecationWarning): budgets are no longer rounded to buckets.
     cuda_graphs: capture each tree-size bucket's verify pass once (default: on CUDA).
     collect_expert_stats: record experts per layer per verify pass (reads ids back to the host; default:
-    when not replaying graphs, where Python does not run). Batch size 1.
+    when not replaying graphs, where Python does not run). Batches [B, L]: generate with attention_mask.
     """
 
     def __init__(self, target, drafter: Drafter | None = None, tree=4, budget=None, policy: str = "substitute",
@@ -186,17 +186,25 @@ class SpeculativeDecoder:
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 128, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int | None = None, eos_token_id=_UNSET,
-                 generator: torch.Generator | None = None, tree=_UNSET, budget=_UNSET) -> GenerateOutput:
+                 generator: torch.Generator | None = None, tree=_UNSET, budget=_UNSET, attention_mask=None,
+                 pad_token_id=_UNSET) -> GenerateOutput:
         """Generate up to max_new_tokens after input_ids [1, L]; stops after the first EOS (included).
 
         With do_sample=False the output equals the target's own greedy decoding when the budget is None.
-        Sampling keeps the target's distribution (after temperature, top_k, top_p) exactly."""
-        ids = self._check_input(input_ids)
+        Sampling keeps the target's distribution (after temperature, top_k, top_p) exactly.
+        A batch (input_ids [B, L], B > 1, or a mask with padding; attention_mask [B, L] left-padded) goes
+        to batched.BatchedGenerator: rows stop on their own, .sequences is [B, L + the longest row's new
+        tokens] padded with pad_token_id (default: generation_config's, else the first EOS) as
+        transformers returns it, and .stats is a batched.BatchGenerateStats (per row and overall)."""
         max_new_tokens = check_int(max_new_tokens, "max_new_tokens", 1)
         sampling = SamplingConfig(do_sample, temperature, top_p, top_k)
         shape = self.tree if tree is _UNSET else self._tree_shape(tree)
         schedule = self.budget if budget is _UNSET else _check_budget(budget)
         eos = self._eos_set(eos_token_id)
+        if _is_batch(check_input_ids(torch.as_tensor(input_ids), self.vocab_size), attention_mask):
+            return self._generate_batch(input_ids, attention_mask, max_new_tokens, sampling, shape, schedule, eos,
+                                        pad_token_id, generator)
+        ids = self._check_input(input_ids)
         stats = GenerateStats()
         self._allocate(ids.shape[1] + max_new_tokens, shape)
 
@@ -298,6 +306,24 @@ class SpeculativeDecoder:
             self.drafter.accept(acc.path, acc.tokens + [acc.bonus])
         return acc
 
+    def _generate_batch(self, input_ids, attention_mask, max_new_tokens, sampling, shape, schedule, eos,
+                        pad_token_id, generator) -> GenerateOutput:
+        """Batched generation (batched.py); one BatchedGenerator per decoder keeps its caches and graphs."""
+        from .batched import BatchedGenerator
+
+        if getattr(self, "_batched", None) is None:
+            self._batched = BatchedGenerator(self)
+        if pad_token_id is _UNSET:
+            pad_token_id = getattr(getattr(self.eager_target, "generation_config", None), "pad_token_id", None)
+            if pad_token_id is None and eos:
+                pad_token_id = (self._eos_list() or sorted(eos))[0]
+        return self._batched.generate(input_ids, attention_mask, max_new_tokens, sampling, shape, schedule, eos,
+                                      pad_token_id, generator)
+
+    def _eos_list(self) -> list[int]:
+        eos = getattr(getattr(self.eager_target, "generation_config", None), "eos_token_id", None)
+        return list(eos) if isinstance(eos, (list, tuple)) else [] if eos is None else [eos]
+
     # --- helpers -----------------------------------------------------------------------------------
     def _tree_shape(self, tree):
         shape = as_tree_shape(tree)
@@ -368,6 +394,17 @@ def _expert_stats(stat: VerifyStats, events) -> None:
     stat.experts_per_layer = {ev.block: len(ev.experts) for ev in events}
     stat.layer_budgets = {ev.block: ev.budget for ev in events}
     stat.budget_bound = any(ev.budget is not None and len(ev.experts) >= ev.budget for ev in events)
+
+
+def _is_batch(input_ids, attention_mask) -> bool:
+    """Several rows, or one row with padding in its mask (shape errors are raised by batched.check_batch)."""
+    from .batched import check_batch
+
+    ids = torch.as_tensor(input_ids)
+    if attention_mask is None:
+        return ids.dim() == 2 and ids.shape[0] > 1
+    _, mask = check_batch(ids, attention_mask)
+    return mask.shape[0] > 1 or bool((mask == 0).any())
 
 
 def _truncate(tokens: list[int], max_new_tokens: int, eos: set[int]) -> list[int]:
