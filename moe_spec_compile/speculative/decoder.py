@@ -137,9 +137,10 @@ class SpeculativeDecoder:
     data, so one graph per tree-size bucket serves every budget; C is never rounded up). The prefill is
     always exact. policy: "substitute" | "truncate". Budget, policy and max_budget_tokens are the decoder's
     own: passing them in ``compile_options`` raises a ValueError.
-    node_weights: how much each tree node's token counts when the budget picks its experts: "path" (the
-    drafter's path probability; "uniform" for drafters without probabilities, e.g. NgramDrafter), "depth"
-    (0.5 ** depth) or "uniform"; padding rows always weigh 0 (speculative/weights.py).
+    node_weights: how much each tree node's token counts when the budget picks its experts: "depth" (0.5 **
+    depth; the default, measured best: benchmarks/results/node_weights_cpu.md), "path" (the drafter's path
+    probability; "uniform" for drafters without probabilities, e.g. NgramDrafter) or "uniform"; padding rows
+    always weigh 0 (speculative/weights.py).
     budget_buckets: deprecated and ignored (a DeprecationWarning): budgets are no longer rounded to buckets.
     cuda_graphs: capture each tree-size bucket's verify pass once (default: on CUDA).
     collect_expert_stats: record experts per layer per verify pass (reads ids back to the host; default:
