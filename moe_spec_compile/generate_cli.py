@@ -4,7 +4,7 @@ random model built from a transformers config class.
 arguments (all checked first) -> target + drafter -> SpeculativeDecoder(target compiled with backend="moespec",
 tree, budget) -> the prompt with its continuation, tokens/s and the decoding stats (or --json)
 
-    moespec generate --prompt "def main(argv):" --budget 8 --tree 16,4,4
+    moespec generate --prompt "def main(argv):" --budget 16 --tree 16,4,4
     moespec generate --model path/to/checkpoint --draft path/to/draft --budget 16
     moespec generate --config Qwen3MoeConfig --prompt-ids 5,17,33 --tree 4 --budget none
 """
