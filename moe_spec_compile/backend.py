@@ -19,7 +19,14 @@ from dataclasses import dataclass
 
 import torch
 
-from .budget import BudgetConfig, validate_budget_spec, validate_max_tokens, validate_policy, validate_score
+from .budget import (
+    DEFAULT_SCORE,
+    BudgetConfig,
+    validate_budget_spec,
+    validate_max_tokens,
+    validate_policy,
+    validate_score,
+)
 
 __all__ = ["CompileOptions", "moespec_backend", "parse_options"]
 
@@ -43,7 +50,7 @@ def parse_options(options: dict | None) -> CompileOptions:
         validate_budget_spec(options.get("budget")),
         validate_policy(options.get("policy", "substitute")),
         validate_max_tokens(options.get("max_budget_tokens", 256)),
-        validate_score(options.get("score", "prob")),
+        validate_score(options.get("score", DEFAULT_SCORE)),
     )
     inner = options.get("inner", "inductor")
     if inner not in ("inductor", "eager"):

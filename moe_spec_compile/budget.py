@@ -22,12 +22,13 @@ from dataclasses import dataclass
 import torch
 
 __all__ = ["POLICIES", "BudgetConfig", "Coverage", "budget", "budget_set", "effective_budget", "validate_budget",
-           "validate_budget_spec", "expert_stats", "reset_expert_stats", "token_weights", "SCORES"]
+           "validate_budget_spec", "expert_stats", "reset_expert_stats", "token_weights", "SCORES", "DEFAULT_SCORE"]
 
 POLICIES = ("substitute", "truncate")
 MAX_SLOTS = 1024
 MAX_TOKENS = 8192  # passes up to this many tokens can carry per-token weights (node weights of a draft tree)
 SCORES = ("prob", "topk", "top1")
+DEFAULT_SCORE = "topk"  # best measured on the bundled pair: benchmarks/results/scores_cpu.md
 _UNSET = object()
 
 
@@ -94,13 +95,14 @@ def validate_score(value) -> str:
 @dataclass(frozen=True)
 class BudgetConfig:
     """Compile-time budget of a graph: spec (see validate_budget_spec), policy, max_budget_tokens (passes
-    with more tokens, e.g. prefill, stay exact) and the expert score ("prob": summed router probabilities;
-    "topk": summed routing weights of each token's own top-k; "top1": each token's top-1 expert first)."""
+    with more tokens, e.g. prefill, stay exact) and the expert score ("topk", the default: summed routing
+    weights of each token's own top-k; "prob": summed router probabilities; "top1": each token's top-1 expert
+    first)."""
 
     budget: object = None
     policy: str = "substitute"
     max_budget_tokens: int | None = 256
-    score: str = "prob"
+    score: str = DEFAULT_SCORE
 
     def __post_init__(self):
         object.__setattr__(self, "budget", _freeze(validate_budget_spec(self.budget)))

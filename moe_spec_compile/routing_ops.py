@@ -6,8 +6,10 @@ weight post-processing -> budget_apply (truncate: drop slots outside A) -> exper
 
 Legend: T tokens, E experts, k top-k, C budget, B rows, L mask length.
 
-Scores (score="prob", the default): s_e = sum over the pass's tokens of w_t times the router's probability
-for e (softmax routers: the full softmax; sigmoid routers: the sigmoid). w_t: 0 for padding where the graph
+Scores: "prob", s_e = sum over the pass's tokens of w_t times the router's probability for e (softmax
+routers: the full softmax; sigmoid routers: the sigmoid); "topk" (the default, budget.DEFAULT_SCORE), the same
+sum over each token's own top-k only, renormalized per token (the weights the model applies); "top1", "prob"
+with every token's first choice ranked first. w_t: 0 for padding where the graph
 holds the model's 2-D attention mask [B, L] (the pass's S = T / B tokens are its last S columns), times
 msc.token_weights (a draft tree's node weights); 1 otherwise. A = the C best by s (ties: lower index), with
 C read from the block's slot in budget.tables on the device. Both ops have exact gradients with respect to

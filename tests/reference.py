@@ -12,6 +12,8 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from moe_spec_compile.budget import DEFAULT_SCORE  # the package default: a setting, not semantics
+
 
 def budget_mask(probs: torch.Tensor, c: int, score: str = "prob", x: torch.Tensor | None = None, k: int = 0,
                 weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -84,7 +86,7 @@ def _per_router(c, index: int, name: str):
 
 
 @contextlib.contextmanager
-def reference_budget(model, c, policy: str, score: str = "prob", weights: torch.Tensor | None = None):
+def reference_budget(model, c, policy: str, score: str = DEFAULT_SCORE, weights: torch.Tensor | None = None):
     """Inside: the eager model routes with budget C under `policy`, in plain PyTorch. c: an int, a list in layer
     order or a dict {block name: C}; a router whose C is None (or >= E) stays exact. weights [T]: each token's
     weight in the expert scores (msc.token_weights), over the pass's flattened tokens."""
