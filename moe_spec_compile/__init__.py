@@ -25,6 +25,7 @@ __all__ = [
     "SpeculativeDecoder",
     "ModelDrafter",
     "NgramDrafter",
+    "OracleDrafter",
     "TreeSpec",
     "load_tiny",
 ]
@@ -35,6 +36,7 @@ _LAZY = {
     "SpeculativeDecoder": ".speculative",
     "ModelDrafter": ".speculative",
     "NgramDrafter": ".speculative",
+    "OracleDrafter": ".speculative",
     "TreeSpec": ".speculative",
     "load_tiny": ".tiny",
 }

@@ -6,7 +6,7 @@ prompt -> prefill (exact) -> [draft tree -> verify (budget C) -> accept path + b
 
 from .accept import SamplingConfig
 from .decoder import GenerateOutput, GenerateStats, SpeculativeDecoder, VerifyStats
-from .drafters import Drafter, ModelDrafter, NgramDrafter
+from .drafters import Drafter, ModelDrafter, NgramDrafter, OracleDrafter
 from .tree import DraftTree, StaticTree, TreeSpec
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "Drafter",
     "ModelDrafter",
     "NgramDrafter",
+    "OracleDrafter",
     "DraftTree",
     "StaticTree",
     "TreeSpec",

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..backend import is_moespec_compiled
 from ..budget import budget as budget_ctx
 from ..budget import validate_budget, validate_policy
 from ..record import record_experts
@@ -147,6 +148,8 @@ class SpeculativeDecoder:
         self.drafter = drafter if drafter is not None else NgramDrafter()
         self.tree = as_tree_shape(tree)
         self.budget = _check_budget(budget)
+        self._budgets_bind = compile or is_moespec_compiled(target)
+        _refuse_unbound(self.budget, self._budgets_bind)
         self.policy = validate_policy(policy)
         self.tree_buckets, self.budget_buckets = tuple(tree_buckets), tuple(budget_buckets)
         self.device = next(self.eager_target.parameters()).device
@@ -174,7 +177,7 @@ class SpeculativeDecoder:
         ids = self._check_input(input_ids)
         sampling = SamplingConfig(do_sample, temperature, top_p, top_k)
         shape = self.tree if tree is _UNSET else as_tree_shape(tree)
-        schedule = self.budget if budget is _UNSET else _check_budget(budget)
+        schedule = self.budget if budget is _UNSET else _refuse_unbound(_check_budget(budget), self._budgets_bind)
         eos = self._eos_set(eos_token_id)
         stats = GenerateStats()
         self._allocate(ids.shape[1] + max_new_tokens, shape)
@@ -334,6 +337,16 @@ def _check_budget(budget):
         raise NotImplementedError("budget='auto' needs a cost model that picks C per step, which this package does "
                                   "not have yet; pass None, an int C, or a callable step -> C")
     return budget if callable(budget) else validate_budget(budget)
+
+
+def _refuse_unbound(budget, binds: bool):
+    """A budget binds only inside a moespec-compiled target: refuse it elsewhere rather than report a budget that
+    did not apply (issue 14). Returns the budget."""
+    if budget is not None and not binds:
+        raise ValueError(f"budget={budget!r} needs a target compiled with the moespec backend: pass compile=True, "
+                         "or compile the target with torch.compile(target, backend=\"moespec\") yourself; "
+                         "this target would ignore the budget (use budget=None for exact decoding)")
+    return budget
 
 
 def _expert_stats(stat: VerifyStats, events) -> None:
