@@ -28,6 +28,8 @@ __all__ = [
     "OracleDrafter",
     "TreeSpec",
     "load_tiny",
+    "CostModel",
+    "profile",
 ]
 
 # Heavier pieces load on first use, so `import moe_spec_compile` stays cheap.
@@ -39,6 +41,8 @@ _LAZY = {
     "OracleDrafter": ".speculative",
     "TreeSpec": ".speculative",
     "load_tiny": ".tiny",
+    "CostModel": ".cost",
+    "profile": ".cost",
 }
 
 
