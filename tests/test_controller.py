@@ -63,3 +63,46 @@ def test_budget_without_moespec_target_is_refused(target):
     out = msc.SpeculativeDecoder(own, tree=2, budget=4).generate(PROMPT, max_new_tokens=6, eos_token_id=None)
     assert {c for _, c in out.stats.buckets} == {4}
     assert all(max(v.experts_per_layer.values()) <= 4 for v in out.stats.verify)
+
+
+def test_controller_falls_back_to_autoregressive_with_a_wrong_drafter(target):
+    oracle = msc.OracleDrafter(target, acceptance=0.0, seed=5)  # every drafted token wrong
+    oracle.precompute([PROMPT], 40)
+    dec = msc.SpeculativeDecoder(target, drafter=oracle, tree="auto")
+    for _ in range(2):
+        out = dec.generate(PROMPT, max_new_tokens=40, eos_token_id=None)
+        assert out.sequences[0].tolist() == reference(target, PROMPT, 40)
+    trace = out.stats.decisions
+    assert len(trace) == out.stats.steps and all(d.tokens == 1 for d in trace)
+    assert trace[-1].tree == "ar" and trace[-1].phase == "set"
+    assert sum(d.tree == "ar" for d in trace) >= 0.75 * len(trace)  # speculation only in short tests/probes
+    sets = [d for d in trace if d.phase == "set"]
+    assert sets and all(d.tree == "ar" for d in sets)
+
+
+def test_controller_speculates_with_the_oracle_and_stays_exact(target):
+    oracle = msc.OracleDrafter(target, acceptance=1.0)
+    oracle.precompute([PROMPT], 48)
+    dec = msc.SpeculativeDecoder(target, drafter=oracle, tree="auto")
+    for _ in range(2):
+        out = dec.generate(PROMPT, max_new_tokens=48, eos_token_id=None)
+        assert out.sequences[0].tolist() == reference(target, PROMPT, 48)
+    sets = [d for d in out.stats.decisions if d.phase == "set"]
+    assert sets and all(d.tree != "ar" for d in sets)
+    assert out.stats.tokens_per_step > 2
+
+
+def test_budget_auto(target):
+    with pytest.raises(ValueError, match="compile=True"):
+        msc.SpeculativeDecoder(target, tree=4, budget="auto", min_budget=4)
+    dec = msc.SpeculativeDecoder(target, drafter=msc.OracleDrafter(target, 1.0), tree=4, budget="auto")
+    assert [c for _, c in dec.controller.configs] == [None]  # no min_budget: exact only
+    out = dec.generate(PROMPT, max_new_tokens=12, eos_token_id=None)
+    assert out.sequences[0].tolist() == reference(target, PROMPT, 12) and {v.budget for v in out.stats.verify} == {None}
+    dec = msc.SpeculativeDecoder(target, drafter=msc.OracleDrafter(target, 1.0), tree="auto", budget="auto",
+                                 min_budget=4, compile=True, compile_options={"inner": "eager"})
+    assert sorted({c or 0 for _, c in dec.controller.configs}) == [0, 4, 8]  # E = 16: 4, 8 and exact
+    out = dec.generate(PROMPT, max_new_tokens=24, eos_token_id=None)
+    assert {v.budget for v in out.stats.verify} <= {None, 4, 8}
+    with pytest.raises(ValueError, match="min_budget"):
+        msc.SpeculativeDecoder(target, tree=4, min_budget=4)

@@ -19,6 +19,7 @@ from ..budget import validate_budget, validate_policy
 from ..record import record_experts
 from .accept import Acceptance, SamplingConfig, accept_greedy, accept_sample
 from .buckets import DEFAULT_BUDGET_BUCKETS, DEFAULT_TREE_BUCKETS, VerifyRunner, pick_bucket
+from .controller import make_controller
 from .drafters import Drafter, NgramDrafter
 from .kv import Masks, TreeCache, forward, takes_cache_position
 from .tree import DraftTree, StaticTree, TreeSpec, ancestors, as_tree_shape
@@ -48,6 +49,7 @@ class GenerateStats:
     time_draft: float = 0.0
     time_verify: float = 0.0
     time_accept: float = 0.0
+    decisions: list = field(default_factory=list)  # tree="auto" / budget="auto": one controller.Decision per step
 
     @property
     def tokens_per_step(self) -> float:
@@ -125,10 +127,15 @@ class SpeculativeDecoder:
     here with backend="moespec" (``compile_options`` go to the backend, e.g. ``{"inner": "eager"}``), one
     graph per tree-size bucket (dynamo's recompile limit is raised to fit the buckets; a target compiled
     by the caller needs the same, ``torch._dynamo.config.recompile_limit``).
-    Budgets only bind inside a moespec-compiled target. drafter: ModelDrafter, NgramDrafter or anything
+    Budgets only bind inside a moespec-compiled target: a budget for any other target (compile=False) is
+    refused with a ValueError. drafter: ModelDrafter, NgramDrafter or anything
     with the Drafter interface (default NgramDrafter()). tree: int K (a chain), TreeSpec, or a list of
     paths. budget: None (exact), an int C, or a callable ``step -> C`` (a schedule; each value goes to its
     bucket). The prefill is always exact; the budget applies to verify passes only.
+    tree="auto" / budget="auto": a controller (controller.py) picks the tree shape, including no speculation,
+    and the budget per step by Cascade's utility, with the cost model as prior; budget="auto" picks among
+    exact and min_budget, 2*min_budget, ... (without min_budget it stays exact); controller= a Controller to
+    use instead (its trees and budgets); out.stats.decisions holds the trace.
     cuda_graphs: capture each (tree size, budget) bucket's verify pass once (default: on CUDA).
     collect_expert_stats: record experts per layer per verify pass (reads ids back to the host; default:
     when not replaying graphs, where Python does not run). Batch size 1.
@@ -137,7 +144,8 @@ class SpeculativeDecoder:
     def __init__(self, target, drafter: Drafter | None = None, tree=4, budget=None, policy: str = "substitute",
                  compile: bool = False, compile_options: dict | None = None, tree_buckets=DEFAULT_TREE_BUCKETS,
                  budget_buckets=DEFAULT_BUDGET_BUCKETS, cuda_graphs: bool | None = None,
-                 collect_expert_stats: bool | None = None, timing: bool = True):
+                 collect_expert_stats: bool | None = None, timing: bool = True, min_budget: int | None = None,
+                 controller=None):
         self.target = target
         self.eager_target = getattr(target, "_orig_mod", target)  # prefill runs here: exact, any length
         self.verify_model = target
@@ -146,8 +154,12 @@ class SpeculativeDecoder:
             self.verify_model = torch.compile(self.eager_target, backend="moespec", dynamic=False, options=options)
             _allow_recompiles(len(tree_buckets) + 8)
         self.drafter = drafter if drafter is not None else NgramDrafter()
-        self.tree = as_tree_shape(tree)
-        self.budget = _check_budget(budget)
+        self._tree_arg, self._budget_arg = tree, budget
+        self.controller = make_controller(tree, budget, min_budget, controller, self.eager_target)
+        self.tree = as_tree_shape(0 if tree == "auto" else tree)
+        self.budget = None if budget == "auto" else _check_budget(budget)
+        if self.controller is not None and any(c is not None for _, c in self.controller.configs):
+            _refuse_unbound(min_budget, compile or is_moespec_compiled(target))
         self._budgets_bind = compile or is_moespec_compiled(target)
         _refuse_unbound(self.budget, self._budgets_bind)
         self.policy = validate_policy(policy)
@@ -176,22 +188,27 @@ class SpeculativeDecoder:
         Sampling keeps the target's distribution (after temperature, top_k, top_p) exactly."""
         ids = self._check_input(input_ids)
         sampling = SamplingConfig(do_sample, temperature, top_p, top_k)
-        shape = self.tree if tree is _UNSET else as_tree_shape(tree)
-        schedule = self.budget if budget is _UNSET else _refuse_unbound(_check_budget(budget), self._budgets_bind)
+        ctl = self._auto(tree, budget)
+        shape = ctl.envelope() if ctl else self.tree if tree is _UNSET else as_tree_shape(tree)
+        schedule = self.budget if budget is _UNSET or ctl else _refuse_unbound(_check_budget(budget),
+                                                                              self._budgets_bind)
         eos = self._eos_set(eos_token_id)
         stats = GenerateStats()
         self._allocate(ids.shape[1] + max_new_tokens, shape)
 
         t = self._clock()
         root = self.prefill(ids, sampling, generator)
-        drafting = shape.max_nodes > 0  # tree=0: plain autoregressive decoding through the same verify path
+        drafting = ctl.drafts if ctl else shape.max_nodes > 0  # tree=0: autoregressive, through the verify path
         if drafting:
             self.drafter.start(ids, self.cache.max_len)
         stats.time_prefill = self._clock() - t
         new = [root]
         while len(new) < max_new_tokens and root not in eos:
-            c = schedule(stats.steps) if callable(schedule) else schedule
-            emitted = self._step(root, shape, c, sampling, generator, drafting, stats)
+            if ctl:
+                emitted = ctl.step(self, root, sampling, generator, stats)
+            else:
+                c = schedule(stats.steps) if callable(schedule) else schedule
+                emitted = self._step(root, shape, c, sampling, generator, drafting, stats)
             new.extend(emitted)
             root = emitted[-1]
             if eos & set(emitted):
@@ -281,6 +298,20 @@ class SpeculativeDecoder:
         return acc
 
     # --- helpers -----------------------------------------------------------------------------------
+    def _auto(self, tree, budget):
+        """The controller, started for a request, when this call's tree or budget is "auto" (else None)."""
+        tree = self._tree_arg if tree is _UNSET else tree
+        budget = self._budget_arg if budget is _UNSET else budget
+        if tree != "auto" and budget != "auto":
+            return None
+        if self.controller is None or (tree, budget) != (self._tree_arg, self._budget_arg):
+            raise ValueError("tree='auto' / budget='auto' are chosen when the decoder is made "
+                             "(SpeculativeDecoder(..., tree='auto', budget='auto', min_budget=...))")
+        if not hasattr(self.controller, "decoder"):
+            self.controller.bind(self)
+        self.controller.start()
+        return self.controller
+
     def _check_input(self, input_ids) -> torch.Tensor:
         ids = torch.as_tensor(input_ids)
         if ids.dim() == 1:
