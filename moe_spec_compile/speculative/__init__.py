@@ -5,6 +5,7 @@ prompt -> prefill (exact) -> [draft tree -> verify (budget C) -> accept path + b
 """
 
 from .accept import SamplingConfig
+from .controller import Controller, Decision
 from .decoder import GenerateOutput, GenerateStats, SpeculativeDecoder, VerifyStats
 from .drafters import Drafter, ModelDrafter, NgramDrafter, OracleDrafter
 from .tree import DraftTree, StaticTree, TreeSpec
@@ -15,6 +16,8 @@ __all__ = [
     "GenerateStats",
     "VerifyStats",
     "SamplingConfig",
+    "Controller",
+    "Decision",
     "Drafter",
     "ModelDrafter",
     "NgramDrafter",
