@@ -239,13 +239,15 @@ def part_c(args, report: dict) -> list[str]:
     model = big_moe(args.layers)
     n = args.new_tokens
     prompts = [torch.tensor([[(13 * i + 7 * j) % 2000 + 5 for i in range(24)]]) for j in range(args.prompts)]
-    shapes = [4, TreeSpec(16, 4, 4)]
+    shapes = [4, (16, 4, 4)]
     budgets = [None, 16, 32]
     verify = shared_compile(model)
     t0 = time.perf_counter()
-    cm = profile(model, prompts=prompts[:1], trees=(0,), budgets=budgets, sizes=(1, 8, 24), new_tokens=16,
-                 repeats=args.repeats * 2, decoder=msc.SpeculativeDecoder(verify, tree=0, collect_expert_stats=False))
-    cm.draft_level = 0.0  # the oracle is free: the target-side cost of speculation alone
+    oracle = msc.OracleDrafter(model, acceptance=0.9, seed=1)
+    oracle.precompute(prompts[:1], 16)
+    cm = profile(model, prompts=prompts[:1], trees=(0, *shapes), budgets=budgets, sizes=(1, 8, 24), new_tokens=16,
+                 repeats=args.repeats * 2, decoder=msc.SpeculativeDecoder(verify, drafter=oracle, tree=0,
+                                                                         collect_expert_stats=False))
     say(f"  (C) profile {time.perf_counter() - t0:.0f} s: AR {cm.ar_step * 1e3:.1f} ms, "
         + ", ".join(f"{k}: {v * 1e3:.1f} ms" for k, v in cm.verify.items()))
     accs = [0.5, 0.9] if args.quick else [0.0, 0.5, 0.7, 0.8, 0.9, 1.0]
@@ -254,7 +256,7 @@ def part_c(args, report: dict) -> list[str]:
     ar_tps = measure_decoder(ar, prompts, n, args.repeats, None)[0]
     best_at_09 = {}
     for a in accs:
-        for shape in shapes:
+        for shape in [4, TreeSpec(16, 4, 4)]:
             for c in budgets:
                 oracle = msc.OracleDrafter(model, acceptance=a, seed=1)
                 oracle.precompute(prompts, n)

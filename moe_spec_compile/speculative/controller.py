@@ -118,14 +118,19 @@ class Controller:
         return any(s.max_nodes for s, _ in self.configs)
 
     def start(self) -> None:
-        """A new request: acceptance measured afresh, a test phase first."""
+        """A new request: acceptance measured afresh; a test phase first, or (when earlier requests measured the
+        configs) a set phase of the best estimate, tested afterwards."""
         alpha = self._request_alpha() if hasattr(self, "req") else None
         if alpha is not None:  # what the last request measured is this one's prior
             old = self.alpha_prior
             self.alpha_prior = alpha if old is None else (1 - self.ema) * old + self.ema * alpha
         self.req: dict = {}  # config -> [tokens, steps] this request
         self.fallbacks = 0
-        self._plan(first=True)
+        if self.ar_time() is not None and any(c[0].max_nodes for c in self.times):
+            self.queue, self.climbs = [], self.max_climbs  # earlier requests measured: set their best at once
+            self._set()
+        else:
+            self._plan(first=True)
 
     # --- estimates ---------------------------------------------------------------------------------
     def _ar(self):
@@ -169,8 +174,10 @@ class Controller:
             return 1.0
         alpha = self._request_alpha()
         alpha = self.alpha_prior if alpha is None else alpha
-        prior = chain_tokens(alpha, min(shape.depth, shape.max_nodes)) if alpha is not None and cfg not in self.req \
-            else self.tokens.get(cfg)
+        prior = self.tokens.get(cfg) if not self.req else None  # a new request: what this config got before
+        if prior is None and alpha is not None and cfg not in self.req:
+            prior = chain_tokens(alpha, min(shape.depth, shape.max_nodes))
+        prior = self.tokens.get(cfg) if prior is None else prior
         if prior is None:
             cm = self.cost_model
             prior = cm.tokens_per_step(shape, None if cm.alphas else self.prior_acceptance) if cm else \
@@ -242,7 +249,7 @@ class Controller:
 
     def _set(self) -> None:
         """End of tests: the best config by estimated utility for a set phase (AR: doubling back-off)."""
-        candidates = [c for c in self.configs if not c[0].max_nodes or c in self.req]
+        candidates = [c for c in self.configs if not c[0].max_nodes or c in self.req or c in self.times]
         best = max(candidates or self.configs, key=self.utility)
         if self.has_ar and (not best[0].max_nodes or self.utility(best) < 1 + self.margin):
             best = self._ar()
