@@ -386,7 +386,8 @@ def profile(target, drafter=None, prompts=None, trees=(0, 2, 4, (16, 4, 4)), bud
     _, ar_steps, _, ar_phases, _ = runs[("ar", None)]
     cm.ar_step = sum(ar_phases.values()) / ar_steps
     cm.host_step = (ar_phases["accept"] + ar_phases["loop"]) / ar_steps
-    levels = [(ph["draft"], st * _depth(sh)) for (sh, st, _, ph, _) in runs.values() if sh.max_nodes]
+    levels = [(ph["draft"], st * _depth(sh)) for (_, c), (sh, st, _, ph, _) in runs.items()
+              if sh.max_nodes and c is None]
     cm.draft_level = sum(t for t, _ in levels) / max(sum(n for _, n in levels), 1)
     chains = [(sh, per) for (key, c), (sh, _, _, _, per) in runs.items() if c is None and key.startswith("chain")]
     if chains:

@@ -8,9 +8,9 @@ utility U(config) = tokens per step / (step time / autoregressive step time); U(
 Cascade (arXiv 2506.20675), adapted: when no speculative config beats autoregressive decoding the set phase
 runs autoregressively and doubles in length at each consecutive fall-back (back-off); after it, the best
 speculative config is probed for one step, and tested further only if that step looks worth it. Step times
-are measured per config and kept across requests (the median of the last `window` steps; the first run of
-each verify bucket is left out: it compiles); tokens per step are measured per request, starting from what
-earlier requests (or the cost model) gave. A verify pass of more tokens never costs less than a one-token
+are measured per config and kept across requests (the median of the last `window` steps; the first two runs
+of each verify bucket are left out: compilation and warm-up); tokens per step are measured per request,
+starting from what earlier requests (or the cost model) gave. A verify pass of more tokens never costs less than a one-token
 step, so a config's utility is capped at its tokens per step, and speculation must beat autoregressive
 decoding by `margin` to be set (timing noise alone never turns it on). A config not measured yet is estimated:
 its step-time ratio by the slope through the measured configs (or the cost model's ratio), its tokens per step
@@ -90,7 +90,7 @@ class Controller:
         self.alpha_prior: float | None = None  # acceptance per depth measured by earlier requests
         self.times: dict = {}  # config -> the last `window` step times (across requests)
         self.tokens: dict = {}  # config -> EMA tokens per step (across requests)
-        self._seen: set = set()  # verify buckets that already ran once (their first run compiles)
+        self._runs: dict = {}  # verify bucket -> runs so far (the first two are not timed: compile, warm-up)
         self.has_ar = any(s.max_nodes == 0 for s, _ in self.configs)
 
     # --- set-up ------------------------------------------------------------------------------------
@@ -119,18 +119,19 @@ class Controller:
 
     def start(self) -> None:
         """A new request: acceptance measured afresh; a test phase first, or (when earlier requests measured the
-        configs) a set phase of the best estimate, tested afterwards."""
+        configs) the last request's set phase runs on (phases span requests, so short requests still get their
+        tests), or a set phase of the best estimate."""
         alpha = self._request_alpha() if hasattr(self, "req") else None
         if alpha is not None:  # what the last request measured is this one's prior
             old = self.alpha_prior
             self.alpha_prior = alpha if old is None else (1 - self.ema) * old + self.ema * alpha
         self.req: dict = {}  # config -> [tokens, steps] this request
         self.fallbacks = 0
-        if self.ar_time() is not None and any(c[0].max_nodes for c in self.times):
+        if self.ar_time() is None or not any(c[0].max_nodes for c in self.times):
+            self._plan(first=True)
+        elif self.phase != "set" or self.left <= 0:  # else the set phase of the last request runs on
             self.queue, self.climbs = [], self.max_climbs  # earlier requests measured: set their best at once
             self._set()
-        else:
-            self._plan(first=True)
 
     # --- estimates ---------------------------------------------------------------------------------
     def _ar(self):
@@ -277,10 +278,10 @@ class Controller:
         old = self.tokens.get(cfg)
         self.tokens[cfg] = tokens if old is None else (1 - self.ema) * old + self.ema * tokens
         key = bucket
-        if key in self._seen:
+        self._runs[key] = self._runs.get(key, 0) + 1
+        if self._runs[key] > 2:
             self.times[cfg] = (self.times.get(cfg, []) + [seconds])[-self.window :]
             self.left -= 1
-        self._seen.add(key)
         if self.phase == "probe" and self.left <= 0 and self.promising(cfg):
             self.queue.insert(0, (cfg, "test"))  # the probe looked worth it: test it properly
         elif self.phase == "test" and cfg in self.times and self.utility(cfg) < 0.5 * self.explore:

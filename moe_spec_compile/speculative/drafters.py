@@ -330,7 +330,7 @@ class OracleDrafter(Drafter):
         """Run the reference greedy decoding of each prompt [L] or [1, L] now (so it is not timed later)."""
         for p in prompts:
             ctx = torch.as_tensor(p).reshape(-1).tolist()
-            self._refs[tuple(ctx)] = self.greedy(ctx, max_new_tokens + 1)
+            self._refs[tuple(ctx)] = self.greedy(ctx, max_new_tokens + 1)  # the last steps draft shorter chains
 
     def start(self, input_ids: torch.Tensor, max_len: int) -> None:
         self.device = input_ids.device
@@ -341,9 +341,9 @@ class OracleDrafter(Drafter):
     def _reference(self, ctx: list[int], depth: int) -> list[int]:
         """The reference tokens after ctx (depth of them), recomputed where ctx left the reference."""
         n = len(ctx)
-        if self.ref[:n] != ctx or len(self.ref) < n + depth:
+        if self.ref[:n] != ctx or len(self.ref) <= n:  # left the reference, or at its end: extend from here
             self.ref = self.greedy(ctx, max(self.horizon, depth))
-        return self.ref[n : n + depth]
+        return self.ref[n : n + depth]  # near a precomputed end: a shorter chain
 
     def _wrong(self, right: int, vocab: int) -> int:
         return (right + 1 + self.rng.randrange(vocab - 1)) % vocab
@@ -358,7 +358,7 @@ class OracleDrafter(Drafter):
         chain = [t if self.rng.random() < self.acceptance else self._wrong(t, vocab) for t in right]
         tokens, parents = [root] + chain, [-1] + list(range(len(chain)))
         d = 0
-        while len(tokens) - 1 < total:  # fill: wrong siblings of the chain's nodes, shallow first
+        while len(tokens) - 1 < total and d < 16 * total:  # fill: wrong siblings of the chain's nodes
             node = 1 + d % len(chain)
             taken = {tokens[i] for i in range(1, len(tokens)) if parents[i] == parents[node]}
             t = self._wrong(right[node - 1], vocab)
