@@ -7,16 +7,18 @@ utility U(config) = tokens per step / (step time / autoregressive step time); U(
 
 Cascade (arXiv 2506.20675), adapted: when no speculative config beats autoregressive decoding the set phase
 runs autoregressively and doubles in length at each consecutive fall-back (back-off); after it, the best
-speculative config is probed for one step, and tested further only if that step looks worth it. Step times
-are measured per config and kept across requests (the median of the last `window` steps; the first two runs
-of each verify bucket are left out: compilation and warm-up); tokens per step are measured per request,
-starting from what earlier requests (or the cost model) gave. A verify pass of more tokens never costs less
-than a one-token step, so a config's utility is capped at its tokens per step, and speculation must beat
-autoregressive decoding by `margin` to be set (timing noise alone never turns it on). A config not measured yet is estimated:
-its step-time ratio by the slope through the measured configs (or the cost model's ratio), its tokens per step
-by the chain law at the acceptance this request (or earlier ones) showed, else the cost model's acceptance or
-``prior_acceptance``. After a test phase, a config not tried yet whose estimate beats the best is tested too
-(hill-climbing, at most max_climbs per phase).
+speculative config is probed for one step, and tested further only if that step looks worth it.
+
+Step times are measured per config and kept across requests (the median of the last `window` steps; the
+first two runs of each verify bucket are left out: compilation and warm-up). Tokens per step are measured
+per request, starting from what earlier requests (or the cost model) gave. A verify pass of more tokens never
+costs less than a one-token step, so a config's utility is capped at its tokens per step, and speculation
+must beat autoregressive decoding by `margin` to be set (timing noise alone never turns it on). A config not
+measured yet is estimated: its step-time ratio by the slope through the measured configs (or the cost
+model's ratio), its tokens per step by the chain law at the acceptance this request (or earlier ones)
+showed, else the cost model's acceptance or ``prior_acceptance``. After a test phase, a config not tried yet
+whose estimate beats the best is tested too (hill-climbing, at most max_climbs per phase). Phases span
+requests: a short request continues the last one's set phase.
 
 budget="auto" picks only budgets the user allowed: ``min_budget=m`` allows m, 2m, 4m, ... (below E) next to
 exact verification; without min_budget it stays exact. Greedy output under an exact config equals the
