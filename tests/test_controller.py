@@ -65,31 +65,46 @@ def test_budget_without_moespec_target_is_refused(target):
     assert all(max(v.experts_per_layer.values()) <= 4 for v in out.stats.verify)
 
 
+def virtual_time(dec, per_node: float):
+    """Replace the decoder's clock by a virtual one: each verify pass of n nodes costs 1 + per_node * n ms, and
+    nothing else costs time. The controller's decisions then follow from this cost alone (no timing noise)."""
+    clock = [0.0]
+    verify = dec.verify
+
+    def timed_verify(tree, c):
+        clock[0] += 1e-3 * (1 + per_node * tree.size)
+        return verify(tree, c)
+
+    dec.verify = timed_verify
+    dec._clock = lambda: clock[0]
+
+
 def test_controller_falls_back_to_autoregressive_with_a_wrong_drafter(target):
     oracle = msc.OracleDrafter(target, acceptance=0.0, seed=5)  # every drafted token wrong
     oracle.precompute([PROMPT], 40)
     dec = msc.SpeculativeDecoder(target, drafter=oracle, tree="auto")
+    virtual_time(dec, 0.05)
     for _ in range(2):
         out = dec.generate(PROMPT, max_new_tokens=40, eos_token_id=None)
         assert out.sequences[0].tolist() == reference(target, PROMPT, 40)
     trace = out.stats.decisions
     assert len(trace) == out.stats.steps and all(d.tokens == 1 for d in trace)
-    assert trace[-1].tree == "ar" and trace[-1].phase == "set"
-    assert sum(d.tree == "ar" for d in trace) >= 0.75 * len(trace)  # speculation only in short tests/probes
     sets = [d for d in trace if d.phase == "set"]
     assert sets and all(d.tree == "ar" for d in sets)
+    assert sum(d.tree == "ar" for d in trace) >= 0.9 * len(trace)  # speculation only in one-step probes
 
 
 def test_controller_speculates_with_the_oracle_and_stays_exact(target):
     oracle = msc.OracleDrafter(target, acceptance=1.0)
     oracle.precompute([PROMPT], 48)
     dec = msc.SpeculativeDecoder(target, drafter=oracle, tree="auto")
+    virtual_time(dec, 0.05)  # chain 4: 5 tokens for 1.25x an AR step, the best utility of the default trees
     for _ in range(2):
         out = dec.generate(PROMPT, max_new_tokens=48, eos_token_id=None)
         assert out.sequences[0].tolist() == reference(target, PROMPT, 48)
     sets = [d for d in out.stats.decisions if d.phase == "set"]
-    assert sets and all(d.tree != "ar" for d in sets)
-    assert out.stats.tokens_per_step > 2
+    assert sets and all(d.tree == "chain4" for d in sets)
+    assert out.stats.tokens_per_step > 4
 
 
 def test_budget_auto(target):
