@@ -65,11 +65,41 @@ def _grouped(hidden, topk_ids, topk_weights, num_experts, expert_fn) -> torch.Te
     return slot_out.view(t, k, h).sum(1).to(hidden.dtype)
 
 
+GATHER_PAIRS = 32  # passes with at most this many (token, slot) pairs take the gathered path (no Python loop)
+
+
+def _gathered(hidden, topk_ids, topk_weights, w_gate_up, w_down, activation, b_gate_up, b_down, interleaved, alpha,
+              limit, w_up) -> torch.Tensor:
+    """Small passes: gather each (token, slot) pair's expert weights and run batched GEMMs, a fixed handful of ops
+    whatever the experts (a per-expert Python loop costs more than the arithmetic at T*k <= GATHER_PAIRS). fp32
+    math as the loop; an empty slot (-1) reads expert 0 with weight 0."""
+    t, h = hidden.shape
+    k = topk_ids.shape[1]
+    ids = topk_ids.reshape(-1).long()  # [P]
+    used = ids >= 0
+    ids = ids.clamp(min=0)
+    x = _up(hidden).repeat_interleave(k, dim=0)[:, :, None]  # [P, H, 1]
+    gate_up = torch.bmm(_up(w_gate_up[ids]), x)[:, :, 0]  # [P, 2I] (gate rows only when w_up is given)
+    if w_up is not None:
+        gate_up = torch.cat([gate_up, torch.bmm(_up(w_up[ids]), x)[:, :, 0]], dim=-1)
+    if b_gate_up is not None:
+        gate_up = gate_up + _up(b_gate_up[ids])
+    y = torch.bmm(_up(w_down[ids]), _gate_act(gate_up, activation, interleaved, alpha, limit)[:, :, None])[:, :, 0]
+    if b_down is not None:
+        y = y + _up(b_down[ids])
+    w = torch.where(used, _up(topk_weights.reshape(-1)), 0.0)  # [P]
+    return (y * w[:, None]).view(t, k, h).sum(1).to(hidden.dtype)
+
+
 def fused_experts_torch(hidden, topk_ids, topk_weights, w_gate_up, w_down, activation="silu", b_gate_up=None,
                         b_down=None, interleaved=False, alpha=1.702, limit=7.0, w_up=None) -> torch.Tensor:
     """The reference implementation: touch only the experts that received tokens, fp32 math, deterministic
-    combine over the k slots. w_up given: w_gate_up holds the gate rows [E, I, H] and w_up the up rows."""
+    combine over the k slots. w_up given: w_gate_up holds the gate rows [E, I, H] and w_up the up rows.
+    Passes of at most GATHER_PAIRS (token, slot) pairs gather their experts' weights instead (_gathered)."""
     check_ids_in_range(topk_ids, w_gate_up.shape[0])
+    if topk_ids.numel() <= GATHER_PAIRS and not torch.is_grad_enabled():
+        return _gathered(hidden, topk_ids, topk_weights, w_gate_up, w_down, activation, b_gate_up, b_down,
+                         interleaved, alpha, limit, w_up)
 
     def expert_fn(e, x):  # x [n, H] fp32
         if w_up is None:
