@@ -368,7 +368,7 @@ def profile(target, drafter=None, prompts=None, trees=(0, 2, 4, (16, 4, 4)), bud
             continue
         for p in prompts[:1]:
             decoder.generate(p, max_new_tokens=new_tokens, eos_token_id=None, tree=shape, budget=c)  # warm-up
-        steps, toks, phases, per_step = 0, 0, {"draft": 0.0, "verify": 0.0, "accept": 0.0, "loop": 0.0}, []
+        steps, toks, phases, per_step = 0, 0, {"draft": 0.0, "verify": 0.0, "accept": 0.0, "host": 0.0, "loop": 0.0}, []
         for p in prompts:
             t0 = _sync_clock(dev)
             out = decoder.generate(p, max_new_tokens=new_tokens, eos_token_id=None, tree=shape, budget=c)
@@ -380,12 +380,13 @@ def profile(target, drafter=None, prompts=None, trees=(0, 2, 4, (16, 4, 4)), bud
             phases["draft"] += s.time_draft
             phases["verify"] += s.time_verify
             phases["accept"] += s.time_accept
+            phases["host"] += s.time_host
             phases["loop"] += wall - s.time_total
         runs[(shape_key(shape), c)] = (shape, steps, toks, phases, per_step)
 
     _, ar_steps, _, ar_phases, _ = runs[("ar", None)]
     cm.ar_step = sum(ar_phases.values()) / ar_steps
-    cm.host_step = (ar_phases["accept"] + ar_phases["loop"]) / ar_steps
+    cm.host_step = (ar_phases["accept"] + ar_phases["host"] + ar_phases["loop"]) / ar_steps
     levels = [(ph["draft"], st * _depth(sh)) for (_, c), (sh, st, _, ph, _) in runs.items()
               if sh.max_nodes and c is None]
     cm.draft_level = sum(t for t, _ in levels) / max(sum(n for _, n in levels), 1)

@@ -34,6 +34,9 @@ def test_oracle_at_acceptance_one_accepts_every_draft(target, tree):
     depth = min(dec.tree.depth, dec.tree.max_nodes)
     assert out.stats.accepted_per_step[:-1] == [depth + 1] * (len(out.stats.accepted_per_step) - 1)
     assert all(v.tree_size == dec.tree.max_nodes + 1 for v in out.stats.verify)  # the shape's size, filled
+    t = out.stats.summary()["time_s"]  # the phases and the loop's own host work, split
+    assert set(t) == {"prefill", "draft", "verify", "accept", "host", "total"} and t["host"] >= 0
+    assert t["total"] >= t["draft"] + t["verify"] + t["accept"] > 0
 
 
 def test_oracle_partial_acceptance_stays_exact(target):

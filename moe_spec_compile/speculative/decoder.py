@@ -49,6 +49,7 @@ class GenerateStats:
     time_draft: float = 0.0
     time_verify: float = 0.0
     time_accept: float = 0.0
+    time_host: float = 0.0  # the loop's own work between the phases (stopping checks, bookkeeping, the controller)
     decisions: list = field(default_factory=list)  # tree="auto" / budget="auto": one controller.Decision per step
 
     @property
@@ -62,7 +63,7 @@ class GenerateStats:
 
     @property
     def time_total(self) -> float:
-        return self.time_prefill + self.time_draft + self.time_verify + self.time_accept
+        return self.time_prefill + self.time_draft + self.time_verify + self.time_accept + self.time_host
 
     def experts_per_layer(self) -> float | None:
         """Mean distinct experts per MoE layer per verify pass (None: not recorded)."""
@@ -86,7 +87,7 @@ class GenerateStats:
             "buckets": self.buckets,
             "time_s": {name: _sig(value) for name, value in (
                 ("prefill", self.time_prefill), ("draft", self.time_draft), ("verify", self.time_verify),
-                ("accept", self.time_accept), ("total", total))},
+                ("accept", self.time_accept), ("host", self.time_host), ("total", total))},
         }
 
     def __str__(self) -> str:
@@ -203,6 +204,7 @@ class SpeculativeDecoder:
             self.drafter.start(ids, self.cache.max_len)
         stats.time_prefill = self._clock() - t
         new = [root]
+        t_loop = self._clock()
         while len(new) < max_new_tokens and root not in eos:
             if ctl:
                 emitted = ctl.step(self, root, sampling, generator, stats)
@@ -213,6 +215,7 @@ class SpeculativeDecoder:
             root = emitted[-1]
             if eos & set(emitted):
                 break
+        stats.time_host = max(self._clock() - t_loop - stats.time_draft - stats.time_verify - stats.time_accept, 0.0)
         new = _truncate(new, max_new_tokens, eos)
         stats.new_tokens = len(new)
         out = torch.cat([ids, torch.tensor([new], dtype=ids.dtype, device=ids.device)], dim=1)
