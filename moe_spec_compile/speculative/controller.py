@@ -18,7 +18,8 @@ measured yet is estimated: its step-time ratio by the slope through the measured
 model's ratio), its tokens per step by the chain law at the acceptance this request (or earlier ones)
 showed, else the cost model's acceptance or ``prior_acceptance``. After a test phase, a config not tried yet
 whose estimate beats the best is tested too (hill-climbing, at most max_climbs per phase). Phases span
-requests: a short request continues the last one's set phase.
+requests: a short request continues the last one's set phase. A speculative set phase whose measured utility
+falls below 1 ends early (a new test phase follows).
 
 budget="auto" picks only budgets the user allowed: ``min_budget=m`` allows m, 2m, 4m, ... (below E) next to
 exact verification; without min_budget it stays exact. Greedy output under an exact config equals the
@@ -77,7 +78,7 @@ class Controller:
 
     def __init__(self, trees=DEFAULT_TREES, budgets=(None,), cost_model=None, prior_acceptance: float = 0.6,
                  test_steps: int = 2, set_steps: int = 16, explore: float = 0.9, max_tests: int = 2,
-                 margin: float = 0.05, window: int = 5, ema: float = 0.3, prior_weight: float = 0.25,
+                 margin: float = 0.1, window: int = 5, ema: float = 0.3, prior_weight: float = 0.25,
                  max_climbs: int = 3):
         shapes = [as_tree_shape(t) for t in trees]
         if not shapes:
@@ -288,6 +289,9 @@ class Controller:
             self.queue.insert(0, (cfg, "test"))  # the probe looked worth it: test it properly
         elif self.phase == "test" and cfg in self.times and self.utility(cfg) < 0.5 * self.explore:
             self.left = 0  # clearly losing: stop testing it early
+        elif self.phase == "set" and cfg[0].max_nodes and self.left > 0 and len(self.times.get(cfg, ())) >= 3 \
+                and self.utility(cfg) < 1:
+            self.left = 0  # the set config stopped paying (measured online): test again now
 
     # --- the decoder's step ------------------------------------------------------------------------
     def step(self, decoder, root: int, sampling, generator, stats) -> list[int]:
