@@ -169,6 +169,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     device = torch.device(args.device)
     args.inner = args.inner or ("inductor" if device.type == "cuda" else "eager")
+    if args.no_compile:
+        args.budgets = []  # an uncompiled target cannot take a budget (the decoder refuses it)
     bundled = None if args.config else _bundled()
     if bundled is None:
         target, draft = config_models()

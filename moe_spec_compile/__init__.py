@@ -25,8 +25,11 @@ __all__ = [
     "SpeculativeDecoder",
     "ModelDrafter",
     "NgramDrafter",
+    "OracleDrafter",
     "TreeSpec",
     "load_tiny",
+    "CostModel",
+    "profile",
 ]
 
 # Heavier pieces load on first use, so `import moe_spec_compile` stays cheap.
@@ -35,8 +38,11 @@ _LAZY = {
     "SpeculativeDecoder": ".speculative",
     "ModelDrafter": ".speculative",
     "NgramDrafter": ".speculative",
+    "OracleDrafter": ".speculative",
     "TreeSpec": ".speculative",
     "load_tiny": ".tiny",
+    "CostModel": ".cost",
+    "profile": ".cost",
 }
 
 

@@ -28,7 +28,7 @@ from .budget import (
     validate_score,
 )
 
-__all__ = ["CompileOptions", "moespec_backend", "parse_options"]
+__all__ = ["CompileOptions", "moespec_backend", "parse_options", "is_moespec_compiled"]
 
 _KNOWN = ("budget", "policy", "max_budget_tokens", "score", "inner", "kernels", "fuse_experts")
 
@@ -91,6 +91,24 @@ def moespec_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | No
     from torch._inductor.compile_fx import compile_fx
 
     return compile_fx(gm, example_inputs)
+
+
+def is_moespec_compiled(model) -> bool:
+    """Was `model` made by ``torch.compile(..., backend="moespec")`` (by name, the function, or a partial of it)?
+
+    Follows the wrappers dynamo puts around a backend (``_torchdynamo_orig_backend``, ``compiler_fn``,
+    ``__wrapped__``, a partial's ``func``). A plain module, or one compiled with another backend, is not."""
+    ctx = getattr(model, "dynamo_ctx", None)
+    todo, seen = [getattr(ctx, "callback", None)], set()
+    while todo:
+        obj = todo.pop()
+        if obj is None or id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if obj is moespec_backend or getattr(obj, "compiler_name", None) == "moespec":
+            return True
+        todo += [getattr(obj, a, None) for a in ("_torchdynamo_orig_backend", "compiler_fn", "__wrapped__", "func")]
+    return False
 
 
 def _note_no_moe(gm, example_inputs) -> None:

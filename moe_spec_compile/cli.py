@@ -6,6 +6,7 @@ argv -> subcommand -> its parser checks every argument (one-line errors, exit 2)
     moespec demo ...      the bundled model under a range of expert budgets: speed and quality (demo.py)
     moespec explain ...   the MoE blocks the backend finds, rewrites or declines (explain.py)
     moespec tune ...      tile configurations for the Triton fused-experts kernels (kernels/tune.py)
+    moespec profile ...   the cost model measured on this device: predicted next to measured speedup (cost.py)
 
 The shared argument types live here too, so every command reads `--budget`, `--tree`, `--device`,
 `--config NAME` (a transformers config class) and `--model PATH` (a local checkpoint directory) alike.
@@ -53,7 +54,14 @@ def tune(argv: list[str]) -> int:
     return run(argv)
 
 
-COMMANDS = {"generate": generate, "demo": demo, "explain": explain, "tune": tune}
+def profile(argv: list[str]) -> int:
+    """measure the cost model on this device: AR step, verify per (N, C), predicted vs measured speedup"""
+    from .cost import main as run
+
+    return run(argv)
+
+
+COMMANDS = {"generate": generate, "demo": demo, "explain": explain, "tune": tune, "profile": profile}
 
 
 def _top_parser() -> argparse.ArgumentParser:

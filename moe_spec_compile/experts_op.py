@@ -65,11 +65,54 @@ def _grouped(hidden, topk_ids, topk_weights, num_experts, expert_fn) -> torch.Te
     return slot_out.view(t, k, h).sum(1).to(hidden.dtype)
 
 
+def _grouped_gemm(hidden, topk_ids, topk_weights, w_gate_up, w_down, activation, b_gate_up, b_down, interleaved,
+                  alpha, limit, w_up) -> torch.Tensor:
+    """fp32 weights: pairs sorted by expert, torch's grouped GEMM over the experts' weights in place (no copies, no
+    Python loop over experts; an expert without pairs is an empty group). Same math as the loop in _grouped."""
+    t, h = hidden.shape
+    k = topk_ids.shape[1]
+    e = w_gate_up.shape[0]
+    ids = topk_ids.reshape(-1).long()  # [P]
+    used = ids >= 0
+    order = torch.argsort(torch.where(used, ids, e), stable=True)  # by expert, empty slots last
+    n = int(used.sum())
+    order = order[:n]
+    offs = torch.bincount(ids[used], minlength=e).cumsum(0).to(torch.int32)  # [E] group ends
+    sid = ids[order]
+    x = hidden[order // k]  # [n, H]
+    gate_up = torch._grouped_mm(x, w_gate_up.transpose(1, 2), offs=offs)  # [n, 2I] (gate rows only with w_up)
+    if w_up is not None:
+        gate_up = torch.cat([gate_up, torch._grouped_mm(x, w_up.transpose(1, 2), offs=offs)], dim=-1)
+    if b_gate_up is not None:
+        gate_up = gate_up + b_gate_up[sid].float()
+    y = torch._grouped_mm(_gate_act(gate_up, activation, interleaved, alpha, limit), w_down.transpose(1, 2),
+                          offs=offs)  # [n, H]
+    if b_down is not None:
+        y = y + b_down[sid].float()
+    out = torch.zeros(t * k, h, dtype=torch.float32, device=hidden.device)
+    out.index_copy_(0, order, y * topk_weights.reshape(-1)[order, None].float())
+    return out.view(t, k, h).sum(1).to(hidden.dtype)
+
+
+def _grouped_gemm_ok(hidden, w_gate_up, w_down, w_up) -> bool:
+    """CPU, fp32 throughout (16-bit weights would be upcast whole: the loop upcasts only the used experts)."""
+    ts = [hidden, w_gate_up, w_down] + ([w_up] if w_up is not None else [])
+    return GROUPED_GEMM and hasattr(torch, "_grouped_mm") and all(x.device.type == "cpu" and x.dtype == torch.float32
+                                                                  for x in ts)
+
+
+GROUPED_GEMM = True  # use torch's grouped GEMM where _grouped_gemm_ok (tests switch it off to compare with the loop)
+
+
 def fused_experts_torch(hidden, topk_ids, topk_weights, w_gate_up, w_down, activation="silu", b_gate_up=None,
                         b_down=None, interleaved=False, alpha=1.702, limit=7.0, w_up=None) -> torch.Tensor:
     """The reference implementation: touch only the experts that received tokens, fp32 math, deterministic
-    combine over the k slots. w_up given: w_gate_up holds the gate rows [E, I, H] and w_up the up rows."""
+    combine over the k slots. w_up given: w_gate_up holds the gate rows [E, I, H] and w_up the up rows.
+    fp32 on the CPU: torch's grouped GEMM instead of a Python loop over experts (_grouped_gemm)."""
     check_ids_in_range(topk_ids, w_gate_up.shape[0])
+    if _grouped_gemm_ok(hidden, w_gate_up, w_down, w_up) and not torch.is_grad_enabled():
+        return _grouped_gemm(hidden, topk_ids, topk_weights, w_gate_up, w_down, activation, b_gate_up, b_down,
+                             interleaved, alpha, limit, w_up)
 
     def expert_fn(e, x):  # x [n, H] fp32
         if w_up is None:

@@ -82,7 +82,7 @@ def _parser():
     p.add_argument("--temperature", type=float, default=1.0, help="with --sample; > 0")
     p.add_argument("--top-p", type=float, default=1.0, help="with --sample; in (0, 1]")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-compile", action="store_true", help="run the target uncompiled (budgets do not bind)")
+    p.add_argument("--no-compile", action="store_true", help="run the target uncompiled (a budget is then refused)")
     p.add_argument("--inner", choices=("auto", "eager", "inductor"), default="auto",
                    help="the backend's inner compiler (auto: inductor on CUDA, eager on the CPU)")
     p.add_argument("--warmup", type=int, default=0, metavar="N",

@@ -117,7 +117,7 @@ def speculative_run(decoder, prompts: Sequence[torch.Tensor], budget: int | None
         for v in out.stats.verify:
             if v.experts_per_layer:
                 experts += list(v.experts_per_layer.values())
-            if v.budget_bound is not None:
+            if v.budget_bound is not None and v.budget is not None:  # exact passes (also auto's) never bind
                 bound.append(v.budget_bound)
     summary = {
         "mean_accepted": emitted / max(steps, 1),

@@ -66,7 +66,7 @@ def test_no_command_prints_help_and_exits_2(capsys):
     err = capsys.readouterr().err
     assert "usage: moespec" in err and "generate" in err and "explain" in err
     assert main(["--help"]) == 0
-    assert _fails(["bogus"], capsys).endswith("'tune')")
+    assert _fails(["bogus"], capsys).endswith("'tune', 'profile')")
 
 
 @pytest.mark.parametrize("command", ["generate", "explain", "demo"])
@@ -105,9 +105,12 @@ def test_explain_defaults_to_the_bundled_target(capsys):
 
 
 def test_generate_config_json(capsys):
-    """--config NAME: a random target of that family, ngram drafter, budget 8 in every verify bucket."""
+    """--config NAME: a random target of that family, ngram drafter, budget 8 in every verify bucket; with
+    --no-compile the budget could not bind, so it is refused (issue 14)."""
     argv = ["generate", "--config", "Qwen3MoeConfig", "--prompt-ids", "5,6,7,5,6,7,5", "--tree", "6,3,2",
-            "--budget", "8", "--max-new-tokens", "6", "--json", "--no-compile"]
+            "--budget", "8", "--max-new-tokens", "6", "--json"]
+    with pytest.raises(SystemExit, match="compile=True"):
+        main(argv + ["--no-compile"])
     assert main(argv) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert len(out["new_token_ids"]) == 6 and out["drafter"] == "ngram" and out["tokens_per_s"] > 0

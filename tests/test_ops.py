@@ -189,3 +189,28 @@ def test_padding_does_not_vote():
     plain = [torch.ops.moespec.budget_topk(v.reshape(-1, 10), v.reshape(-1, 10), 2, "softmax", register_spec(3),
                                            "substitute", -1, True, None)[2] for v in (x, y)]
     assert not torch.equal(*plain)  # the case is one where padding would have changed A
+
+
+@pytest.mark.parametrize("bias,w_up,t", [(False, False, 5), (True, False, 5), (False, True, 5), (False, False, 40)])
+def test_grouped_gemm_equals_the_expert_loop(monkeypatch, bias, w_up, t):
+    """fp32 on the CPU runs torch's grouped GEMM instead of a Python loop over experts: same result, empty slots
+    and experts without tokens included."""
+    from moe_spec_compile import experts_op
+
+    torch.manual_seed(1)
+    e, k, h, i = 6, 3, 20, 12
+    hidden, weights = torch.randn(t, h), torch.rand(t, k)
+    ids = torch.stack([torch.randperm(e - 1)[:k] for _ in range(t)])  # expert e-1 gets no tokens
+    ids[1, 0] = -1
+    wgu = torch.randn(e, i if w_up else 2 * i, h) / h ** 0.5
+    wu = torch.randn(e, i, h) / h ** 0.5 if w_up else None
+    wd = torch.randn(e, h, i) / i ** 0.5
+    bgu, bd = (torch.randn(e, 2 * i), torch.randn(e, h)) if bias else (None, None)
+    args = (hidden, ids, weights, wgu, wd, "silu", bgu, bd, False, 1.702, 7.0, wu)
+    assert experts_op._grouped_gemm_ok(hidden, wgu, wd, wu)
+    with torch.no_grad():
+        grouped = experts_op.fused_experts_torch(*args)
+        monkeypatch.setattr(experts_op, "GROUPED_GEMM", False)
+        looped = experts_op.fused_experts_torch(*args)
+    torch.testing.assert_close(grouped, looped, rtol=1e-5, atol=1e-6)
+    assert grouped.abs().sum() > 0

@@ -6,8 +6,9 @@ prompt -> prefill (exact) -> [draft tree -> verify (budget C) -> accept path + b
 
 from .accept import SamplingConfig
 from .batched import BatchGenerateStats, BatchVerifyStats
+from .controller import Controller, Decision
 from .decoder import GenerateOutput, GenerateStats, SpeculativeDecoder, VerifyStats
-from .drafters import Drafter, ModelDrafter, NgramDrafter
+from .drafters import Drafter, ModelDrafter, NgramDrafter, OracleDrafter
 from .tree import DraftTree, StaticTree, TreeSpec
 
 __all__ = [
@@ -18,9 +19,12 @@ __all__ = [
     "BatchGenerateStats",
     "BatchVerifyStats",
     "SamplingConfig",
+    "Controller",
+    "Decision",
     "Drafter",
     "ModelDrafter",
     "NgramDrafter",
+    "OracleDrafter",
     "DraftTree",
     "StaticTree",
     "TreeSpec",

@@ -15,12 +15,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..backend import is_moespec_compiled
 from ..budget import budget as budget_ctx
 from ..budget import validate_budget, validate_policy
 from ..record import record_experts
 from .accept import Acceptance, SamplingConfig, accept_greedy, accept_sample
 from .buckets import DEFAULT_TREE_BUCKETS, VerifyRunner, pick_bucket
 from .checks import check_compile_options, check_input_ids, check_int, check_tree_fits_vocab
+from .controller import make_controller
 from .drafters import Drafter, NgramDrafter
 from .kv import Masks, TreeCache, forward, takes_cache_position
 from .tree import DraftTree, StaticTree, TreeSpec, ancestors, as_tree_shape
@@ -53,6 +55,8 @@ class GenerateStats:
     time_draft: float = 0.0
     time_verify: float = 0.0
     time_accept: float = 0.0
+    time_host: float = 0.0  # the loop's own work between the phases (stopping checks, bookkeeping, the controller)
+    decisions: list = field(default_factory=list)  # tree="auto" / budget="auto": one controller.Decision per step
 
     @property
     def tokens_per_step(self) -> float:
@@ -65,7 +69,7 @@ class GenerateStats:
 
     @property
     def time_total(self) -> float:
-        return self.time_prefill + self.time_draft + self.time_verify + self.time_accept
+        return self.time_prefill + self.time_draft + self.time_verify + self.time_accept + self.time_host
 
     def experts_per_layer(self) -> float | None:
         """Mean distinct experts per MoE layer per verify pass (None: not recorded)."""
@@ -89,7 +93,7 @@ class GenerateStats:
             "buckets": self.buckets,
             "time_s": {name: _sig(value) for name, value in (
                 ("prefill", self.time_prefill), ("draft", self.time_draft), ("verify", self.time_verify),
-                ("accept", self.time_accept), ("total", total))},
+                ("accept", self.time_accept), ("host", self.time_host), ("total", total))},
         }
 
     def __str__(self) -> str:
@@ -130,7 +134,8 @@ class SpeculativeDecoder:
     here with backend="moespec" (``compile_options`` go to the backend, e.g. ``{"inner": "eager"}``), one
     graph per tree-size bucket (dynamo's recompile limit is raised to fit the buckets; a target compiled
     by the caller needs the same, ``torch._dynamo.config.recompile_limit``).
-    Budgets only bind inside a moespec-compiled target. drafter: ModelDrafter, NgramDrafter or anything
+    Budgets only bind inside a moespec-compiled target: a budget for any other target (compile=False) is
+    refused with a ValueError. drafter: ModelDrafter, NgramDrafter or anything
     with the Drafter interface (default NgramDrafter()). tree: int K (a chain), TreeSpec, or a list of
     paths. budget: None (exact), an int C, or a callable ``step -> C`` (a schedule). Every
     verify pass runs under exactly that C (``msc.budget(C, policy=policy)`` around it: budgets are device
@@ -142,6 +147,10 @@ class SpeculativeDecoder:
     probability; "uniform" for drafters without probabilities, e.g. NgramDrafter) or "uniform"; padding rows
     always weigh 0 (speculative/weights.py).
     budget_buckets: deprecated and ignored (a DeprecationWarning): budgets are no longer rounded to buckets.
+    tree="auto" / budget="auto": a controller (controller.py) picks the tree shape, including no speculation,
+    and the budget per step by Cascade's utility, with the cost model as prior; budget="auto" picks among
+    exact and min_budget, 2*min_budget, ... (without min_budget it stays exact); controller= a Controller to
+    use instead (its trees and budgets); out.stats.decisions holds the trace.
     cuda_graphs: capture each tree-size bucket's verify pass once (default: on CUDA).
     collect_expert_stats: record experts per layer per verify pass (reads ids back to the host; default:
     when not replaying graphs, where Python does not run). Batches [B, L]: generate with attention_mask.
@@ -151,7 +160,7 @@ class SpeculativeDecoder:
                  compile: bool = False, compile_options: dict | None = None, tree_buckets=DEFAULT_TREE_BUCKETS,
                  budget_buckets=_UNSET, cuda_graphs: bool | None = None,
                  collect_expert_stats: bool | None = None, timing: bool = True,
-                 node_weights: str = DEFAULT_NODE_WEIGHTS):
+                 node_weights: str = DEFAULT_NODE_WEIGHTS, min_budget: int | None = None, controller=None):
         self.target = target
         self.eager_target = getattr(target, "_orig_mod", target)  # prefill runs here: exact, any length
         self.verify_model = target
@@ -166,7 +175,14 @@ class SpeculativeDecoder:
             self.verify_model = torch.compile(self.eager_target, backend="moespec", dynamic=False, options=options)
             _allow_recompiles(len(tree_buckets) + 8)
         self.drafter = drafter if drafter is not None else NgramDrafter()
-        self.budget = _check_budget(budget)
+        self._tree_arg, self._budget_arg = tree, budget
+        self.controller = make_controller(tree, budget, min_budget, controller, self.eager_target)
+        self.tree = as_tree_shape(0 if tree == "auto" else tree)
+        self.budget = None if budget == "auto" else _check_budget(budget)
+        if self.controller is not None and any(c is not None for _, c in self.controller.configs):
+            _refuse_unbound(min_budget, compile or is_moespec_compiled(target))
+        self._budgets_bind = compile or is_moespec_compiled(target)
+        _refuse_unbound(self.budget, self._budgets_bind)
         self.policy = validate_policy(policy)
         self.tree_buckets = tuple(tree_buckets)
         self.device = next(self.eager_target.parameters()).device
@@ -176,7 +192,7 @@ class SpeculativeDecoder:
         self.collect_expert_stats = not self.cuda_graphs if collect_expert_stats is None else collect_expert_stats
         self.timing = timing
         self.vocab_size = self.eager_target.config.get_text_config(decoder=True).vocab_size
-        self.tree = self._tree_shape(tree)
+        self.tree = self._tree_shape(0 if tree == "auto" else tree)
         if hasattr(self.drafter, "vocab_size") and self.drafter.vocab_size is None:
             self.drafter.vocab_size = self.vocab_size
         self._cache_position = takes_cache_position(self.eager_target)
@@ -199,10 +215,15 @@ class SpeculativeDecoder:
         transformers returns it, and .stats is a batched.BatchGenerateStats (per row and overall)."""
         max_new_tokens = check_int(max_new_tokens, "max_new_tokens", 1)
         sampling = SamplingConfig(do_sample, temperature, top_p, top_k)
-        shape = self.tree if tree is _UNSET else self._tree_shape(tree)
-        schedule = self.budget if budget is _UNSET else _check_budget(budget)
+        ctl = self._auto(tree, budget)
+        shape = ctl.envelope() if ctl else self.tree if tree is _UNSET else self._tree_shape(tree)
+        schedule = self.budget if budget is _UNSET or ctl else _refuse_unbound(_check_budget(budget),
+                                                                              self._budgets_bind)
         eos = self._eos_set(eos_token_id)
         if _is_batch(check_input_ids(torch.as_tensor(input_ids), self.vocab_size), attention_mask):
+            if ctl:
+                raise ValueError("tree='auto' / budget='auto' decode one row at a time; for a batch give the "
+                                 "decoder a tree and a budget")
             return self._generate_batch(input_ids, attention_mask, max_new_tokens, sampling, shape, schedule, eos,
                                         pad_token_id, generator)
         ids = self._check_input(input_ids)
@@ -211,18 +232,23 @@ class SpeculativeDecoder:
 
         t = self._clock()
         root = self.prefill(ids, sampling, generator)
-        drafting = shape.max_nodes > 0  # tree=0: plain autoregressive decoding through the same verify path
+        drafting = ctl.drafts if ctl else shape.max_nodes > 0  # tree=0: autoregressive, through the verify path
         if drafting:
             self.drafter.start(ids, self.cache.max_len)
         stats.time_prefill = self._clock() - t
         new = [root]
+        t_loop = self._clock()
         while len(new) < max_new_tokens and root not in eos:
-            c = schedule(stats.steps) if callable(schedule) else schedule
-            emitted = self._step(root, shape, c, sampling, generator, drafting, stats)
+            if ctl:
+                emitted = ctl.step(self, root, sampling, generator, stats)
+            else:
+                c = schedule(stats.steps) if callable(schedule) else schedule
+                emitted = self._step(root, shape, c, sampling, generator, drafting, stats)
             new.extend(emitted)
             root = emitted[-1]
             if eos & set(emitted):
                 break
+        stats.time_host = max(self._clock() - t_loop - stats.time_draft - stats.time_verify - stats.time_accept, 0.0)
         new = _truncate(new, max_new_tokens, eos)
         stats.new_tokens = len(new)
         out = torch.cat([ids, torch.tensor([new], dtype=ids.dtype, device=ids.device)], dim=1)
@@ -331,6 +357,20 @@ class SpeculativeDecoder:
         check_tree_fits_vocab(shape, self.vocab_size)
         return shape
 
+    def _auto(self, tree, budget):
+        """The controller, started for a request, when this call's tree or budget is "auto" (else None)."""
+        tree = self._tree_arg if tree is _UNSET else tree
+        budget = self._budget_arg if budget is _UNSET else budget
+        if tree != "auto" and budget != "auto":
+            return None
+        if self.controller is None or (tree, budget) != (self._tree_arg, self._budget_arg):
+            raise ValueError("tree='auto' / budget='auto' are chosen when the decoder is made "
+                             "(SpeculativeDecoder(..., tree='auto', budget='auto', min_budget=...))")
+        if not hasattr(self.controller, "decoder"):
+            self.controller.bind(self)
+        self.controller.start()
+        return self.controller
+
     def _check_input(self, input_ids) -> torch.Tensor:
         ids = check_input_ids(torch.as_tensor(input_ids), self.vocab_size)
         if ids.dim() == 1:
@@ -387,6 +427,16 @@ def _check_budget(budget):
         raise NotImplementedError("budget='auto' needs a cost model that picks C per step, which this package does "
                                   "not have yet; pass None, an int C, or a callable step -> C")
     return budget if callable(budget) else validate_budget(budget)
+
+
+def _refuse_unbound(budget, binds: bool):
+    """A budget binds only inside a moespec-compiled target: refuse it elsewhere rather than report a budget that
+    did not apply (issue 14). Returns the budget."""
+    if budget is not None and not binds:
+        raise ValueError(f"budget={budget!r} needs a target compiled with the moespec backend: pass compile=True, "
+                         "or compile the target with torch.compile(target, backend=\"moespec\") yourself; "
+                         "this target would ignore the budget (use budget=None for exact decoding)")
+    return budget
 
 
 def _expert_stats(stat: VerifyStats, events) -> None:

@@ -11,6 +11,8 @@ The interface (duck-typed; subclass :class:`Drafter` for the docstrings):
     accept(path: list[int], tokens: list[int])
         path: the accepted node ids of the last DraftTree, root first; tokens: their tokens followed
         by the bonus token, which will be the next root
+    skip(root: int)   (optional) a step ran without drafting (autoregressive, chosen by the controller):
+        root was committed by the target without a draft; catch up lazily (default: nothing to do)
 
 An EAGLE head would keep the target's hidden states from verification (not passed here today) and
 otherwise follow ModelDrafter: draft level by level, keep its own cache in step in accept().
@@ -20,13 +22,16 @@ Legend: V vocabulary, K top_k, D depth, F drafted nodes fed through the draft mo
 
 from __future__ import annotations
 
+import random
+import time
+
 import torch
 
 from .checks import check_int
 from .kv import Masks, TreeCache, forward, takes_cache_position
 from .tree import DraftTree, StaticTree, TreeSpec
 
-__all__ = ["Drafter", "ModelDrafter", "NgramDrafter"]
+__all__ = ["Drafter", "ModelDrafter", "NgramDrafter", "OracleDrafter"]
 
 
 class Drafter:
@@ -40,6 +45,9 @@ class Drafter:
 
     def accept(self, path: list[int], tokens: list[int]) -> None:
         raise NotImplementedError
+
+    def skip(self, root: int) -> None:
+        """A step without a draft committed root (the controller chose autoregressive decoding)."""
 
 
 class ModelDrafter(Drafter):
@@ -93,6 +101,9 @@ class ModelDrafter(Drafter):
             self.cache.compact(order, self.cache.length)
             self.cache.length += len(used)
         self._pending = tokens[1 + len(used) : -1]  # accepted but never fed (at most the last node)
+
+    def skip(self, root: int) -> None:
+        self._pending.append(root)  # fed, with the others, at the next draft's first forward
 
     # --- helpers -----------------------------------------------------------------------------------
     def _feed_chain(self, tokens: list[int]) -> torch.Tensor:
@@ -277,3 +288,95 @@ class NgramDrafter(Drafter):
 
     def accept(self, path: list[int], tokens: list[int]) -> None:
         self._extend(tokens[:-1])
+
+    def skip(self, root: int) -> None:
+        self._extend([root])
+
+
+class OracleDrafter(Drafter):
+    """For benchmarks: proposes the target's own greedy continuation, each drafted token replaced by a wrong
+    one with probability 1 - acceptance (independently per position), so the target-side cost of
+    speculation can be measured at a chosen acceptance without a trained draft.
+
+        oracle = OracleDrafter(target, acceptance=0.9, seed=0)
+        oracle.precompute(prompts, max_new_tokens)   # optional: the greedy runs, untimed, ahead
+
+    The continuation comes from the target's own greedy ``generate`` (uncompiled, exact), run for
+    ``horizon`` tokens at a time from the current context: once per prompt when precomputed, again
+    whenever the context leaves the reference (a budgeted target may emit other tokens). The seconds
+    spent there are kept in ``reference_seconds`` (they land in the decoder's draft time). A depth-d chain
+    is the main path (a chain of d tokens, so greedy acceptance follows MoESD's chain law with alpha =
+    acceptance); a TreeSpec or StaticTree with more nodes is filled with wrong siblings along it, so the
+    verify pass has the shape's size. The wrong tokens are drawn with ``seed`` (reset per sequence)."""
+
+    def __init__(self, target, acceptance: float = 1.0, seed: int = 0, horizon: int = 64,
+                 vocab_size: int | None = None):
+        if isinstance(acceptance, bool) or not isinstance(acceptance, int | float) or not 0 <= acceptance <= 1:
+            raise ValueError(f"acceptance must be a number in [0, 1], got {acceptance!r}")
+        if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1:
+            raise ValueError(f"horizon must be an int >= 1, got {horizon!r}")
+        self.target = getattr(target, "_orig_mod", target)
+        self.acceptance, self.seed, self.horizon = float(acceptance), seed, horizon
+        self.vocab_size = vocab_size
+        self.device = torch.device("cpu")
+        self.reference_seconds = 0.0
+        self._refs: dict[tuple[int, ...], list[int]] = {}  # prompt -> prompt + greedy continuation
+
+    @torch.no_grad()
+    def greedy(self, context: list[int], n: int) -> list[int]:
+        """context + the target's next n greedy tokens (transformers' generate, exact, no EOS stop)."""
+        t0 = time.perf_counter()
+        dev = next(self.target.parameters()).device
+        ids = torch.tensor([context], device=dev)
+        out = self.target.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                                   do_sample=False, pad_token_id=0, eos_token_id=None)
+        self.reference_seconds += time.perf_counter() - t0
+        return out[0].tolist()
+
+    def precompute(self, prompts, max_new_tokens: int) -> None:
+        """Run the reference greedy decoding of each prompt [L] or [1, L] now (so it is not timed later)."""
+        for p in prompts:
+            ctx = torch.as_tensor(p).reshape(-1).tolist()
+            self._refs[tuple(ctx)] = self.greedy(ctx, max_new_tokens + 1)  # the last steps draft shorter chains
+
+    def start(self, input_ids: torch.Tensor, max_len: int) -> None:
+        self.device = input_ids.device
+        self.history = input_ids[0].tolist()
+        self.ref = self._refs.get(tuple(self.history), self.history)
+        self.rng = random.Random(self.seed)
+
+    def _reference(self, ctx: list[int], depth: int) -> list[int]:
+        """The reference tokens after ctx (depth of them), recomputed where ctx left the reference."""
+        n = len(ctx)
+        if self.ref[:n] != ctx or len(self.ref) <= n:  # left the reference, or at its end: extend from here
+            self.ref = self.greedy(ctx, max(self.horizon, depth))
+        return self.ref[n : n + depth]  # near a precomputed end: a shorter chain
+
+    def _wrong(self, right: int, vocab: int) -> int:
+        return (right + 1 + self.rng.randrange(vocab - 1)) % vocab
+
+    def draft(self, root: int, shape: TreeSpec | StaticTree) -> DraftTree:
+        ctx = self.history + [root]
+        total, depth = shape.max_nodes, min(shape.depth, shape.max_nodes)
+        if total == 0 or depth == 0:
+            return DraftTree.from_lists([root], [-1], self.device)
+        vocab = self.vocab_size or self.target.config.get_text_config(decoder=True).vocab_size
+        right = self._reference(ctx, depth)
+        chain = [t if self.rng.random() < self.acceptance else self._wrong(t, vocab) for t in right]
+        tokens, parents = [root] + chain, [-1] + list(range(len(chain)))
+        d = 0
+        while len(tokens) - 1 < total and d < 16 * total:  # fill: wrong siblings of the chain's nodes
+            node = 1 + d % len(chain)
+            taken = {tokens[i] for i in range(1, len(tokens)) if parents[i] == parents[node]}
+            t = self._wrong(right[node - 1], vocab)
+            if t not in taken:
+                tokens.append(t)
+                parents.append(parents[node])
+            d += 1
+        return DraftTree.from_lists(tokens, parents, self.device)
+
+    def accept(self, path: list[int], tokens: list[int]) -> None:
+        self.history.extend(tokens[:-1])
+
+    def skip(self, root: int) -> None:
+        self.history.append(root)

@@ -1,0 +1,361 @@
+"""Issue 14's target table, measured side by side in one run: does moespec speculation pay, and does `auto` step
+aside when it does not?
+
+(A) the bundled pair, greedy, same prompts and token counts: transformers' greedy generate (the baseline), its
+    assisted generation with the bundled draft, its prompt-lookup decoding, moespec static configs (tree=0,
+    chains, a tree, n-gram, a budget) and tree="auto"; every row's tokens compared with the baseline's, token
+    for token; repeats interleaved row by row so load drifts hit every row alike.
+(B) verify-pass latency per N: moespec (the decoder's verify pass) against torch.compile (inductor) of the
+    unmodified model through the same pass, and the 8-token pass against the 1-token step.
+(C) a larger config-built MoE where expert bytes dominate (hidden 1024, 64 experts, top-8, few layers): speedup
+    against the oracle drafter's acceptance for exact and budgeted trees, predicted (msc.CostModel from a
+    measured profile) next to measured; `auto` against the best static config at acceptance 0.9.
+-> benchmarks/results/peers_<device>.md (and .json)
+
+    python -P benchmarks/bench_peers.py --quick        # about 5 minutes on 2 idle cores
+    python -P benchmarks/bench_peers.py                # more prompts, tokens, repeats and acceptances
+
+Timings are medians over the repeats (tokens/s over all prompts of a repeat); `uptime` is recorded before and
+after: a load above the core count makes every ratio unreliable. Oracle rows leave out the oracle's own
+reference runs (the target's greedy generate it consults), which a real drafter would not do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+import moe_spec_compile as msc
+from moe_spec_compile.cost import profile, shape_key
+from moe_spec_compile.speculative.tree import TreeSpec, as_tree_shape
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def uptime() -> str:
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "uptime unavailable"
+
+
+def say(line: str = "") -> None:
+    print(line, flush=True)
+
+
+# --- rows: something that decodes every prompt greedily -> list of new-token lists ----------------------
+
+def hf_row(target, **kwargs):
+    def run(prompts, n):
+        outs = []
+        for p in prompts:
+            out = target.generate(p, attention_mask=torch.ones_like(p), max_new_tokens=n, min_new_tokens=n,
+                                  do_sample=False, pad_token_id=0, eos_token_id=None, **kwargs)
+            outs.append(out[0, p.shape[1]:].tolist())
+        return outs
+    return run
+
+
+def decoder_row(dec, **kwargs):
+    def run(prompts, n):
+        return [dec.generate(p, max_new_tokens=n, eos_token_id=None, **kwargs).sequences[0, p.shape[1]:].tolist()
+                for p in prompts]
+    return run
+
+
+def run_table(rows: dict, prompts, n: int, repeats: int) -> dict:
+    """Warm up every row (untimed), then `repeats` rounds, each timing every row once, in turn."""
+    outs, times = {}, {name: [] for name in rows}
+    for name, fn in rows.items():
+        outs[name] = fn(prompts[:1], n)  # warm-up: compiles, allocates caches
+        say(f"  warmed up {name}")
+    for r in range(repeats):
+        for name, fn in rows.items():
+            t0 = time.perf_counter()
+            outs[name] = fn(prompts, n)
+            times[name].append(time.perf_counter() - t0)
+        say(f"  round {r + 1}/{repeats} done ({uptime().split('load average:')[-1].strip()})")
+    total = n * len(prompts)
+    return {name: {"tok_s": total / statistics.median(ts), "tok_s_range": [total / max(ts), total / min(ts)],
+                   "outs": outs[name]} for name, ts in times.items()}
+
+
+def same_tokens(outs, ref) -> str:
+    eq = sum(a == b for o, r in zip(outs, ref) for a, b in zip(o, r))
+    total = sum(len(r) for r in ref)
+    return "identical" if eq == total and all(len(o) == len(r) for o, r in zip(outs, ref)) else f"{eq}/{total}"
+
+
+# --- (A) the bundled pair -------------------------------------------------------------------------------
+
+def shared_compile(model):
+    """One moespec compilation (inner eager: the CPU path) that every decoder of a part verifies through: one graph
+    per pass-size bucket, budgets as data. Separate torch.compile calls on one model would pile up dynamo cache
+    entries on the same code (each call then checks more guards) and hit the recompile limit."""
+    torch._dynamo.reset()
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+    compiled = torch.compile(model, backend="moespec", dynamic=False,
+                             options={"inner": "eager", "max_budget_tokens": None})
+    # compile every pass-size bucket a row or the controller may meet now, so that no timed run compiles
+    verify_times(msc.SpeculativeDecoder(compiled, tree=0), torch.tensor([[5, 6, 7, 8]]), [1, 2, 4, 8, 16, 24], 1)
+    return compiled
+
+
+def part_a(args, report: dict) -> tuple[list[str], object]:
+    from moe_spec_compile.demo import prompts_and_heldout
+
+    target, draft, tok = msc.load_tiny()
+    cfg = target.config
+    prompts, _ = prompts_and_heldout(tok, args.prompts, 32)
+    prompts = [p[None] for p in prompts]
+    n = args.new_tokens
+    verify = shared_compile(target)
+
+    def dec(drafter, tree, **kw):
+        return msc.SpeculativeDecoder(verify, drafter=drafter, tree=tree, collect_expert_stats=False, **kw)
+
+    rows = {
+        "transformers greedy generate": hf_row(target),
+        "transformers assisted (bundled draft)": hf_row(target, assistant_model=draft),
+        "transformers prompt lookup": hf_row(target, prompt_lookup_num_tokens=10),
+        "moespec tree=0 (AR)": decoder_row(dec(msc.NgramDrafter(), 0)),
+        "moespec chain 2, draft": decoder_row(dec(msc.ModelDrafter(draft), 2)),
+        "moespec chain 4, draft": decoder_row(dec(msc.ModelDrafter(draft), 4)),
+        "moespec tree 16-4-4, draft": decoder_row(dec(msc.ModelDrafter(draft), TreeSpec(16, 4, 4))),
+        "moespec chain 4, n-gram": decoder_row(dec(msc.NgramDrafter(), 4)),
+        f"moespec chain 4, draft, C={args.budget}": decoder_row(dec(msc.ModelDrafter(draft), 4,
+                                                                    budget=args.budget)),
+        "moespec auto, draft": decoder_row(dec(msc.ModelDrafter(draft), "auto")),
+        "moespec auto, n-gram": decoder_row(dec(msc.NgramDrafter(), "auto")),
+    }
+    say(f"(A) bundled pair: {cfg.num_hidden_layers} layers, {cfg.num_experts} experts top-{cfg.num_experts_per_tok}, "
+        f"{len(prompts)} prompts x {n} new tokens, {args.repeats} interleaved repeats")
+    res = run_table(rows, prompts, n, args.repeats)
+    base = res["transformers greedy generate"]
+    assisted = res["transformers assisted (bundled draft)"]["tok_s"]
+    lines = ["| row | tok/s [range] | x greedy generate | x assisted | tokens vs greedy generate |",
+             "|---|---|---|---|---|"]
+    for name, r in res.items():
+        lo, hi = r["tok_s_range"]
+        lines.append(f"| {name} | {r['tok_s']:.1f} [{lo:.1f}-{hi:.1f}] | {r['tok_s'] / base['tok_s']:.2f}x | "
+                     f"{r['tok_s'] / assisted:.2f}x | {same_tokens(r['outs'], base['outs'])} |")
+    static = {k: v for k, v in res.items() if k.startswith("moespec") and "auto" not in k and "tree=0" not in k}
+    best = max(static, key=lambda k: static[k]["tok_s"])
+    auto = res["moespec auto, draft"]
+    targets = [
+        ("auto >= 0.97x transformers greedy generate, identical tokens",
+         auto["tok_s"] / base["tok_s"] >= 0.97 and same_tokens(auto["outs"], base["outs"]) == "identical",
+         f"{auto['tok_s'] / base['tok_s']:.2f}x, {same_tokens(auto['outs'], base['outs'])}"),
+        ("best static config >= 1.5x assisted generation", static[best]["tok_s"] / assisted >= 1.5,
+         f"{best}: {static[best]['tok_s'] / assisted:.2f}x"),
+    ]
+    report["A"] = {name: {k: v for k, v in r.items() if k != "outs"} for name, r in res.items()}
+    report["A_targets"] = targets
+    lines += ["", "| target | met | measured |", "|---|---|---|"]
+    lines += [f"| {t} | {'yes' if ok else 'NO'} | {m} |" for t, ok, m in targets]
+    return lines, target
+
+
+# --- (B) verify-pass latency ------------------------------------------------------------------------------
+
+def verify_times(dec, prompt, sizes, repeats) -> dict[int, float]:
+    from moe_spec_compile.cost import _median_time
+    from moe_spec_compile.speculative.accept import SamplingConfig
+    from moe_spec_compile.speculative.tree import DraftTree
+
+    dec._allocate(prompt.shape[1] + max(sizes) + 8, as_tree_shape(max(sizes)))
+    dec._max_depth = max(sizes)
+    dec.prefill(prompt, SamplingConfig())
+    out = {}
+    for n in sizes:
+        tree = DraftTree.from_lists([int(prompt[0, i % prompt.shape[1]]) for i in range(n)], [-1] + list(range(n - 1)),
+                                    prompt.device)
+        dec.verify(tree, None)
+        out[n] = _median_time(lambda tree=tree: dec.verify(tree, None), repeats, prompt.device)
+    return out
+
+
+def part_b(args, target, report: dict) -> list[str]:
+    prompt = torch.tensor([[(7 * i) % 500 + 3 for i in range(32)]])
+    sizes = [1, 8, 64] if args.quick else [1, 2, 4, 8, 16, 32, 64]
+    kinds = {"moespec (inner eager)": dict(compile=True, compile_options={"inner": "eager"}),
+             "plain eager": dict()}
+    if not args.no_inductor:
+        kinds["torch.compile inductor, unmodified"] = "inductor"
+        kinds["moespec (inner inductor)"] = dict(compile=True, compile_options={"inner": "inductor"})
+    res = {}
+    for name, kw in kinds.items():
+        torch._dynamo.reset()
+        t0 = time.perf_counter()
+        if kw == "inductor":
+            dec = msc.SpeculativeDecoder(torch.compile(target, backend="inductor", dynamic=False), tree=0,
+                                         collect_expert_stats=False)
+        else:
+            dec = msc.SpeculativeDecoder(target, tree=0, collect_expert_stats=False, **kw)
+        res[name] = verify_times(dec, prompt, sizes, args.repeats * 3)
+        say(f"  (B) {name}: {time.perf_counter() - t0:.0f} s, " + ", ".join(f"N={n}: {t * 1e3:.1f} ms"
+                                                                            for n, t in res[name].items()))
+    lines = ["| N | " + " | ".join(res) + " |", "|---" * (len(res) + 1) + "|"]
+    for n in sizes:
+        lines.append(f"| {n} | " + " | ".join(f"{res[k][n] * 1e3:.2f} ms" for k in res) + " |")
+    ms = res["moespec (inner inductor)"] if "moespec (inner inductor)" in res else res["moespec (inner eager)"]
+    targets = [("8-token pass <= 2x the 1-token step (moespec)", ms[8] <= 2 * ms[1], f"{ms[8] / ms[1]:.2f}x")]
+    if "torch.compile inductor, unmodified" in res:
+        ind = res["torch.compile inductor, unmodified"]
+        worst = max(ms[n] / ind[n] for n in sizes)
+        targets.append(("verify N <= 64 no slower than inductor of the unmodified model", worst <= 1.0,
+                        f"worst moespec/inductor {worst:.2f}x"))
+    report["B"] = {k: {str(n): t for n, t in v.items()} for k, v in res.items()}
+    report["B_targets"] = targets
+    lines += ["", "| target | met | measured |", "|---|---|---|"]
+    lines += [f"| {t} | {'yes' if ok else 'NO'} | {m} |" for t, ok, m in targets]
+    return lines
+
+
+# --- (C) the oracle sweep on a larger MoE ---------------------------------------------------------------
+
+def big_moe(layers: int):
+    torch.manual_seed(0)
+    cfg = transformers.Qwen3MoeConfig(vocab_size=2048, hidden_size=1024, intermediate_size=2048,
+                                      moe_intermediate_size=256, num_hidden_layers=layers, num_attention_heads=8,
+                                      num_key_value_heads=4,
+                                      head_dim=128, num_experts=64, num_experts_per_tok=8, norm_topk_prob=True,
+                                      decoder_sparse_step=1, mlp_only_layers=[], max_position_embeddings=512,
+                                      tie_word_embeddings=False)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():  # trained routers are sharper than random ones: budgets then bind as in real models
+        for layer in model.model.layers:
+            layer.mlp.gate.weight.mul_(8.0)
+    return model
+
+
+def part_c(args, report: dict) -> list[str]:
+    model = big_moe(args.layers)
+    n = args.new_tokens
+    prompts = [torch.tensor([[(13 * i + 7 * j) % 2000 + 5 for i in range(24)]]) for j in range(args.prompts)]
+    shapes = [4, (16, 4, 4)]
+    budgets = [None, 16, 32]
+    verify = shared_compile(model)
+    t0 = time.perf_counter()
+    oracle = msc.OracleDrafter(model, acceptance=0.9, seed=1)
+    oracle.precompute(prompts[:1], 16)
+    cm = profile(model, prompts=prompts[:1], trees=(0, *shapes), budgets=budgets, sizes=(1, 8, 24), new_tokens=16,
+                 repeats=args.repeats * 2, decoder=msc.SpeculativeDecoder(verify, drafter=oracle, tree=0,
+                                                                         collect_expert_stats=False))
+    say(f"  (C) profile {time.perf_counter() - t0:.0f} s: AR {cm.ar_step * 1e3:.1f} ms, "
+        + ", ".join(f"{k}: {v * 1e3:.1f} ms" for k, v in cm.verify.items()))
+    accs = [0.5, 0.9] if args.quick else [0.0, 0.5, 0.7, 0.8, 0.9, 1.0]
+    rows = []
+    ar = msc.SpeculativeDecoder(verify, tree=0, collect_expert_stats=False)
+    ar_tps = measure_decoder(ar, prompts, n, args.repeats, None)[0]
+    best_at_09 = {}
+    for a in accs:
+        for shape in [4, TreeSpec(16, 4, 4)]:
+            for c in budgets:
+                oracle = msc.OracleDrafter(model, acceptance=a, seed=1)
+                oracle.precompute(prompts, n)
+                dec = msc.SpeculativeDecoder(verify, drafter=oracle, tree=shape, budget=c, collect_expert_stats=False)
+                tps, tok_step = measure_decoder(dec, prompts, n, args.repeats, oracle)
+                pred = cm.speedup(shape, c, acceptance=a)
+                key = f"{shape_key(shape)}, C={'exact' if c is None else c}"
+                rows.append((a, key, tok_step, tps / ar_tps, pred))
+                if a == 0.9:
+                    best_at_09[key] = tps
+        say(f"  (C) acceptance {a} done ({uptime().split('load average:')[-1].strip()})")
+    lines = [f"model: Qwen3-MoE config, {args.layers} layers, hidden 1024, 64 experts top-8 (moe_intermediate 256), "
+             f"random weights (routers x8), fp32; expert bytes per layer {64 * cm.model.expert_bytes / 2**20:.0f} MiB "
+             f"of {(cm.model.dense_bytes + cm.model.moe_layers * 64 * cm.model.expert_bytes) / 2**20:.0f} MiB total",
+             f"AR step through the decoder: {cm.ar_step * 1e3:.1f} ms (profile), {ar_tps:.1f} tok/s measured", "",
+             "| oracle acceptance | config | tokens/step | measured speedup | predicted speedup |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {a} | {k} | {t:.2f} | {m:.2f}x | {p:.2f}x |" for a, k, t, m, p in rows]
+    report["C"] = [dict(acceptance=a, config=k, tokens_per_step=t, measured=m, predicted=p) for a, k, t, m, p in rows]
+    if 0.9 in accs:
+        oracle = msc.OracleDrafter(model, acceptance=0.9, seed=1)
+        oracle.precompute(prompts, n)
+        auto = msc.SpeculativeDecoder(verify, drafter=oracle, tree="auto", collect_expert_stats=False)
+        tps, tok_step = measure_decoder(auto, prompts, n, args.repeats, oracle)
+        exact_best = max((k for k in best_at_09 if "exact" in k), key=best_at_09.get)
+        ratio = tps / best_at_09[exact_best]
+        lines += ["", f"auto at acceptance 0.9 (exact candidates): {tps / ar_tps:.2f}x AR, {tok_step:.2f} tokens/step; "
+                  f"{ratio:.2f}x the best exact static config ({exact_best})"]
+        report["C_targets"] = [("auto >= 0.95x the best static config (oracle 0.9)", ratio >= 0.95, f"{ratio:.2f}x")]
+        lines += ["", "| target | met | measured |", "|---|---|---|",
+                  f"| auto >= 0.95x the best exact static config at oracle acceptance 0.9 | "
+                  f"{'yes' if ratio >= 0.95 else 'NO'} | {ratio:.2f}x |"]
+    return lines
+
+
+def measure_decoder(dec, prompts, n, repeats, oracle) -> tuple[float, float]:
+    """(tokens/s without the oracle's reference runs, tokens per step): a warm-up, then the median of repeats."""
+    for p in prompts[:1]:
+        dec.generate(p, max_new_tokens=n, eos_token_id=None)
+    rates, steps, toks = [], 0, 0
+    for _ in range(repeats):
+        ref0 = oracle.reference_seconds if oracle else 0.0
+        t0 = time.perf_counter()
+        for p in prompts:
+            out = dec.generate(p, max_new_tokens=n, eos_token_id=None)
+            steps += out.stats.steps
+            toks += sum(out.stats.accepted_per_step)
+        spent = time.perf_counter() - t0 - ((oracle.reference_seconds - ref0) if oracle else 0.0)
+        rates.append(n * len(prompts) / spent)
+    return statistics.median(rates), toks / max(steps, 1)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="fewer prompts, tokens, repeats, sizes and acceptances")
+    p.add_argument("--prompts", type=int, default=3)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--budget", type=int, default=None, help="the budgeted row of (A) (default: half the experts)")
+    p.add_argument("--layers", type=int, default=2, help="layers of the larger MoE in (C)")
+    p.add_argument("--parts", default="ABC")
+    p.add_argument("--no-inductor", action="store_true", help="skip the inductor rows of (B) (slow to compile)")
+    p.add_argument("--out", default=str(RESULTS / "peers_cpu.md"))
+    args = p.parse_args(argv)
+    if args.quick:
+        args.prompts, args.new_tokens, args.repeats = 2, 32, 2
+    torch.set_grad_enabled(False)
+    if args.budget is None:
+        args.budget = msc.load_tiny()[0].config.num_experts // 2
+    env = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": platform.processor() or "cpu",
+           "cores": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers.__version__,
+           "command": "python -P benchmarks/bench_peers.py " + " ".join(sys.argv[1:] if argv is None else argv),
+           "uptime_before": uptime()}
+    say(env["uptime_before"])
+    report: dict = {"env": env}
+    md = ["# Issue 14 targets on the CPU (bench_peers.py)", ""]
+    target = None
+    if "A" in args.parts:
+        lines, target = part_a(args, report)
+        md += ["## (A) bundled pair: tokens/s side by side, greedy, tokens compared", ""] + lines + [""]
+    if "B" in args.parts:
+        target = target if target is not None else msc.load_tiny()[0]
+        md += ["## (B) verify-pass latency, bundled target (median per pass)", ""] + part_b(args, target, report) + [""]
+    if "C" in args.parts:
+        md += ["## (C) larger MoE: speedup over AR against oracle acceptance, predicted next to measured", ""]
+        md += part_c(args, report) + [""]
+    env["uptime_after"] = uptime()
+    md += ["## Environment", "", *(f"- {k}: {v}" for k, v in env.items())]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(md) + "\n")
+    out.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    say("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,126 @@
+"""The oracle drafter, budgets that cannot bind, and the controller (tree="auto", budget="auto") against the
+target's own greedy decoding. Target: a tiny random Qwen3-MoE (tests/moe_models.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moe_spec_compile as msc
+from moe_spec_compile.speculative.tree import TreeSpec
+
+from moe_models import build
+
+PROMPT = torch.tensor([[5, 17, 33, 2, 90, 41, 8]])
+
+
+@pytest.fixture(scope="module")
+def target():
+    return build("qwen3_moe")[0]
+
+
+def reference(model, prompt, n):
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
+                         do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0].tolist()
+
+
+@pytest.mark.parametrize("tree", [4, TreeSpec(8, 3, 3)], ids=["chain4", "tree8"])
+def test_oracle_at_acceptance_one_accepts_every_draft(target, tree):
+    oracle = msc.OracleDrafter(target, acceptance=1.0)
+    dec = msc.SpeculativeDecoder(target, drafter=oracle, tree=tree)
+    out = dec.generate(PROMPT, max_new_tokens=21, eos_token_id=None)
+    assert out.sequences[0].tolist() == reference(target, PROMPT, 21)
+    depth = min(dec.tree.depth, dec.tree.max_nodes)
+    assert out.stats.accepted_per_step[:-1] == [depth + 1] * (len(out.stats.accepted_per_step) - 1)
+    assert all(v.tree_size == dec.tree.max_nodes + 1 for v in out.stats.verify)  # the shape's size, filled
+    t = out.stats.summary()["time_s"]  # the phases and the loop's own host work, split
+    assert set(t) == {"prefill", "draft", "verify", "accept", "host", "total"} and t["host"] >= 0
+    assert t["total"] >= t["draft"] + t["verify"] + t["accept"] > 0
+
+
+def test_oracle_partial_acceptance_stays_exact(target):
+    rates = []
+    for a in (0.0, 0.5):
+        oracle = msc.OracleDrafter(target, acceptance=a, seed=3)
+        oracle.precompute([PROMPT], 30)
+        out = msc.SpeculativeDecoder(target, drafter=oracle, tree=4).generate(PROMPT, max_new_tokens=30,
+                                                                            eos_token_id=None)
+        assert out.sequences[0].tolist() == reference(target, PROMPT, 30)
+        rates.append(out.stats.tokens_per_step)
+    assert rates[0] == 1.0 and 1.2 < rates[1] < 3.0  # 0.5: 1 + .5 + .25 + ... ~ 1.9
+    with pytest.raises(ValueError, match="acceptance"):
+        msc.OracleDrafter(target, acceptance=1.5)
+
+
+def test_budget_without_moespec_target_is_refused(target):
+    with pytest.raises(ValueError, match="compile=True"):
+        msc.SpeculativeDecoder(target, tree=2, budget=4)
+    dec = msc.SpeculativeDecoder(target, tree=2)
+    with pytest.raises(ValueError, match="backend=\"moespec\""):
+        dec.generate(PROMPT, max_new_tokens=4, budget=4)
+    with pytest.raises(ValueError, match="compile=True"):
+        msc.SpeculativeDecoder(torch.compile(target, backend="eager"), tree=2, budget=lambda step: 4)
+    # compiled by the caller with the moespec backend: the budget binds, and is taken
+    own = torch.compile(target, backend="moespec", dynamic=False, options={"inner": "eager", "max_budget_tokens": None})
+    out = msc.SpeculativeDecoder(own, tree=2, budget=4).generate(PROMPT, max_new_tokens=6, eos_token_id=None)
+    assert {c for _, c in out.stats.buckets} == {4}
+    assert all(max(v.experts_per_layer.values()) <= 4 for v in out.stats.verify)
+
+
+def virtual_time(dec, per_node: float):
+    """Replace the decoder's clock by a virtual one: each verify pass of n nodes costs 1 + per_node * n ms, and
+    nothing else costs time. The controller's decisions then follow from this cost alone (no timing noise)."""
+    clock = [0.0]
+    verify = dec.verify
+
+    def timed_verify(tree, c):
+        clock[0] += 1e-3 * (1 + per_node * tree.size)
+        return verify(tree, c)
+
+    dec.verify = timed_verify
+    dec._clock = lambda: clock[0]
+
+
+def test_controller_falls_back_to_autoregressive_with_a_wrong_drafter(target):
+    oracle = msc.OracleDrafter(target, acceptance=0.0, seed=5)  # every drafted token wrong
+    oracle.precompute([PROMPT], 40)
+    dec = msc.SpeculativeDecoder(target, drafter=oracle, tree="auto")
+    virtual_time(dec, 0.05)
+    for _ in range(2):
+        out = dec.generate(PROMPT, max_new_tokens=40, eos_token_id=None)
+        assert out.sequences[0].tolist() == reference(target, PROMPT, 40)
+    trace = out.stats.decisions
+    assert len(trace) == out.stats.steps and all(d.tokens == 1 for d in trace)
+    sets = [d for d in trace if d.phase == "set"]
+    assert sets and all(d.tree == "ar" for d in sets)
+    assert sum(d.tree == "ar" for d in trace) >= 0.9 * len(trace)  # speculation only in one-step probes
+
+
+def test_controller_speculates_with_the_oracle_and_stays_exact(target):
+    oracle = msc.OracleDrafter(target, acceptance=1.0)
+    oracle.precompute([PROMPT], 48)
+    dec = msc.SpeculativeDecoder(target, drafter=oracle, tree="auto")
+    virtual_time(dec, 0.05)  # chain 4: 5 tokens for 1.25x an AR step, the best utility of the default trees
+    for _ in range(2):
+        out = dec.generate(PROMPT, max_new_tokens=48, eos_token_id=None)
+        assert out.sequences[0].tolist() == reference(target, PROMPT, 48)
+    sets = [d for d in out.stats.decisions if d.phase == "set"]
+    assert sets and all(d.tree == "chain4" for d in sets)
+    assert out.stats.tokens_per_step > 4
+
+
+def test_budget_auto(target):
+    with pytest.raises(ValueError, match="compile=True"):
+        msc.SpeculativeDecoder(target, tree=4, budget="auto", min_budget=4)
+    dec = msc.SpeculativeDecoder(target, drafter=msc.OracleDrafter(target, 1.0), tree=4, budget="auto")
+    assert [c for _, c in dec.controller.configs] == [None]  # no min_budget: exact only
+    out = dec.generate(PROMPT, max_new_tokens=12, eos_token_id=None)
+    assert out.sequences[0].tolist() == reference(target, PROMPT, 12) and {v.budget for v in out.stats.verify} == {None}
+    dec = msc.SpeculativeDecoder(target, drafter=msc.OracleDrafter(target, 1.0), tree="auto", budget="auto",
+                                 min_budget=4, compile=True, compile_options={"inner": "eager"})
+    assert sorted({c or 0 for _, c in dec.controller.configs}) == [0, 4, 8]  # E = 16: 4, 8 and exact
+    out = dec.generate(PROMPT, max_new_tokens=24, eos_token_id=None)
+    assert {v.budget for v in out.stats.verify} <= {None, 4, 8}
+    with pytest.raises(ValueError, match="min_budget"):
+        msc.SpeculativeDecoder(target, tree=4, min_budget=4)
