@@ -63,9 +63,20 @@ def _router_probs(router, hidden) -> torch.Tensor:
 
 
 def _router_x(router, hidden, probs) -> torch.Tensor:
-    """What the model's top-k selects on: the probabilities, or for DeepSeek-V3 the bias-corrected sigmoid."""
+    """What the model's top-k selects on: the probabilities, or for DeepSeek-V3 the bias-corrected sigmoid with
+    the groups outside each token's best topk_group groups (group score: its 2 best experts) at -inf."""
     bias = getattr(router, "e_score_correction_bias", None)
-    return probs + bias if bias is not None else probs
+    if bias is None:
+        return probs
+    x = probs + bias
+    groups = getattr(router, "num_group", 1) or 1
+    if groups > 1:
+        e = x.shape[-1]
+        per = x.reshape(-1, groups, e // groups)
+        best = per.topk(2, dim=-1).values.sum(-1)  # [T, groups]
+        chosen = torch.zeros_like(best).scatter(1, best.topk(router.topk_group, dim=-1).indices, 1.0).bool()
+        x = per.masked_fill(~chosen[..., None], float("-inf")).reshape(x.shape)
+    return x
 
 
 def _routers(model):

@@ -233,7 +233,7 @@ def test_sigmoid_after_topk_router_is_budgeted_by_its_sigmoid():
     report = msc.explain(block, x)
     assert len(report.blocks) == 1 and report.blocks[0].router == "sigmoid after top-k", report
     assert report.blocks[0].experts.startswith("fused_experts")
-    compiled = torch.compile(block, backend="moespec", options={"budget": 3, "inner": "eager"})
+    compiled = torch.compile(block, backend="moespec", options={"budget": 3, "inner": "eager", "score": "prob"})
     with torch.no_grad():
         s = torch.sigmoid(block.gate(x.view(-1, 48))).sum(0)
         keep = torch.zeros(8, dtype=torch.bool)
