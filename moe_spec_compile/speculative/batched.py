@@ -40,7 +40,7 @@ from .accept import SamplingConfig, process_logits
 from .batch_accept import accept_greedy_batch, accept_sample_batch
 from .batch_drafters import BatchTree, batch_drafter_for, pad_tree
 from .batch_kv import BatchCache, BatchMasks, batch_ancestors, batch_forward
-from .buckets import _clone_mask, _copy_mask, pick_bucket
+from .buckets import _clone_mask, _copy_mask, capture_graph, pick_bucket
 from .decoder import GenerateOutput, _allow_recompiles  # decoder imports this module lazily (no cycle)
 from .tree import StaticTree, TreeSpec
 
@@ -232,17 +232,8 @@ class BatchVerifyRunner:
         """Warm up on a side stream (compiles, allocates workspaces), then capture one forward."""
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._run(cache, buf)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            logits = self._run(cache, buf)
         self.captures += 1
-        return graph, logits
+        return capture_graph(lambda: self._run(cache, buf), self.pool)
 
     def reset(self) -> None:
         self.static.clear()

@@ -44,6 +44,21 @@ def pick_bucket(value: int | None, buckets) -> int | None:
     return value
 
 
+def capture_graph(run, pool):
+    """Warm `run` up twice on a side stream (compiles, allocates workspaces), then capture one call into a CUDA
+    graph sharing `pool` -> (graph, the call's output, whose storage each replay rewrites)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = run()
+    return graph, out
+
+
 class VerifyRunner:
     """Runs padded verify passes of a target; one CUDA graph per pass size N when use_graphs."""
 
@@ -111,17 +126,8 @@ class VerifyRunner:
         by address at every replay."""
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._run_static(buf)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            logits = self._run_static(buf)
         self.captures += 1
-        return graph, logits
+        return capture_graph(lambda: self._run_static(buf), self.pool)
 
     def reset(self) -> None:
         """Drop captured graphs (their buffers belong to a cache that is being replaced)."""
