@@ -388,14 +388,16 @@ def _verify_point(dec, prompt, n: int, c, sw: Sweeps) -> dict:
 # --- e: the bundled model, speculative against transformers' generate --------------------------------
 def part_e(sw: Sweeps, box: Box) -> dict:
     """On the bundled model, through bench_speculative: transformers' generate, the model drafter's tree with
-    no budget and with C = 8, then (time allowing) the decoder's own AR loop (tree=0)."""
+    no budget and (when compiled with moespec: a budget needs it) with C = E/4, then (time allowing) the
+    decoder's own AR loop (tree=0)."""
     target, draft, tok = msc.load_tiny(dtype=sw.dtype, device=sw.device)
     prompt = tok("def main(argv):", return_tensors="pt").input_ids.to(sw.device)
     args = argparse.Namespace(max_new_tokens=sw.e_new_tokens, repeats=sw.repeats, inner=sw.inner,
                               no_compile=not sw.e_compile)
     bench_speculative = _bench("bench_speculative")
     trees = [msc.TreeSpec(*tree) if isinstance(tree, tuple) else tree for tree in sw.e_trees]
-    cases = [("speculative", tree, "model", [None, 8]) for tree in trees]
+    budgets = [None, target.config.num_experts // 4] if sw.e_compile else [None]
+    cases = [("speculative", tree, "model", budgets) for tree in trees]
     cases.append(("autoregressive (decoder, tree=0)", 0, "none", [None]))
     skipped = []
     with torch.no_grad():

@@ -80,6 +80,7 @@ def moespec_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | No
     from .naming import block_namer
 
     opts = parse_options(options)
+    allow_recompiles(MIN_RECOMPILE_LIMIT)
     reports = run_passes(gm, example_inputs, opts.budget, impl=opts.kernels, fuse_experts=opts.fuse_experts,
                          block_names=block_namer())
     for sink in _reports.sinks:
@@ -91,6 +92,20 @@ def moespec_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | No
     from torch._inductor.compile_fx import compile_fx
 
     return compile_fx(gm, example_inputs)
+
+
+# Past dynamo's recompile limit a frame runs eagerly without a word, and so without its budget: shared code
+# such as transformers' deprecation wrapper around every forward (5.24) gets one cache entry per wrapped
+# function and shape, 8 by default. Raised once the backend is in use (tests/test_backend_families.py).
+MIN_RECOMPILE_LIMIT = 64
+
+
+def allow_recompiles(n: int) -> None:
+    """Raise dynamo's per-code-object recompile limit to at least n (never lowers it)."""
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    if getattr(cfg, name) < n:
+        setattr(cfg, name, n)
 
 
 def is_moespec_compiled(model) -> bool:

@@ -95,10 +95,18 @@ def _grouped_gemm(hidden, topk_ids, topk_weights, w_gate_up, w_down, activation,
 
 
 def _grouped_gemm_ok(hidden, w_gate_up, w_down, w_up) -> bool:
-    """CPU, fp32 throughout (16-bit weights would be upcast whole: the loop upcasts only the used experts)."""
+    """CPU, fp32 throughout (16-bit weights would be upcast whole: the loop upcasts only the used experts), and
+    operands torch's grouped GEMM accepts: 16-byte aligned storage and strides (H and I multiples of 4), which
+    odd sizes and some weight views are not."""
     ts = [hidden, w_gate_up, w_down] + ([w_up] if w_up is not None else [])
-    return GROUPED_GEMM and hasattr(torch, "_grouped_mm") and all(x.device.type == "cpu" and x.dtype == torch.float32
-                                                                  for x in ts)
+    return (GROUPED_GEMM and hasattr(torch, "_grouped_mm") and hidden.shape[-1] % 4 == 0
+            and w_down.shape[-1] % 4 == 0
+            and all(x.device.type == "cpu" and x.dtype == torch.float32 and _aligned16(x) for x in ts))
+
+
+def _aligned16(t: torch.Tensor) -> bool:
+    return t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0
+                                          for s, d in zip(t.stride(), t.shape) if s != 1 and d > 1)
 
 
 GROUPED_GEMM = True  # use torch's grouped GEMM where _grouped_gemm_ok (tests switch it off to compare with the loop)

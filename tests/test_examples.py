@@ -56,7 +56,7 @@ def test_example_runs(name):
             and "exact speculative output == greedy output: True" in out),
         "quality_vs_budget.py": lambda: (
             re.search(r"exact\s+\S+\s+\S+\s+\S+\s+100\.0%", out) is not None
-            and re.search(r"\n\s+4\s+4\.0\s", out) is not None),
+            and re.search(r"\n\s+(\d+)\s+\1\.0\s", out) is not None),  # a budget C row loading C experts
         "custom_op_in_another_engine.py": lambda: (
             _number(out, "max |op - per-token loop|") < 1e-5 and "compiled equal: True" in out),
     }

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..backend import is_moespec_compiled
+from ..backend import allow_recompiles, is_moespec_compiled
 from ..budget import budget as budget_ctx
 from ..budget import validate_budget, validate_policy
 from ..record import record_experts
@@ -416,10 +416,7 @@ class SpeculativeDecoder:
 def _allow_recompiles(n: int) -> None:
     """One graph per tree-size bucket: dynamo's per-function limit (8 by default, shared by every
     torch.compile of the same model class) would otherwise fall back to eager without a word."""
-    cfg = torch._dynamo.config
-    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
-    if getattr(cfg, name) < n:
-        setattr(cfg, name, n)
+    allow_recompiles(n)
 
 
 def _check_budget(budget):
