@@ -56,8 +56,9 @@ def test_dry_run_every_part_ok(tmp_path):
                  ("moespec", 4, None), ("moespec", 4, 2), ("plain eager", 4, None)}
     assert all(r["buckets"] == [[r["N"], r["C"]]] for r in parts["d"]["rows"])  # every pass had exactly N tokens
     e = parts["e"]["rows"]
-    assert [(r["tree"], r["budget"]) for r in e] == [("-", None), ("4", None), ("4", 8), ("0", None)]
-    assert e[0]["mode"].startswith("autoregressive (transformers generate") and e[2]["tokens_per_step"] >= 1
+    # the dry run does not compile the bundled target, so no budgeted row (a budget needs a moespec target)
+    assert [(r["tree"], r["budget"]) for r in e] == [("-", None), ("4", None), ("0", None)]
+    assert e[0]["mode"].startswith("autoregressive (transformers generate") and e[1]["tokens_per_step"] >= 1
     md = (tmp_path / "gpu_suite_cpu_dry_run.md").read_text()
     assert "| b | fused experts" in md and meta["command"] in md
     assert set((ROOT / "benchmarks" / "results").rglob("*")) == before  # a dry run leaves the checkout alone
