@@ -310,7 +310,7 @@ class SpeculativeDecoder:
         pos = prefix + depth
         mask = self.masks.tree(anc, prefix, pos, pos)
         slots = prefix + torch.arange(big_n, device=dev)
-        weights = node_weights(tree, self.node_weights, big_n)
+        weights = None if c is None else node_weights(tree, self.node_weights, big_n)  # exact: nothing to rank
         stat = VerifyStats(tree_size=n, bucket=big_n, budget=c, accepted=0)
         if self.collect_expert_stats and not self.cuda_graphs:
             with record_experts() as rec:

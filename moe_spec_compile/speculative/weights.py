@@ -28,9 +28,10 @@ from .tree import DraftTree
 __all__ = ["NODE_WEIGHTS", "DEFAULT_NODE_WEIGHTS", "DEPTH_DECAY", "node_weights", "validate_node_weights"]
 
 NODE_WEIGHTS = ("uniform", "path", "depth")
-# Measured best on the bundled pair (benchmarks/results/node_weights_cpu.md; rerun with
-# `python -P benchmarks/bench_node_weights.py`): teacher-forced argmax agreement with exact decoding summed over
-# C = E/4, E/8 and a chain of 4 / a 24-node tree: depth 333.4, uniform 327.4, path 321.9 (percentage points).
+# benchmarks/results/node_weights_cpu.md (`python -P benchmarks/bench_node_weights.py`): teacher-forced argmax
+# agreement with exact decoding summed over C = E/4, E/8 and a chain of 4 / a 24-node tree. Old pair: depth
+# 333.4, uniform 327.4, path 321.9; retrained pair (4 prompts): uniform 386.1, depth 384.6, path 383.1, within
+# noise, depth best or tied at C = E/4 on both.
 DEFAULT_NODE_WEIGHTS = "depth"
 DEPTH_DECAY = 0.5
 
