@@ -77,7 +77,8 @@ def moespec_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | No
     """The backend dynamo calls for each graph it captures."""
     from moe_spec_compile.passes import run_passes
 
-    from .naming import block_namer
+    from .budget import register_spec
+    from .naming import Sites, block_namer
 
     opts = parse_options(options)
     allow_recompiles(MIN_RECOMPILE_LIMIT)
@@ -87,11 +88,14 @@ def moespec_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | No
         sink.extend(reports)
     if not reports and not _reports.sinks:
         _note_no_moe(gm, example_inputs)
+    inputs, names = zip(*gm.meta["moespec_sites"]) if gm.meta.get("moespec_sites") else ((), ())
+    sites = Sites(list(inputs), list(names), register_spec(opts.budget.budget))
     if opts.inner == "eager":
-        return gm.forward
+        return sites.wrap(gm.forward) if names else gm.forward
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(gm, example_inputs)
+    compiled = compile_fx(gm, example_inputs)
+    return sites.wrap(compiled) if names else compiled
 
 
 # Past dynamo's recompile limit a frame runs eagerly without a word, and so without its budget: shared code

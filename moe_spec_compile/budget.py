@@ -268,6 +268,10 @@ def slot_of(name: str, spec_id: int) -> int:
     return _tables.slot(name, _specs[spec_id])
 
 
+def slot_name(slot: int) -> str:
+    return _tables.names[slot]
+
+
 @contextlib.contextmanager
 def token_weights(weights: torch.Tensor):
     """Weigh each token of the passes run inside by weights [T] in the budget's expert scores (a draft tree's

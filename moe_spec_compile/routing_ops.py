@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 
 from . import record
-from .budget import effective_budget, expert_ranks, slot_is_exact, slot_of, tables
+from .budget import effective_budget, expert_ranks, slot_is_exact, tables
+from .naming import current_slot, site_names
 
 __all__ = ["budget_topk", "budget_apply", "token_weights"]
 
@@ -88,21 +89,6 @@ def _budget_size(s: torch.Tensor, tabs, slot: int, k: int) -> torch.Tensor:
     return size.clamp(min=k, max=e)
 
 
-def _slot(router_weight: torch.Tensor, block: str, spec: int) -> int:
-    """The slot of this block under this compile-time spec; cached per weight (one graph may serve every layer
-    of a graph-broken model, so the block's name is looked up from its router weight on first sight)."""
-    key = (router_weight.data_ptr(), spec)
-    slot = _SLOTS.get(key)
-    if slot is None:
-        from .naming import block_of_weight
-
-        slot = _SLOTS[key] = slot_of(block_of_weight(router_weight, block), spec)
-    return slot
-
-
-_SLOTS: dict[tuple[int, int], int] = {}
-
-
 def _count(tabs, slot, num_tokens, ids, keep, natural_ids, size) -> None:
     """Device counters [passes, tokens, experts loaded, budget bound] of the slot; no host read."""
     e = keep.shape[0]
@@ -125,8 +111,7 @@ def budget_topk(
     max_tokens: int,  # -1: no limit
     sorted: bool = True,
     token_mask: torch.Tensor | None = None,  # [B, L] the model's attention mask: padding does not vote
-    router_weight: torch.Tensor | None = None,  # finds the block's slot (one graph may serve several layers)
-    block: str = "",
+    site: int = -1,  # the routing site's number in its graph: its slot is bound per call (naming.Sites)
     score: str = "prob",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(values [..., k], indices [..., k], keep [E] int64: 1 for the experts of A, all ones when exact).
@@ -136,7 +121,7 @@ def budget_topk(
     e = x.shape[-1]
     num_tokens = x.numel() // e
     budgeted, policy, score = effective_budget(policy, max_tokens if max_tokens > 0 else None, score, num_tokens)
-    slot = _slot(router_weight if router_weight is not None else x, block, max(spec, 0))
+    slot = current_slot(site, max(spec, 0))[0]
     tabs = tables(x.device)
     capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
     if not budgeted or (not capturing and slot_is_exact(slot)):
@@ -162,8 +147,7 @@ def budget_topk(
 
 
 @budget_topk.register_fake
-def _(x, scores, k, score_fn, spec, policy, max_tokens, sorted=True, token_mask=None, router_weight=None, block="",
-      score="prob"):
+def _(x, scores, k, score_fn, spec, policy, max_tokens, sorted=True, token_mask=None, site=-1, score="prob"):
     shape = (*x.shape[:-1], k)
     return x.new_empty(shape), x.new_empty(shape, dtype=torch.int64), x.new_empty((x.shape[-1],), dtype=torch.int64)
 
@@ -179,7 +163,7 @@ def _backward_topk(ctx, grad_values, _grad_indices, _grad_keep):
     if grad_values is not None:
         grad_x = torch.zeros(ctx.x_shape, dtype=grad_values.dtype, device=grad_values.device)
         grad_x = grad_x.scatter_add(-1, indices, grad_values)
-    return grad_x, None, None, None, None, None, None, None, None, None, None, None
+    return grad_x, None, None, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("moespec::budget_topk", _backward_topk, setup_context=_setup_topk)
@@ -206,8 +190,7 @@ def budget_apply(
     weights: torch.Tensor,  # [..., k]
     keep: torch.Tensor,  # [E] from budget_topk
     to_empty: bool,  # True: dropped slots get id -1 (fused_experts); False: distinct unused experts of A
-    router_weight: torch.Tensor,  # names the block in recorded events (one graph may serve every layer)
-    block: str,
+    site: int = -1,  # names the block in recorded events (naming.site_names)
 ) -> tuple[torch.Tensor, torch.Tensor]:
     dropped = keep[ids.long()] == 0  # [..., k]; never true under substitute (every slot lies in A)
     new_weights = weights.masked_fill(dropped, 0)
@@ -216,17 +199,16 @@ def budget_apply(
     else:
         new_ids = _fill_ids(ids, dropped, keep)
     if record.active() and not (ids.is_cuda and torch.cuda.is_current_stream_capturing()):
-        from .naming import block_of_weight
-
         k = ids.shape[-1] if ids.dim() else 1
         size = int(keep.sum())
-        record.emit(block_of_weight(router_weight, block), ids.numel() // max(k, 1),
-                    size if size < keep.shape[0] else None, new_ids[new_ids >= 0], block)
+        block, compiled_as = site_names(site)
+        record.emit(block, ids.numel() // max(k, 1), size if size < keep.shape[0] else None, new_ids[new_ids >= 0],
+                    compiled_as)
     return new_ids, new_weights
 
 
 @budget_apply.register_fake
-def _(ids, weights, keep, to_empty, router_weight, block):
+def _(ids, weights, keep, to_empty, site=-1):
     return torch.empty_like(ids), torch.empty_like(weights)
 
 
@@ -238,7 +220,7 @@ def _setup_apply(ctx, inputs, output):
 def _backward_apply(ctx, _grad_ids, grad_weights):
     ids, keep = ctx.saved_tensors
     grad_w = grad_weights.masked_fill(keep[ids.long()] == 0, 0) if grad_weights is not None else None
-    return None, grad_w, None, None, None, None
+    return None, grad_w, None, None, None
 
 
 torch.library.register_autograd("moespec::budget_apply", _backward_apply, setup_context=_setup_apply)

@@ -5,7 +5,8 @@ passes through moespec::budget_apply where it leaves the router.
     (ids, w) at the exit ->  ids, w = budget_apply(ids, w, keep, ...)          (truncate: drop outside A)
 
 The compile-time budget spec is registered (an int id in the op's arguments); the budget itself is read on
-the device from the block's slot (moe_spec_compile/budget.py), which `msc.budget(...)` rewrites in place.
+the device from the block's slot (moe_spec_compile/budget.py), which `msc.budget(...)` rewrites in place. The
+ops carry the router's site number, not its name or weight: the backend binds each site's slot before a call.
 """
 
 from __future__ import annotations
@@ -35,8 +36,10 @@ def check(router: Router) -> None:
                 raise Declined(f"{u.name} reads the routing ids before the weights are final")
 
 
-def rewrite(gm: fx.GraphModule, fake_mode, router: Router, cfg: BudgetConfig, block: str, to_empty: bool,
+def rewrite(gm: fx.GraphModule, fake_mode, router: Router, cfg: BudgetConfig, site: int, to_empty: bool,
             token_mask: fx.Node | None = None) -> None:
+    """`site`: the router's number among the graph's budgeted routers; its budget slot is bound per call
+    (moe_spec_compile.naming.Sites), so one graph serving several layers reads each layer's own budget."""
     g = gm.graph
     spec = register_spec(cfg.budget)
     max_tokens = cfg.max_budget_tokens if cfg.max_budget_tokens is not None else -1
@@ -44,7 +47,7 @@ def rewrite(gm: fx.GraphModule, fake_mode, router: Router, cfg: BudgetConfig, bl
     with g.inserting_after(topk):
         new = call(g, fake_mode, torch.ops.moespec.budget_topk.default,
                    (router.x, router.scores, router.k, router.score_fn, spec, cfg.policy, max_tokens, router.sorted,
-                    token_mask, router.weight, block, cfg.score))
+                    token_mask, site, cfg.score))
     with g.inserting_after(new):
         outs = [call(g, fake_mode, operator.getitem, (new, i)) for i in range(3)]
     remapped = {}
@@ -61,7 +64,7 @@ def rewrite(gm: fx.GraphModule, fake_mode, router: Router, cfg: BudgetConfig, bl
     later = max((ids_exit, w_exit), key=pos.__getitem__)
     with g.inserting_after(later):
         applied = call(g, fake_mode, torch.ops.moespec.budget_apply.default,
-                       (ids_exit, w_exit, outs[2], to_empty, router.weight, block))
+                       (ids_exit, w_exit, outs[2], to_empty, site))
     with g.inserting_after(applied):
         new_ids = call(g, fake_mode, operator.getitem, (applied, 0))
         new_w = call(g, fake_mode, operator.getitem, (applied, 1))

@@ -89,7 +89,8 @@ def _find_router(node: fx.Node, block_names, tensor_of) -> Router:
 
 def run_passes(gm: fx.GraphModule, example_inputs, cfg: BudgetConfig, impl: str = "auto",
                fuse_experts: bool = True, block_names=None) -> list[BlockReport]:
-    """Rewrite `gm` in place; return one report per MoE block (found or declined)."""
+    """Rewrite `gm` in place; return one report per MoE block (found or declined). gm.meta["moespec_sites"]: the
+    budgeted routers in site order, (graph input index of the router weight or None, compile-time block name)."""
     count("graphs")
     fake_mode = fake_mode_of(gm)
     tensor_of = tensor_lookup(gm, example_inputs)
@@ -122,6 +123,10 @@ def run_passes(gm: fx.GraphModule, example_inputs, cfg: BudgetConfig, impl: str 
     found = {r.block for r, _ in plans}
     reports = [r for r in reports if r.name not in found]
 
+    # Routing sites, in graph order: (index of the graph input holding the router weight or None, block name).
+    placeholders = {n: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
+    sites: list[tuple[int | None, str]] = []
+    gm.meta["moespec_sites"] = sites
     for router, experts in plans:
         kind = ", ".join([router.kind, *router.features])
         to_empty, experts_note, reason = False, "", ""
@@ -140,8 +145,8 @@ def run_passes(gm: fx.GraphModule, example_inputs, cfg: BudgetConfig, impl: str 
             to_empty = all(u is ids2 for u in router.ids_exit.users)
             experts_note = f"fused_experts ({layout.describe()})"
             count("experts_fused")
-        budget_pass.rewrite(gm, fake_mode, router, cfg, router.block, to_empty,
-                            attention_mask_node(gm, tensor_of))
+        budget_pass.rewrite(gm, fake_mode, router, cfg, len(sites), to_empty, attention_mask_node(gm, tensor_of))
+        sites.append((placeholders.get(router.weight), router.block))
         count("routers_budgeted")
         reports.append(BlockReport(router.block, router.num_experts, router.k, kind, True, experts_note, reason))
     reports += _unclaimed_blocks(gm, tensor_of, {r.name for r in reports})

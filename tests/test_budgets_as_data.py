@@ -158,3 +158,38 @@ def test_budget_specs_are_validated():
             register_spec(bad)
     with pytest.raises(Exception, match="budget"):  # dynamo wraps backend errors; the message names the option
         torch.compile(torch.nn.Linear(2, 2), backend="moespec", options={"budget": [0]})(torch.randn(1, 2))
+
+
+def test_routing_ops_carry_no_names_or_router_weights():
+    """Telemetry is out of the compute path: the ops take the routing data, the budget spec id and a site number."""
+    topk = [a.name for a in torch.ops.moespec.budget_topk.default._schema.arguments]
+    apply = [a.name for a in torch.ops.moespec.budget_apply.default._schema.arguments]
+    assert topk == ["x", "scores", "k", "score_fn", "spec", "policy", "max_tokens", "sorted", "token_mask", "site",
+                    "score"]
+    assert apply == ["ids", "weights", "keep", "to_empty", "site"]
+
+
+def test_per_layer_names_without_a_heap_scan(monkeypatch):
+    """Two instances of a graph-broken model share dynamo's graphs; each layer still gets its own budget and its
+    own name in events, and naming never scans the heap (gc.get_objects)."""
+    import gc
+
+    def refuse():
+        raise AssertionError("naming scanned gc.get_objects()")
+
+    monkeypatch.setattr(gc, "get_objects", refuse)
+    torch._dynamo.reset()
+    c = {"model.layers.0.mlp": 4, "model.layers.1.mlp": None}
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model, e, k = build("qwen3_moe", "eager")  # its experts loop breaks the graph: one graph, every layer
+        compiled = torch.compile(model, backend="moespec")
+        x = _ids(24, seed=seed)
+        with msc.record_experts() as rec:
+            got, used = _run(compiled, x, c)
+        assert {ev.compiled_as for ev in rec.events} == {"model.layers.0.mlp"}  # the graph is shared
+        with torch.no_grad(), reference_budget(model, c, "substitute"):
+            want = model(x, use_cache=False).logits
+        _close(got, want)
+        assert set(used) == {"model.layers.0.mlp", "model.layers.1.mlp"}
+        assert used["model.layers.0.mlp"] <= 4 < used["model.layers.1.mlp"]

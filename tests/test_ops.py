@@ -21,7 +21,7 @@ def test_budget_set_ties_go_to_lower_index():
 def _route(policy, c, x, probs, k):
     with msc.budget(c, policy=policy):
         v, i, keep = torch.ops.moespec.budget_topk(x, probs, k, "identity", register_spec(c), policy, -1, True)
-        ids, w = torch.ops.moespec.budget_apply(i, v, keep, True, x, "blk")
+        ids, w = torch.ops.moespec.budget_apply(i, v, keep, True)
     return ids, w
 
 
@@ -128,9 +128,8 @@ def test_every_op_passes_opcheck():
         (torch.ops.moespec.budget_topk.default, (x, x, 2, "softmax", register_spec(3), "truncate", -1, True,
                                                  torch.tensor([[0, 1, 1, 1, 1, 1]]))),
         (torch.ops.moespec.budget_apply.default, (ids.clamp(min=0), weights.requires_grad_(),
-                                                  torch.tensor([1, 0, 1, 1, 0]), True, x, "b")),
-        (torch.ops.moespec.budget_apply.default, (ids.clamp(min=0), weights, torch.tensor([1, 0, 1, 1, 0]), False, x,
-                                                  "b")),
+                                                  torch.tensor([1, 0, 1, 1, 0]), True)),
+        (torch.ops.moespec.budget_apply.default, (ids.clamp(min=0), weights, torch.tensor([1, 0, 1, 1, 0]), False)),
     ]
     for op, args in samples:
         # opcheck's aot test sums the outputs into a Python 0 in place: an int64 first output (budget_apply's ids)
@@ -157,7 +156,7 @@ def test_gradients_are_exact():
 
     def route(v):
         vals, idx, keep = torch.ops.moespec.budget_topk(v, v, 2, "softmax", register_spec(3), "truncate", -1, True)
-        return torch.ops.moespec.budget_apply(idx, torch.softmax(vals, -1), keep, True, v, "b")[1]
+        return torch.ops.moespec.budget_apply(idx, torch.softmax(vals, -1), keep, True)[1]
 
     assert torch.autograd.gradcheck(route, (logits,))
 
@@ -167,7 +166,7 @@ def test_truncate_fills_dropped_slots_with_distinct_experts_of_the_budget_set():
     torch.manual_seed(3)
     x = torch.randn(40, 12) * 3
     vals, idx, keep = torch.ops.moespec.budget_topk(x, x, 4, "softmax", register_spec(5), "truncate", -1, True)
-    ids, w = torch.ops.moespec.budget_apply(idx, vals, keep, False, x, "b")
+    ids, w = torch.ops.moespec.budget_apply(idx, vals, keep, False)
     assert int(keep.sum()) == 5
     assert bool(keep[ids].bool().all())  # every id inside A
     assert all(len(set(row)) == 4 for row in ids.tolist())  # distinct per token
