@@ -94,6 +94,30 @@ def _grouped_gemm(hidden, topk_ids, topk_weights, w_gate_up, w_down, activation,
     return out.view(t, k, h).sum(1).to(hidden.dtype)
 
 
+def _per_slot(hidden, topk_ids, topk_weights, w_gate_up, w_down, activation, b_gate_up, b_down, interleaved, alpha,
+              limit, w_up) -> torch.Tensor:
+    """Small passes (T*k slots <= E/2): gather each slot's expert weights and batch the GEMMs as T*k matrix-vector
+    products: no loop over experts, no host read, a few ops whatever E is. Reads T*k experts' weights (a used
+    expert once per slot), so larger passes group by expert instead. Empty slots (-1) add exactly 0."""
+    t, h = hidden.shape
+    k = topk_ids.shape[1]
+    ids = topk_ids.reshape(-1).long()  # [P]
+    used = ids >= 0
+    sid = ids.clamp(min=0)
+    x = _up(hidden).repeat_interleave(k, dim=0)[:, :, None]  # [P, H, 1]
+    gate_up = torch.bmm(_up(w_gate_up.index_select(0, sid)), x)[..., 0]  # [P, 2I] (gate rows only with w_up)
+    if w_up is not None:
+        gate_up = torch.cat([gate_up, torch.bmm(_up(w_up.index_select(0, sid)), x)[..., 0]], dim=-1)
+    if b_gate_up is not None:
+        gate_up = gate_up + _up(b_gate_up.index_select(0, sid))
+    a = _gate_act(gate_up, activation, interleaved, alpha, limit)  # [P, I]
+    y = torch.bmm(_up(w_down.index_select(0, sid)), a[:, :, None])[..., 0]  # [P, H]
+    if b_down is not None:
+        y = y + _up(b_down.index_select(0, sid))
+    y = torch.where(used[:, None], y * _up(topk_weights.reshape(-1, 1)), 0.0)
+    return y.view(t, k, h).sum(1).to(hidden.dtype)
+
+
 def _grouped_gemm_ok(hidden, w_gate_up, w_down, w_up) -> bool:
     """CPU, fp32 throughout (16-bit weights would be upcast whole: the loop upcasts only the used experts), and
     operands torch's grouped GEMM accepts: 16-byte aligned storage and strides (H and I multiples of 4), which
@@ -110,14 +134,19 @@ def _aligned16(t: torch.Tensor) -> bool:
 
 
 GROUPED_GEMM = True  # use torch's grouped GEMM where _grouped_gemm_ok (tests switch it off to compare with the loop)
+PER_SLOT = True  # small passes gather per-slot weights (_per_slot); tests switch it off to compare
 
 
 def fused_experts_torch(hidden, topk_ids, topk_weights, w_gate_up, w_down, activation="silu", b_gate_up=None,
                         b_down=None, interleaved=False, alpha=1.702, limit=7.0, w_up=None) -> torch.Tensor:
     """The reference implementation: touch only the experts that received tokens, fp32 math, deterministic
     combine over the k slots. w_up given: w_gate_up holds the gate rows [E, I, H] and w_up the up rows.
-    fp32 on the CPU: torch's grouped GEMM instead of a Python loop over experts (_grouped_gemm)."""
+    Passes of at most E/2 slots: batched matrix-vector products over gathered weights (_per_slot); fp32 on the
+    CPU: torch's grouped GEMM instead of a Python loop over experts (_grouped_gemm)."""
     check_ids_in_range(topk_ids, w_gate_up.shape[0])
+    if PER_SLOT and topk_ids.numel() * 2 <= w_gate_up.shape[0]:
+        return _per_slot(hidden, topk_ids, topk_weights, w_gate_up, w_down, activation, b_gate_up, b_down, interleaved,
+                         alpha, limit, w_up)
     if _grouped_gemm_ok(hidden, w_gate_up, w_down, w_up) and not torch.is_grad_enabled():
         return _grouped_gemm(hidden, topk_ids, topk_weights, w_gate_up, w_down, activation, b_gate_up, b_down,
                              interleaved, alpha, limit, w_up)

@@ -213,3 +213,36 @@ def test_grouped_gemm_equals_the_expert_loop(monkeypatch, bias, w_up, t):
         looped = experts_op.fused_experts_torch(*args)
     torch.testing.assert_close(grouped, looped, rtol=1e-5, atol=1e-6)
     assert grouped.abs().sum() > 0
+
+
+@pytest.mark.parametrize("bias,w_up,inter,act,dtype", [(False, False, False, "silu", torch.float32),
+                                                       (True, False, True, "swiglu_clamp", torch.float32),
+                                                       (False, True, False, "gelu", torch.float32),
+                                                       (True, False, False, "silu", torch.float16)])
+def test_small_passes_per_slot_equal_the_expert_loop(monkeypatch, bias, w_up, inter, act, dtype):
+    """Passes of at most E/2 slots gather each slot's expert weights and batch the GEMMs (no loop over experts):
+    same result as the loop, empty slots add exactly 0 even when the expert they would index holds NaN."""
+    from moe_spec_compile import experts_op
+
+    torch.manual_seed(2)
+    e, k, h, i, t = 16, 2, 20, 12, 4  # 8 slots <= E/2
+    hidden, weights = torch.randn(t, h).to(dtype), torch.rand(t, k).to(dtype)
+    ids = torch.stack([torch.randperm(e - 1)[:k] + 1 for _ in range(t)])  # expert 0 gets no tokens
+    ids[1, 0] = -1
+    wgu = (torch.randn(e, i if w_up else 2 * i, h) / h ** 0.5).to(dtype)
+    wgu[0] = float("nan")  # an empty slot must not read it into the output
+    wu = (torch.randn(e, i, h) / h ** 0.5).to(dtype) if w_up else None
+    wd = (torch.randn(e, h, i) / i ** 0.5).to(dtype)
+    bgu, bd = ((torch.randn(e, 2 * i).to(dtype), torch.randn(e, h).to(dtype)) if bias else (None, None))
+    args = (hidden, ids, weights, wgu, wd, act, bgu, bd, inter, 1.702, 7.0, wu)
+    calls = []
+    monkeypatch.setattr(experts_op, "_per_slot", lambda *a, f=experts_op._per_slot: calls.append(1) or f(*a))
+    with torch.no_grad():
+        slots = experts_op.fused_experts_torch(*args)
+        assert calls, "the per-slot path did not run"
+        monkeypatch.setattr(experts_op, "PER_SLOT", False)
+        monkeypatch.setattr(experts_op, "GROUPED_GEMM", False)
+        looped = experts_op.fused_experts_torch(*args)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-3, atol=2e-3)
+    assert torch.isfinite(slots).all() and slots.abs().sum() > 0
+    torch.testing.assert_close(slots, looped, **tol)
