@@ -197,6 +197,7 @@ class _Tables:
         self.order: list[int] = []  # the slot's rank among the slots of its compile-time spec (layer order)
         self.base: list[object] = []
         self.devices: dict[torch.device, dict[str, torch.Tensor]] = {}
+        self.host_stats: dict[int, list[int]] = {}  # slot -> [passes, tokens] counted on the host (count_on_host)
 
     def slot(self, name: str, base) -> int:
         key = (name, base)
@@ -242,12 +243,13 @@ class _Tables:
         t["share"][:n].copy_(torch.tensor([r[1] for r in rows], dtype=torch.float32))
         t["cap"][:n].copy_(torch.tensor([r[2] for r in rows], dtype=torch.int64))
 
-    def exact(self, slot: int) -> bool:
-        """Host mirror: does the slot's effective spec say exact (a fast path when no graph is being captured)?"""
+    def mode(self, slot: int) -> str:
+        """Host mirror of the slot's effective spec: "exact", "fixed" (a C) or "coverage" (fast paths when no graph
+        is being captured; a capture always takes the general path, which reads everything on the device)."""
         over = _override()
         spec = over if over is not _UNSET else self.base[slot]
         c, share, _cap = _resolve(spec, self.names[slot], self.order[slot])
-        return c == 0 and share == 0.0
+        return "coverage" if share > 0 else "fixed" if c > 0 else "exact"
 
 
 _tables = _Tables()
@@ -291,8 +293,15 @@ def tables(device: torch.device) -> dict[str, torch.Tensor]:
     return _tables.on(device)
 
 
-def slot_is_exact(slot: int) -> bool:
-    return _tables.exact(slot)
+def slot_mode(slot: int) -> str:
+    return _tables.mode(slot)
+
+
+def count_on_host(slot: int, num_tokens: int) -> None:
+    """Passes and tokens of an exact pass run outside any capture: host counters (two device ops fewer per pass)."""
+    row = _tables.host_stats.setdefault(slot, [0, 0])
+    row[0] += 1
+    row[1] += num_tokens
 
 
 def _natural(name: str):
@@ -303,6 +312,10 @@ def expert_stats() -> dict[str, dict]:
     """Per MoE block, from device counters that keep counting under CUDA-graph replay (read only here):
     passes, tokens, mean experts loaded per pass, and the share of passes where the budget bound."""
     out: dict[str, list[float]] = {}
+    for slot, (passes, tokens) in list(_tables.host_stats.items()):
+        acc = out.setdefault(_tables.names[slot], [0.0, 0.0, 0.0, 0.0])
+        acc[0] += passes
+        acc[1] += tokens
     for t in _tables.devices.values():
         rows = t["stats"][: len(_tables.names)].double().cpu().tolist()
         for name, row in zip(_tables.names, rows):
@@ -315,6 +328,7 @@ def expert_stats() -> dict[str, dict]:
 
 
 def reset_expert_stats() -> None:
+    _tables.host_stats.clear()
     for t in _tables.devices.values():
         t["stats"].zero_()
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from . import record
-from .budget import effective_budget, expert_ranks, slot_is_exact, tables
+from .budget import count_on_host, effective_budget, expert_ranks, slot_mode, tables
 from .naming import current_slot, site_names
 
 __all__ = ["budget_topk", "budget_apply", "token_weights"]
@@ -57,14 +57,14 @@ def _weights(token_mask, num_tokens, tabs) -> torch.Tensor | None:
     return w
 
 
-def _expert_scores(p: torch.Tensor, x: torch.Tensor, k: int, w, score: str) -> torch.Tensor:
-    """s [E] fp32 from probabilities p [T, E] and per-token weights w [T] (or None).
+def _expert_scores(p: torch.Tensor, natural: torch.Tensor, w, score: str) -> torch.Tensor:
+    """s [E] fp32 from probabilities p [T, E], each token's own top-k natural [T, k] (sorted: its top-1 first) and
+    per-token weights w [T] (or None).
     prob: sum_t w_t p_t,e.  topk: the same over each token's own top-k, renormalized (the weights the model
     applies).  top1: prob, plus the total mass for experts that are some token's top-1 (they rank first)."""
     wt = w[:, None] if w is not None else 1.0
     if score == "prob":
         return (p * wt).sum(0)
-    natural = torch.topk(x.reshape(p.shape).float(), k, dim=-1).indices  # [T, k]
     if score == "topk":
         sel = p.gather(-1, natural)  # [T, k]
         sel = sel / sel.sum(-1, keepdim=True).clamp(min=1e-20)
@@ -76,11 +76,14 @@ def _expert_scores(p: torch.Tensor, x: torch.Tensor, k: int, w, score: str) -> t
     raise ValueError(f"unknown score {score!r}")
 
 
-def _budget_size(s: torch.Tensor, tabs, slot: int, k: int) -> torch.Tensor:
+def _budget_size(s: torch.Tensor, tabs, slot: int, k: int, coverage: bool = True) -> torch.Tensor:
     """C for this pass as a 0-d device tensor: the slot's C, or under Coverage the fewest experts holding
-    `share` of the mass (capped); clamped to [k, E]. C = 0 (exact) means all E."""
+    `share` of the mass (capped); clamped to [k, E]. C = 0 (exact) means all E. coverage=False: the host knows
+    the slot holds no Coverage spec (never while capturing), so the mass is not sorted."""
     e = s.shape[0]
     c, share, cap = tabs["c"][slot], tabs["share"][slot], tabs["cap"][slot]
+    if not coverage:
+        return torch.where(c > 0, c, e).clamp(min=k, max=e)
     sorted_s = torch.sort(s, descending=True).values
     mass = torch.cumsum(sorted_s, 0)
     cover = (mass < share * mass[-1] * (1 - 1e-6)).sum() + 1  # experts needed to reach the share
@@ -89,12 +92,19 @@ def _budget_size(s: torch.Tensor, tabs, slot: int, k: int) -> torch.Tensor:
     return size.clamp(min=k, max=e)
 
 
+def _count_exact(tabs, slot, num_tokens, ids, e: int) -> None:
+    """An exact pass outside any capture: passes and tokens on the host, the experts it loads on the device."""
+    count_on_host(slot, num_tokens)
+    hit = torch.zeros(e, device=ids.device).index_fill_(0, ids.reshape(-1), 1.0)  # ids of a top-k: all >= 0
+    tabs["stats"][slot, 2] += hit.sum()
+
+
 def _count(tabs, slot, num_tokens, ids, keep, natural_ids, size) -> None:
-    """Device counters [passes, tokens, experts loaded, budget bound] of the slot; no host read."""
+    """Device counters [passes, tokens, experts loaded, budget bound] of the slot; no host read. ids and
+    natural_ids come from a top-k or a sort over E: all in [0, E)."""
     e = keep.shape[0]
-    flat = ids.reshape(-1)
-    used = torch.zeros(e + 1, device=ids.device).scatter(0, torch.where(flat < 0, e, flat), 1.0)[:e]
-    natural = torch.zeros(e + 1, device=ids.device).scatter(0, natural_ids.reshape(-1), 1.0)[:e].sum()
+    used = torch.zeros(e, device=ids.device).index_fill_(0, ids.reshape(-1), 1.0)
+    natural = torch.zeros(e, device=ids.device).index_fill_(0, natural_ids.reshape(-1), 1.0).sum()
     row = torch.stack([torch.ones((), device=ids.device), torch.full((), float(num_tokens), device=ids.device),
                        (used * keep).sum(), (natural > size).float()])
     tabs["stats"][slot] += row
@@ -124,16 +134,21 @@ def budget_topk(
     slot = current_slot(site, max(spec, 0))[0]
     tabs = tables(x.device)
     capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
-    if not budgeted or (not capturing and slot_is_exact(slot)):
+    mode = None if capturing else slot_mode(slot)  # host knowledge of the spec: fast paths outside captures only
+    if not budgeted or mode == "exact":
         values, indices = torch.topk(x, k, dim=-1, sorted=sorted)
         keep = torch.ones(e, dtype=torch.int64, device=x.device)
-        _count(tabs, slot, num_tokens, indices, keep, indices, e)
+        if capturing:  # a replay runs no Python: every counter on the device
+            _count(tabs, slot, num_tokens, indices, keep, indices, e)
+        else:
+            _count_exact(tabs, slot, num_tokens, indices, e)
         return values, indices, keep
-    p = _probs(scores, score_fn).reshape(-1, e)  # [T, E]
-    s = _expert_scores(p, x, k, _weights(token_mask, num_tokens, tabs), score)  # [E]
-    size = _budget_size(s, tabs, slot, k)
-    keep = expert_ranks(s) < size  # [E] bool
     natural_v, natural_i = torch.topk(x, k, dim=-1, sorted=sorted)
+    p = _probs(scores, score_fn).reshape(-1, e)  # [T, E]
+    ranked = natural_i if sorted or score != "top1" else torch.topk(x, k, dim=-1).indices  # top1 needs order
+    s = _expert_scores(p, ranked.reshape(-1, k), _weights(token_mask, num_tokens, tabs), score)  # [E]
+    size = _budget_size(s, tabs, slot, k, coverage=mode != "fixed")
+    keep = expert_ranks(s) < size  # [E] bool
     if policy == "substitute":
         # Rank A's experts above all others, even where the model itself masked them to -inf (grouped
         # top-k): such experts rank by index after A's finite ones. Ties go to the lower index.

@@ -186,3 +186,36 @@ def test_cuda_graphs_equal_eager():
     assert dec.runner.captures == 1
     assert dec.generate(prompt, max_new_tokens=16, eos_token_id=None, budget=4).stats.buckets == [(16, 4)]
     assert dec.runner.captures == 1  # one graph per tree-size bucket serves every budget
+
+
+def test_fastest_exact_keeps_the_faster_path():
+    """Exact one-token passes alternate between the two paths (warm-up, then timed), then keep the lower median."""
+    from moe_spec_compile.speculative.buckets import FastestExact
+
+    now = [0.0]
+    cost = {"moespec": 3.0, "plain": 1.0}
+
+    def path(name):
+        def run(*args):
+            now[0] += cost[name]
+            return name
+        return run
+
+    fe = FastestExact(path("moespec"), path("plain"), lambda: now[0])
+    ran = [fe(None, None, None, None) for _ in range(2 * (fe.WARM + fe.TIMED))]
+    assert ran[:2] == ["moespec", "plain"] and ran.count("moespec") == ran.count("plain")
+    assert fe.choice == "plain" and fe(None, None, None, None) == "plain"
+    cost.update(moespec=0.5)  # once chosen the choice stays (no re-measuring mid-request)
+    assert fe(None, None, None, None) == "plain"
+
+
+def test_autoregressive_steps_take_the_faster_exact_path(target, compiled):
+    """tree=0 on a moespec-compiled target: every step exact, tokens equal generate's, whichever path is kept."""
+    dec = msc.SpeculativeDecoder(target, tree=0, compile=True, compile_options={"inner": "eager"})
+    prompt = PROMPTS[0]
+    out = dec.generate(prompt, max_new_tokens=16, eos_token_id=None)
+    assert out.sequences[0].tolist() == reference(target, prompt, 16)
+    assert dec.exact_one.choice in ("moespec", "plain")
+    assert {v.path for v in out.stats.verify[-3:]} == {dec.exact_one.choice}
+    budgeted = dec.generate(prompt, max_new_tokens=6, eos_token_id=None, budget=4).stats.verify
+    assert all(v.path == "moespec" and max(v.experts_per_layer.values()) <= 4 for v in budgeted)

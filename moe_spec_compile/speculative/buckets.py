@@ -29,7 +29,7 @@ from ..budget import budget as budget_ctx
 from ..budget import token_weights
 from .kv import TreeCache, forward
 
-__all__ = ["DEFAULT_TREE_BUCKETS", "pick_bucket", "VerifyRunner"]
+__all__ = ["DEFAULT_TREE_BUCKETS", "pick_bucket", "VerifyRunner", "FastestExact"]
 
 DEFAULT_TREE_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
@@ -145,3 +145,37 @@ def _copy_mask(dst, src) -> None:
             dst[k].copy_(src[k])
     else:
         dst.copy_(src)
+
+
+class FastestExact:
+    """Exact one-token passes (autoregressive steps: tree=0, or the controller's fall-back) run on the faster of
+    two exact paths, measured on this device: the verify runner (the moespec-compiled target; a CUDA graph where
+    captured) and the plain target. Both compute the model's own output; on the CPU the plain target often wins
+    at one token (the moespec ops' dispatch costs more than routing one token saves), on a GPU the captured graph.
+
+    Calls alternate between the two: each is warmed up WARM times, then timed TIMED times; the lower median is
+    kept from then on (``choice``: "moespec" or "plain"). Budgeted passes never come here: a budget binds only in
+    the moespec graph."""
+
+    WARM = 2
+    TIMED = 3
+
+    def __init__(self, runner, plain, clock):
+        self.paths = {"moespec": runner, "plain": plain}
+        self.clock = clock
+        self.calls = {"moespec": 0, "plain": 0}
+        self.times: dict[str, list[float]] = {"moespec": [], "plain": []}
+        self.choice: str | None = None
+
+    def __call__(self, tokens, positions, mask, slots) -> torch.Tensor:
+        if self.choice is not None:
+            return self.paths[self.choice](tokens, positions, mask, slots)
+        name = min(self.calls, key=lambda p: (self.calls[p], p))  # alternate, moespec first
+        self.calls[name] += 1
+        t0 = self.clock()
+        out = self.paths[name](tokens, positions, mask, slots)
+        if self.calls[name] > self.WARM:
+            self.times[name].append(self.clock() - t0)
+        if all(len(t) >= self.TIMED for t in self.times.values()):
+            self.choice = min(self.times, key=lambda p: sorted(self.times[p])[len(self.times[p]) // 2])
+        return out

@@ -20,7 +20,7 @@ from ..budget import budget as budget_ctx
 from ..budget import validate_budget, validate_policy
 from ..record import record_experts
 from .accept import Acceptance, SamplingConfig, accept_greedy, accept_sample
-from .buckets import DEFAULT_TREE_BUCKETS, VerifyRunner, pick_bucket
+from .buckets import DEFAULT_TREE_BUCKETS, FastestExact, VerifyRunner, pick_bucket
 from .checks import check_compile_options, check_input_ids, check_int, check_tree_fits_vocab
 from .controller import make_controller
 from .drafters import Drafter, NgramDrafter
@@ -43,6 +43,7 @@ class VerifyStats:
     budget_bound: bool | None = None  # some block used all the experts its budget allowed
     layer_budgets: dict[str, int | None] | None = None  # the C each block applied: C clamped to [k, E], None when
     #                                                     C >= E (exact); None: not recorded
+    path: str = "moespec"  # exact one-token passes: "moespec" | "plain" (buckets.FastestExact) | "measuring"
 
 
 @dataclass
@@ -198,6 +199,7 @@ class SpeculativeDecoder:
         self._cache_position = takes_cache_position(self.eager_target)
         self.cache: TreeCache | None = None
         self.runner: VerifyRunner | None = None
+        self.exact_one: FastestExact | None = None
 
     # --- the loop ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -312,7 +314,10 @@ class SpeculativeDecoder:
         slots = prefix + torch.arange(big_n, device=dev)
         weights = None if c is None else node_weights(tree, self.node_weights, big_n)  # exact: nothing to rank
         stat = VerifyStats(tree_size=n, bucket=big_n, budget=c, accepted=0)
-        if self.collect_expert_stats and not self.cuda_graphs:
+        if c is None and big_n == 1 and self.exact_one is not None:  # an exact autoregressive step: the faster path
+            logits = self.exact_one(tokens, pos, mask, slots)
+            stat.path = self.exact_one.choice or "measuring"
+        elif self.collect_expert_stats and not self.cuda_graphs:
             with record_experts() as rec:
                 logits = self.runner(tokens, pos, mask, slots, c, weights)
             _expert_stats(stat, rec.events)
@@ -405,7 +410,13 @@ class SpeculativeDecoder:
             self.masks = Masks(self.eager_target, max_len)
             self.runner = VerifyRunner(self.verify_model, self.cache, self.cuda_graphs, self._cache_position,
                                        self.policy)
+            self.exact_one = None if self.verify_model is self.eager_target else FastestExact(
+                lambda *a: self.runner(*a, None, None), self._plain_pass, self._clock)
         self.cache.length = 0
+
+    def _plain_pass(self, tokens, positions, mask, slots) -> torch.Tensor:
+        with budget_ctx(None):
+            return forward(self.eager_target, self.cache, tokens, positions, mask, slots, self._cache_position)
 
     def _clock(self) -> float:
         if self.timing and self.device.type == "cuda":
