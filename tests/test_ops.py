@@ -220,8 +220,9 @@ def test_grouped_gemm_equals_the_expert_loop(monkeypatch, bias, w_up, t):
                                                        (False, True, False, "gelu", torch.float32),
                                                        (True, False, False, "silu", torch.float16)])
 def test_small_passes_per_slot_equal_the_expert_loop(monkeypatch, bias, w_up, inter, act, dtype):
-    """Passes of at most E/2 slots gather each slot's expert weights and batch the GEMMs (no loop over experts):
-    same result as the loop, empty slots add exactly 0 even when the expert they would index holds NaN."""
+    """Small passes of small experts gather each slot's expert weights and batch the GEMMs (no loop over experts):
+    same result as the loop, empty slots add exactly 0 even when the expert they would index holds NaN; large
+    experts (MBs each) are never copied per slot."""
     from moe_spec_compile import experts_op
 
     torch.manual_seed(2)
@@ -244,5 +245,7 @@ def test_small_passes_per_slot_equal_the_expert_loop(monkeypatch, bias, w_up, in
         monkeypatch.setattr(experts_op, "GROUPED_GEMM", False)
         looped = experts_op.fused_experts_torch(*args)
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-3, atol=2e-3)
+    big = torch.empty(e, 2 * 512, 1024, dtype=dtype)  # 4 MB experts: gathering 8 of them costs more than it saves
+    assert not experts_op._per_slot_pays(ids, big, big.transpose(1, 2)[:, :, :512], None)
     assert torch.isfinite(slots).all() and slots.abs().sum() > 0
     torch.testing.assert_close(slots, looped, **tol)

@@ -189,7 +189,7 @@ def test_cuda_graphs_equal_eager():
 
 
 def test_fastest_exact_keeps_the_faster_path():
-    """Exact one-token passes alternate between the two paths (warm-up, then timed), then keep the lower median."""
+    """Exact one-token passes alternate between the two paths (warm-up, then timed), then keep the faster."""
     from moe_spec_compile.speculative.buckets import FastestExact
 
     now = [0.0]
@@ -219,3 +219,23 @@ def test_autoregressive_steps_take_the_faster_exact_path(target, compiled):
     assert {v.path for v in out.stats.verify[-3:]} == {dec.exact_one.choice}
     budgeted = dec.generate(prompt, max_new_tokens=6, eos_token_id=None, budget=4).stats.verify
     assert all(v.path == "moespec" and max(v.experts_per_layer.values()) <= 4 for v in budgeted)
+
+
+def test_compiled_drafter_proposes_what_the_eager_one_does(target, draft):
+    """ModelDrafter(compile=True): the draft's forward through inductor (dynamic shapes); the same trees as the
+    eager drafter, and the decoder's output stays the target's greedy output."""
+    torch._dynamo.reset()
+    eager, compiled = msc.ModelDrafter(draft), msc.ModelDrafter(draft, compile=True)
+    assert compiled.compiled and not eager.compiled
+    prompt = PROMPTS[0]
+    trees = []
+    for d in (eager, compiled):
+        d.start(prompt, 64)
+        tree = d.draft(int(prompt[0, -1]), TreeSpec(8, 3, 2))
+        trees.append((tree.tokens.tolist(), tree.parents.tolist()))
+    assert trees[0] == trees[1]
+    dec = msc.SpeculativeDecoder(target, drafter=compiled, tree=TreeSpec(8, 3, 2))
+    assert dec.generate(prompt, max_new_tokens=12, eos_token_id=None).sequences[0].tolist() == \
+        reference(target, prompt, 12)
+    with pytest.raises(ValueError, match="compile must be a bool"):
+        msc.ModelDrafter(draft, compile="yes")

@@ -23,7 +23,7 @@ from .accept import Acceptance, SamplingConfig, accept_greedy, accept_sample
 from .buckets import DEFAULT_TREE_BUCKETS, FastestExact, VerifyRunner, pick_bucket
 from .checks import check_compile_options, check_input_ids, check_int, check_tree_fits_vocab
 from .controller import make_controller
-from .drafters import Drafter, NgramDrafter
+from .drafters import Drafter, ModelDrafter, NgramDrafter
 from .kv import Masks, TreeCache, forward, takes_cache_position
 from .tree import DraftTree, StaticTree, TreeSpec, ancestors, as_tree_shape
 from .weights import DEFAULT_NODE_WEIGHTS, node_weights, validate_node_weights
@@ -132,9 +132,10 @@ class SpeculativeDecoder:
         out = dec.generate(input_ids, max_new_tokens=128)        # out.sequences, out.stats
 
     target: a transformers causal LM, plain or already ``torch.compile``-d; ``compile=True`` compiles it
-    here with backend="moespec" (``compile_options`` go to the backend, e.g. ``{"inner": "eager"}``), one
-    graph per tree-size bucket (dynamo's recompile limit is raised to fit the buckets; a target compiled
-    by the caller needs the same, ``torch._dynamo.config.recompile_limit``).
+    here with backend="moespec" (``compile_options`` go to the backend, e.g. ``{"inner": "eager"}``; through
+    inductor, the default, a ModelDrafter's forward is compiled too), one graph per tree-size bucket (dynamo's
+    recompile limit is raised to fit the buckets; a target compiled by the caller needs the same,
+    ``torch._dynamo.config.recompile_limit``).
     Budgets only bind inside a moespec-compiled target: a budget for any other target (compile=False) is
     refused with a ValueError. drafter: ModelDrafter, NgramDrafter or anything
     with the Drafter interface (default NgramDrafter()). tree: int K (a chain), TreeSpec, or a list of
@@ -176,6 +177,9 @@ class SpeculativeDecoder:
             self.verify_model = torch.compile(self.eager_target, backend="moespec", dynamic=False, options=options)
             _allow_recompiles(len(tree_buckets) + 8)
         self.drafter = drafter if drafter is not None else NgramDrafter()
+        if compile and compile_options.get("inner", "inductor") == "inductor" and isinstance(self.drafter,
+                                                                                           ModelDrafter):
+            self.drafter.compile()  # the draft's forward through inductor too (drafters.ModelDrafter)
         self._tree_arg, self._budget_arg = tree, budget
         self.controller = make_controller(tree, budget, min_budget, controller, self.eager_target)
         self.tree = as_tree_shape(0 if tree == "auto" else tree)
