@@ -355,9 +355,11 @@ def profile(target, drafter=None, prompts=None, trees=(0, 2, 4, (16, 4, 4)), bud
             decoder.verify(tree, c)  # warm-up (compiles the bucket once)
             run = lambda tree=tree, c=c: decoder.verify(tree, c)
             cm.verify[f"{n},{'exact' if c is None else c}"] = _median_time(run, repeats, dev)
+        # counted in the moespec graph (an exact one-token step may run on the plain target, which records nothing)
         was, decoder.collect_expert_stats = decoder.collect_expert_stats, True
+        one, decoder.exact_one = decoder.exact_one, None
         _, stat = decoder.verify(tree, None)
-        decoder.collect_expert_stats = was
+        decoder.collect_expert_stats, decoder.exact_one = was, one
         if stat.experts_per_layer:
             cm.expert_counts[str(n)] = statistics.fmean(stat.experts_per_layer.values())
 
