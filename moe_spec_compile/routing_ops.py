@@ -12,8 +12,10 @@ sum over each token's own top-k only, renormalized per token (the weights the mo
 with every token's first choice ranked first. w_t: 0 for padding where the graph
 holds the model's 2-D attention mask [B, L] (the pass's S = T / B tokens are its last S columns), times
 msc.token_weights (a draft tree's node weights); 1 otherwise. A = the C best by s (ties: lower index), with
-C read from the block's slot in budget.tables on the device. Both ops have exact gradients with respect to
-the router values and weights. Device counters per slot (budget.expert_stats) survive CUDA-graph replay.
+C read from the block's slot in budget.tables on the device; the slot is the one the backend bound to the op's
+routing site for this call (naming.Sites): the ops carry no block name and no router weight. Both ops have exact
+gradients with respect to the router values and weights. Counters per slot (budget.expert_stats) are device
+tensors that survive CUDA-graph replay; an exact pass outside any capture counts its passes and tokens on the host.
 """
 
 from __future__ import annotations
