@@ -89,7 +89,7 @@ def _block_of(full: str) -> str:
     return parent_block(full.rsplit(".", 1)[0]) or "<top>"
 
 
-def block_of_weight(weight: torch.Tensor, fallback: str) -> str:
+def block_of_weight(weight: torch.Tensor, fallback: str | None) -> str | None:
     """The block a router weight belongs to: by the parameter itself, else by its data pointer (a plain tensor
     among a graph's inputs), else by the stack's modules, else the compile-time name `fallback`."""
     if isinstance(weight, torch.nn.Parameter):
@@ -107,8 +107,7 @@ def block_namer():
 
     def name(router, tensor_of):
         t = tensor_of(router.weight) if router.weight is not None else None
-        full = param_name(t) if isinstance(t, torch.nn.Parameter) else None
-        return _block_of(full) if full else None
+        return block_of_weight(t, None) if t is not None else None
 
     return name
 

@@ -67,6 +67,13 @@ def build(family: str, impl: str = "grouped_mm", seed: int = 0, scale: float = 8
     return model, e, k
 
 
+def tiny_draft() -> nn.Module:
+    """A 1-layer dense Qwen3 sharing the families' vocabulary: the draft model of the decoder tests."""
+    torch.manual_seed(1)
+    cfg = transformers.Qwen3Config(**{**COMMON, "num_hidden_layers": 1}, intermediate_size=64, head_dim=12)
+    return transformers.AutoModelForCausalLM.from_config(cfg).eval()
+
+
 def experts_of(model) -> tuple[int, int]:
     cfg = getattr(model, "config", None)
     if cfg is None or not hasattr(cfg, "num_experts_per_tok"):

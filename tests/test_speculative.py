@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers
 from torch._dynamo.utils import counters
 
 import moe_spec_compile as msc
 from moe_spec_compile.speculative.buckets import pick_bucket
 from moe_spec_compile.speculative.tree import StaticTree, TreeSpec, ancestors, as_tree_shape
 
-from moe_models import COMMON, build
+from moe_models import build, tiny_draft
 
 STATIC = [(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0)]
 
@@ -27,9 +26,7 @@ def target():
 
 @pytest.fixture(scope="module")
 def draft():
-    torch.manual_seed(1)
-    cfg = transformers.Qwen3Config(**{**COMMON, "num_hidden_layers": 1}, intermediate_size=64, head_dim=12)
-    return transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    return tiny_draft()
 
 
 def reference(model, prompt, n, eos=None):
@@ -203,7 +200,7 @@ def test_fastest_exact_keeps_the_faster_path():
 
     fe = FastestExact(path("moespec"), path("plain"), lambda: now[0])
     ran = [fe(None, None, None, None) for _ in range(2 * (fe.WARM + fe.TIMED))]
-    assert ran[:2] == ["moespec", "plain"] and ran.count("moespec") == ran.count("plain")
+    assert ran[:2] == ["moespec", "plain"] and ran.count("moespec") == ran.count("plain") and fe.last == ran[-1]
     assert fe.choice == "plain" and fe(None, None, None, None) == "plain"
     cost.update(moespec=0.5)  # once chosen the choice stays (no re-measuring mid-request)
     assert fe(None, None, None, None) == "plain"
@@ -217,6 +214,7 @@ def test_autoregressive_steps_take_the_faster_exact_path(target, compiled):
     assert out.sequences[0].tolist() == reference(target, prompt, 16)
     assert dec.exact_one.choice in ("moespec", "plain")
     assert {v.path for v in out.stats.verify[-3:]} == {dec.exact_one.choice}
+    assert {v.path for v in out.stats.verify} == {"moespec", "plain"}  # measuring ran both, each labelled
     budgeted = dec.generate(prompt, max_new_tokens=6, eos_token_id=None, budget=4).stats.verify
     assert all(v.path == "moespec" and max(v.experts_per_layer.values()) <= 4 for v in budgeted)
 

@@ -11,7 +11,6 @@ import collections
 
 import pytest
 import torch
-import transformers
 from test_speculative_sampling import CHI2_TAIL, _tiny_pair, chi2
 
 import moe_spec_compile as msc
@@ -21,7 +20,7 @@ from moe_spec_compile.speculative.batch_drafters import BatchTree
 from moe_spec_compile.speculative.batch_kv import BatchCache
 from moe_spec_compile.speculative.batched import BatchGenerateStats, BatchVerifyRunner
 
-from moe_models import COMMON, build
+from moe_models import build, tiny_draft
 
 STATIC = [(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0)]
 PADS = [0, 4, 2, 7, 1]  # left padding per row: prompts of 10, 6, 8, 3 and 9 tokens
@@ -35,9 +34,7 @@ def target():
 
 @pytest.fixture(scope="module")
 def draft():
-    torch.manual_seed(1)
-    cfg = transformers.Qwen3Config(**{**COMMON, "num_hidden_layers": 1}, intermediate_size=64, head_dim=12)
-    return transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    return tiny_draft()
 
 
 def left_padded(pads, length=10, seed=0, vocab=96):

@@ -9,7 +9,6 @@ import warnings
 
 import pytest
 import torch
-import transformers
 from torch._dynamo.utils import counters
 
 import moe_spec_compile as msc
@@ -18,7 +17,7 @@ from moe_spec_compile.speculative.kv import forward
 from moe_spec_compile.speculative.tree import DraftTree, StaticTree
 from moe_spec_compile.speculative.weights import DEPTH_DECAY, node_weights
 
-from moe_models import COMMON, build, experts_of
+from moe_models import build, experts_of, tiny_draft
 from reference import reference_budget
 
 PROMPT = torch.tensor([[5, 17, 33, 2, 90, 41, 8, 5, 17]])
@@ -32,9 +31,7 @@ def target():
 
 @pytest.fixture(scope="module")
 def draft():
-    torch.manual_seed(1)
-    cfg = transformers.Qwen3Config(**{**COMMON, "num_hidden_layers": 1}, intermediate_size=64, head_dim=12)
-    return transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    return tiny_draft()
 
 
 @pytest.fixture(scope="module")

@@ -166,11 +166,13 @@ class FastestExact:
         self.calls = {"moespec": 0, "plain": 0}
         self.times: dict[str, list[float]] = {"moespec": [], "plain": []}
         self.choice: str | None = None
+        self.last: str | None = None  # the path the latest call ran
 
     def __call__(self, tokens, positions, mask, slots) -> torch.Tensor:
         if self.choice is not None:
+            self.last = self.choice
             return self.paths[self.choice](tokens, positions, mask, slots)
-        name = min(self.calls, key=lambda p: (self.calls[p], p))  # alternate, moespec first
+        name = self.last = min(self.calls, key=lambda p: (self.calls[p], p))  # alternate, moespec first
         self.calls[name] += 1
         t0 = self.clock()
         out = self.paths[name](tokens, positions, mask, slots)

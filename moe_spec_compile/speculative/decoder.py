@@ -43,7 +43,7 @@ class VerifyStats:
     budget_bound: bool | None = None  # some block used all the experts its budget allowed
     layer_budgets: dict[str, int | None] | None = None  # the C each block applied: C clamped to [k, E], None when
     #                                                     C >= E (exact); None: not recorded
-    path: str = "moespec"  # exact one-token passes: "moespec" | "plain" (buckets.FastestExact) | "measuring"
+    path: str = "moespec"  # the path that ran it: "moespec", or "plain" for an exact one-token pass (FastestExact)
 
 
 @dataclass
@@ -320,7 +320,7 @@ class SpeculativeDecoder:
         stat = VerifyStats(tree_size=n, bucket=big_n, budget=c, accepted=0)
         if c is None and big_n == 1 and self.exact_one is not None:  # an exact autoregressive step: the faster path
             logits = self.exact_one(tokens, pos, mask, slots)
-            stat.path = self.exact_one.choice or "measuring"
+            stat.path = self.exact_one.last
         elif self.collect_expert_stats and not self.cuda_graphs:
             with record_experts() as rec:
                 logits = self.runner(tokens, pos, mask, slots, c, weights)
