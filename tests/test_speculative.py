@@ -237,3 +237,46 @@ def test_compiled_drafter_proposes_what_the_eager_one_does(target, draft):
         reference(target, prompt, 12)
     with pytest.raises(ValueError, match="compile must be a bool"):
         msc.ModelDrafter(draft, compile="yes")
+
+
+@pytest.mark.parametrize("tree,do_sample", [(TreeSpec(8, 3, 2), False), (STATIC, False), (3, False),
+                                            (TreeSpec(8, 3, 2), True)], ids=["dyn", "static", "chain", "sampled"])
+def test_one_host_read_per_step(monkeypatch, target, draft, tree, do_sample):
+    """The decode loop's own code (decoder, drafter, acceptance) reads the device once per greedy step: the
+    acceptance decision, which also carries the drafter's per-node data (DraftTree.payload). Sampling reads twice
+    (the tree's probabilities, then the bonus). Counted at the call sites inside moe_spec_compile.speculative."""
+    import sys
+
+    reads = []
+
+    def counting(name):
+        orig = getattr(torch.Tensor, name)
+
+        def read(self, *a, **kw):
+            if sys._getframe(1).f_globals.get("__name__", "").startswith("moe_spec_compile.speculative"):
+                reads.append(name)
+            return orig(self, *a, **kw)
+        return read
+
+    dec = msc.SpeculativeDecoder(target, drafter=msc.ModelDrafter(draft), tree=tree)
+    prompt = PROMPTS[0]
+    want = reference(target, prompt, 10)
+    steps = []
+    step = dec._step
+
+    def counted_step(*a, **kw):
+        before = len(reads)
+        out = step(*a, **kw)
+        steps.append(len(reads) - before)
+        return out
+
+    monkeypatch.setattr(dec, "_step", counted_step)
+    for name in ("tolist", "item", "__int__", "__float__", "__bool__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    out = dec.generate(prompt, max_new_tokens=10, eos_token_id=None, do_sample=do_sample,
+                       generator=torch.Generator().manual_seed(0))
+    monkeypatch.undo()
+    assert steps and out.stats.steps == len(steps)
+    assert steps == [2 if do_sample else 1] * len(steps), steps
+    if not do_sample:
+        assert out.sequences[0].tolist() == want

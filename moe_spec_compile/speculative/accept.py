@@ -53,6 +53,7 @@ class Acceptance:
     bonus: int  # the target's token after the path's last node
     order: torch.Tensor  # [n] the path's nodes first, then the rest: the KV compaction permutation
     tokens: list[int]  # the path's tokens, root first
+    payload: list[int] | None = None  # tree.payload of the path's nodes (read with the rest), when the tree has one
 
 
 def process_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
@@ -86,24 +87,32 @@ def accept_greedy(tree: DraftTree, logits: torch.Tensor, anc: torch.Tensor) -> A
     best = torch.argmax(torch.where(ok, tree.depth, -1))  # first deepest accepted node
     on_path = anc[best]
     order = _order(on_path)
-    host = torch.cat([order, tree.tokens[order], target[best].reshape(1), on_path.sum().reshape(1)]).tolist()
+    parts = [order, tree.tokens[order], target[best].reshape(1), on_path.sum().reshape(1)]
+    if tree.payload is not None:
+        parts.append(tree.payload[order].to(order.dtype))
+    host = torch.cat(parts).tolist()
     m = host[2 * n + 1]
-    return Acceptance(path=host[:m], bonus=host[2 * n], order=order, tokens=host[n : n + m])
+    payload = host[2 * n + 2 : 2 * n + 2 + m] if tree.payload is not None else None
+    return Acceptance(path=host[:m], bonus=host[2 * n], order=order, tokens=host[n : n + m], payload=payload)
 
 
 def accept_sample(tree: DraftTree, logits: torch.Tensor, cfg: SamplingConfig,
                   generator: torch.Generator | None = None) -> Acceptance:
-    """Recursive rejection sampling over siblings (module docstring). Two host reads: the children's
-    target probabilities, then the bonus token."""
+    """Recursive rejection sampling over siblings (module docstring). Two host reads: the tree with its children's
+    target probabilities (and payload), then the bonus token."""
     probs = process_logits(logits, cfg)  # [n, V]
     n = tree.size
-    parents = tree.parents.tolist()
-    tokens = tree.tokens.tolist()
-    p_child = probs[tree.parents.clamp(min=0), tree.tokens].tolist()  # p_parent(token) per node
+    uniforms = torch.rand(n, generator=generator).to(probs.device)  # drawn on the generator's device, as before
+    parts = [tree.parents.double(), tree.tokens.double(), probs[tree.parents.clamp(min=0), tree.tokens].double(),
+             uniforms.double()]
+    if tree.payload is not None:
+        parts.append(tree.payload.double())
+    host = torch.stack(parts).tolist()  # ids < 2**53 and fp32 values: exact in float64
+    parents, tokens = [int(v) for v in host[0]], [int(v) for v in host[1]]
+    p_child, uniforms = host[2], host[3]  # p_parent(token) per node; one uniform per node
     children: list[list[int]] = [[] for _ in range(n)]
     for i in range(1, n):
         children[parents[i]].append(i)
-    uniforms = torch.rand(n, generator=generator).tolist()
 
     node, path = 0, [0]
     while True:
@@ -126,9 +135,10 @@ def accept_sample(tree: DraftTree, logits: torch.Tensor, cfg: SamplingConfig,
     if rejected:
         cut = row.clone()
         cut[torch.tensor(rejected, device=row.device)] = 0
-        if float(cut.sum()) > 0:  # rounding can leave no mass; the target's own row is then the answer
-            row = cut
+        row = torch.where(cut.sum() > 0, cut, row)  # rounding can leave no mass: the target's own row is the answer
     bonus = int(torch.multinomial(row.cpu() if generator is not None else row, 1, generator=generator))
     on_path = torch.zeros(n, dtype=torch.bool, device=logits.device)
     on_path[torch.tensor(path, device=logits.device)] = True
-    return Acceptance(path=path, bonus=bonus, order=_order(on_path), tokens=[tokens[i] for i in path])
+    payload = [int(host[4][i]) for i in path] if tree.payload is not None else None
+    return Acceptance(path=path, bonus=bonus, order=_order(on_path), tokens=[tokens[i] for i in path],
+                      payload=payload)

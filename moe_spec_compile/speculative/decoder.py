@@ -339,7 +339,10 @@ class SpeculativeDecoder:
         self.cache.compact(acc.order, self.cache.length)
         self.cache.length += len(acc.path)
         if tell_drafter:
-            self.drafter.accept(acc.path, acc.tokens + [acc.bonus])
+            if acc.payload is None:
+                self.drafter.accept(acc.path, acc.tokens + [acc.bonus])
+            else:  # the drafter's per-node data for the path, read with the acceptance (DraftTree.payload)
+                self.drafter.accept(acc.path, acc.tokens + [acc.bonus], acc.payload)
         return acc
 
     def _generate_batch(self, input_ids, attention_mask, max_new_tokens, sampling, shape, schedule, eos,

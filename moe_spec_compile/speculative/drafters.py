@@ -8,9 +8,10 @@ The interface (duck-typed; subclass :class:`Drafter` for the docstrings):
     draft(root: int, shape) -> DraftTree
         root is the newest token (emitted by the target, in no KV cache yet); shape is a TreeSpec or a
         StaticTree; return at most shape.max_nodes drafted nodes (fewer, even none, is fine)
-    accept(path: list[int], tokens: list[int])
+    accept(path: list[int], tokens: list[int][, payload: list[int]])
         path: the accepted node ids of the last DraftTree, root first; tokens: their tokens followed
-        by the bonus token, which will be the next root
+        by the bonus token, which will be the next root; payload: only when the DraftTree carried a
+        payload (DraftTree.payload), its values at the path's nodes, read in the acceptance's host read
     skip(root: int)   (optional) a step ran without drafting (autoregressive, chosen by the controller):
         root was committed by the target without a draft; catch up lazily (default: nothing to do)
 
@@ -107,16 +108,20 @@ class ModelDrafter(Drafter):
         root_logp = torch.log_softmax(logits[-1].float(), -1)  # [V]
         root_t = torch.tensor([root], dtype=torch.long, device=self.device)
         if shape.max_nodes == 0:
-            self._gid, self._gid_fed, self._num_fed = torch.zeros(1, dtype=torch.long), torch.full((1,), -1), 0
-            return DraftTree.root_only(root_t)
+            self._fed, self._num_fed = torch.full((1,), -1, dtype=torch.long, device=self.device), 0
+            tree = DraftTree.root_only(root_t)
+            tree.payload = self._fed
+            return tree
         if isinstance(shape, TreeSpec):
             return self._draft_dynamic(root_t, root_logp, shape)
         return self._draft_static(root_t, root_logp, shape)
 
-    def accept(self, path: list[int], tokens: list[int]) -> None:
-        nodes = torch.tensor(path[1:], dtype=torch.long, device=self._gid.device)
-        fed = self._gid_fed[self._gid[nodes]].tolist()  # each path node's fed id, or -1 (one host read)
-        used = [f for f in fed if f >= 0]
+    def accept(self, path: list[int], tokens: list[int], payload: list[int] | None = None) -> None:
+        """payload: each path node's fed id (-1: never fed), as DraftTree.payload carried it; read here when not
+        given (a caller driving the drafter by hand)."""
+        if payload is None:
+            payload = self._fed[torch.tensor(path, dtype=torch.long, device=self._fed.device)].tolist()
+        used = [f for f in payload[1:] if f >= 0]
         if used:  # the fed nodes of the path are a prefix of it: every inner node was expanded
             order = torch.tensor(used + [f for f in range(self._num_fed) if f not in used], device=self.device)
             self.cache.compact(order, self.cache.length)
@@ -203,7 +208,7 @@ class ModelDrafter(Drafter):
         tree_parents = torch.where(all_parent[gid] >= 0, local[all_parent[gid].clamp(min=0)], -1)
         self._remember(gid, next_gid, fed_of)
         all_logprob = torch.cat([root_logp.new_zeros(1), all_score])
-        return DraftTree(all_tok[gid], tree_parents, all_depth[gid], all_logprob[gid])
+        return DraftTree(all_tok[gid], tree_parents, all_depth[gid], all_logprob[gid], payload=self._fed)
 
     def _draft_static(self, root: torch.Tensor, root_logp: torch.Tensor, shape: StaticTree) -> DraftTree:
         """Fixed tree: node (r_1, .., r_d) takes the r_d-th best token at its parent. Feed every
@@ -236,17 +241,17 @@ class ModelDrafter(Drafter):
                 for r, i in enumerate(feed):
                     fed_id[i], logp_of[i], row_of[i] = base + r, logp, r
         tree = DraftTree.from_lists([0] * n, parents, dev)
-        tree.tokens, tree.logprob = tokens, logprob
-        self._gid = torch.arange(n)
-        self._gid_fed = torch.tensor([fed_id.get(i, -1) for i in range(n)])
+        self._fed = torch.tensor([fed_id.get(i, -1) for i in range(n)], dtype=torch.long, device=dev)
+        tree.tokens, tree.logprob, tree.payload = tokens, logprob, self._fed
         return tree
 
     def _remember(self, gid: torch.Tensor, num_gids: int, fed_of) -> None:
-        """Local node -> gid and gid -> fed id (on the device), read in accept()."""
+        """Each tree node's fed id (-1: never fed), on the device: the tree's payload, read back with the
+        acceptance and given to accept()."""
         gid_fed = torch.full((num_gids,), -1, dtype=torch.long, device=gid.device)
         for gids, fed in fed_of:
             gid_fed[gids] = fed
-        self._gid, self._gid_fed = gid, gid_fed
+        self._fed = gid_fed[gid]
 
 
 class NgramDrafter(Drafter):

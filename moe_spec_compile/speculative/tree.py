@@ -106,12 +106,16 @@ class DraftTree:
     parents[i] < i.  depth [n] int64: depth[0] = 0.  Siblings are listed in the drafter's order of
     preference (sampling acceptance tries them in that order).  logprob [n] fp32 or None: the drafter's
     cumulative log-probability of each node's path from the root (logprob[0] = 0), when it has one; the
-    decoder's node_weights="path" weighs the nodes' tokens by its exp in the budget's expert scores."""
+    decoder's node_weights="path" weighs the nodes' tokens by its exp in the budget's expert scores.
+    payload [n] int64 or None: the drafter's own per-node data (ModelDrafter: where it fed each node into its KV
+    cache); the acceptance reads it back for the accepted path in the step's one host read and hands it to the
+    drafter's accept() as a third argument, so the drafter needs no read of its own."""
 
     tokens: torch.Tensor
     parents: torch.Tensor
     depth: torch.Tensor
     logprob: torch.Tensor | None = None
+    payload: torch.Tensor | None = None
 
     @property
     def size(self) -> int:
