@@ -280,3 +280,30 @@ def test_one_host_read_per_step(monkeypatch, target, draft, tree, do_sample):
     assert steps == [2 if do_sample else 1] * len(steps), steps
     if not do_sample:
         assert out.sequences[0].tolist() == want
+
+
+def test_pass_inputs_live_in_preallocated_buffers(monkeypatch, target, draft):
+    """Every pass of the decode loop (verify passes, the drafter's levels) gets its mask, and a verify pass its
+    tokens, positions and write slots, from buffers allocated once per pass size and rewritten in place; the output
+    stays the target's greedy output."""
+    from moe_spec_compile.speculative import buckets, drafters
+
+    seen: dict[tuple[str, int], set] = {}
+
+    def recorder(who, fwd):
+        def run(model, cache, tokens, positions, mask, slots, cache_position=False):
+            ptrs = (mask.data_ptr(),) + ((tokens.data_ptr(), positions.data_ptr(), slots.data_ptr())
+                                         if who == "verify" else ())
+            seen.setdefault((who, tokens.shape[0]), set()).add(ptrs)
+            return fwd(model, cache, tokens, positions, mask, slots, cache_position)
+        return run
+
+    monkeypatch.setattr(buckets, "forward", recorder("verify", buckets.forward))
+    monkeypatch.setattr(drafters, "forward", recorder("draft", drafters.forward))
+    dec = msc.SpeculativeDecoder(target, drafter=msc.ModelDrafter(draft), tree=TreeSpec(8, 3, 2))
+    prompt = PROMPTS[0]
+    out = dec.generate(prompt, max_new_tokens=16, eos_token_id=None)
+    assert out.sequences[0].tolist() == reference(target, prompt, 16)
+    assert out.stats.steps >= 3
+    assert any(k[0] == "verify" for k in seen) and any(k[0] == "draft" and k[1] == 2 for k in seen)
+    assert all(len(v) == 1 for v in seen.values()), seen

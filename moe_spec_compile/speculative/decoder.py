@@ -204,6 +204,7 @@ class SpeculativeDecoder:
         self.cache: TreeCache | None = None
         self.runner: VerifyRunner | None = None
         self.exact_one: FastestExact | None = None
+        self._buffers: dict[int, dict[str, torch.Tensor]] = {}  # pass size N -> its input buffers (_pass_buffers)
 
     # --- the loop ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -303,19 +304,22 @@ class SpeculativeDecoder:
         vote. The nodes weigh as self.node_weights says."""
         n = tree.size
         big_n = pick_bucket(n, self.tree_buckets)
-        dev, prefix = self.device, self.cache.length
+        prefix = self.cache.length
         if prefix + big_n > self.cache.max_len:
             raise RuntimeError(f"KV cache of {self.cache.max_len} slots is full ({prefix} + {big_n})")
-        pad = big_n - n
-        tokens = torch.cat([tree.tokens, tree.tokens[:1].expand(pad)])
-        depth = torch.cat([tree.depth, tree.depth.new_zeros(pad)])
-        self._anc = ancestors(tree.parents, int(self._max_depth))
-        anc = torch.zeros(big_n, big_n, dtype=torch.bool, device=dev)
+        buf = self._pass_buffers(big_n)
+        tokens, pos, slots, anc = buf["tokens"], buf["pos"], buf["slots"], buf["anc"]
+        tokens[:n] = tree.tokens
+        tokens[n:] = tree.tokens[:1]  # padding repeats the root
+        pos[:n] = tree.depth
+        pos[n:] = 0
+        pos += prefix
+        torch.add(buf["arange"], prefix, out=slots)
+        anc.zero_()
+        self._anc = ancestors(tree.parents, int(self._max_depth), out=buf["anc_tree"][:n, :n])
         anc[:n, :n] = self._anc
         anc[n:, 0] = True  # padding rows see what the root sees
-        pos = prefix + depth
         mask = self.masks.tree(anc, prefix, pos, pos)
-        slots = prefix + torch.arange(big_n, device=dev)
         weights = None if c is None else node_weights(tree, self.node_weights, big_n)  # exact: nothing to rank
         stat = VerifyStats(tree_size=n, bucket=big_n, budget=c, accepted=0)
         if c is None and big_n == 1 and self.exact_one is not None:  # an exact autoregressive step: the faster path
@@ -420,6 +424,23 @@ class SpeculativeDecoder:
             self.exact_one = None if self.verify_model is self.eager_target else FastestExact(
                 lambda *a: self.runner(*a, None, None), self._plain_pass, self._clock)
         self.cache.length = 0
+
+    def _pass_buffers(self, big_n: int) -> dict[str, torch.Tensor]:
+        """A verify pass's inputs, allocated once per pass size N and rewritten in place every step: tokens,
+        positions, write slots [N], the padded ancestor matrix [N, N] and the tree's own [N, N] (its top-left n x n
+        block holds the tree's ancestors, which acceptance reads)."""
+        buf = self._buffers.get(big_n)
+        if buf is None:
+            dev = self.device
+            buf = self._buffers[big_n] = {
+                "tokens": torch.zeros(big_n, dtype=torch.long, device=dev),
+                "pos": torch.zeros(big_n, dtype=torch.long, device=dev),
+                "slots": torch.zeros(big_n, dtype=torch.long, device=dev),
+                "arange": torch.arange(big_n, device=dev),
+                "anc": torch.zeros(big_n, big_n, dtype=torch.bool, device=dev),
+                "anc_tree": torch.zeros(big_n, big_n, dtype=torch.bool, device=dev),
+            }
+        return buf
 
     def _plain_pass(self, tokens, positions, mask, slots) -> torch.Tensor:
         with budget_ctx(None):

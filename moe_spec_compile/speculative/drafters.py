@@ -72,6 +72,7 @@ class ModelDrafter(Drafter):
         self.cache: TreeCache | None = None
         self._cache_position = takes_cache_position(model)
         self._run_model = self.model
+        self._fed_anc: torch.Tensor | None = None  # per-tree buffers (_begin_tree)
         if not isinstance(compile, bool):
             raise ValueError(f"compile must be a bool, got {compile!r}")
         if compile:
@@ -144,10 +145,15 @@ class ModelDrafter(Drafter):
         return logits[:, : self.vocab_size] if self.vocab_size else logits
 
     def _begin_tree(self, max_fed: int) -> None:
+        """The fed nodes' ancestors [F, F] and positions [F]: buffers allocated once per F, cleared per tree."""
         dev = self.device
         self._num_fed = 0
-        self._fed_anc = torch.zeros(max_fed, max_fed, dtype=torch.bool, device=dev)  # [F, F]
-        self._fed_pos = torch.zeros(max_fed, dtype=torch.long, device=dev)  # [F]
+        if self._fed_anc is None or self._fed_anc.shape[0] != max_fed or self._fed_anc.device != dev:
+            self._fed_anc = torch.zeros(max_fed, max_fed, dtype=torch.bool, device=dev)  # [F, F]
+            self._fed_pos = torch.zeros(max_fed, dtype=torch.long, device=dev)  # [F]
+        else:
+            self._fed_anc.zero_()
+            self._fed_pos.zero_()
 
     def _feed_level(self, tokens: torch.Tensor, fed_parent: torch.Tensor, depth: int) -> torch.Tensor:
         """Feed one tree level: tokens [m] whose parents are fed nodes fed_parent [m] (-1: the root,

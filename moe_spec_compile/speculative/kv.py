@@ -153,46 +153,80 @@ def sliding_window_of(config) -> tuple[int | None, list[str] | None]:
 
 
 def tree_mask(anc: torch.Tensor, prefix: int, max_len: int, dtype, window: int | None = None,
-              qpos: torch.Tensor | None = None, kpos: torch.Tensor | None = None) -> torch.Tensor:
+              qpos: torch.Tensor | None = None, kpos: torch.Tensor | None = None, out=None) -> torch.Tensor:
     """[1, 1, n, S] additive mask: query i attends the prefix slots [0, prefix) and the tree slots
     prefix + j where anc[i, j] (its ancestors and itself).
 
     anc [n, w] bool: rows are the pass's queries, columns the w tree slots from ``prefix`` on.
     With a sliding window, slot j is visible from query i only when qpos[i] - pos(j) < window, where
-    pos(j) = j for prefix slots and kpos[j - prefix] for tree slots (qpos [n], kpos [w] positions)."""
+    pos(j) = j for prefix slots and kpos[j - prefix] for tree slots (qpos [n], kpos [w] positions).
+    out: (allowed [n, S] bool, mask [1, 1, n, S]) buffers written in place (Masks keeps them per n); None
+    allocates."""
     n, w = anc.shape
     dev = anc.device
-    cols = torch.arange(max_len, device=dev)
-    allowed = (cols < prefix).expand(n, max_len).clone()  # [n, S]
+    if out is None:
+        out = (torch.empty(n, max_len, dtype=torch.bool, device=dev),
+               torch.empty(1, 1, n, max_len, dtype=dtype, device=dev))
+    allowed, mask = out
+    allowed[:, :prefix] = True
+    allowed[:, prefix:] = False
     allowed[:, prefix : prefix + w] = anc
     if window is not None:
-        key_pos = cols.clone()
-        key_pos[prefix : prefix + w] = kpos.to(dev)
-        allowed &= (qpos.to(dev)[:, None] - key_pos[None, :]) < window
-    return _additive(allowed, dtype)
+        q = qpos.to(dev)[:, None]
+        allowed[:, :prefix] &= (q - torch.arange(prefix, device=dev)[None, :]) < window
+        allowed[:, prefix : prefix + w] &= (q - kpos.to(dev)[None, :]) < window
+    # 0 where allowed, the dtype's minimum elsewhere (eager attention adds the mask to the scores, so a bool
+    # mask would be wrong there; sdpa takes either)
+    mask.fill_(torch.finfo(dtype).min)
+    mask[0, 0].masked_fill_(allowed, 0)
+    return mask
 
 
 class Masks:
     """Tree masks in the form a model takes: one 4-D tensor, or a dict by layer type when the model
-    mixes sliding and full attention layers (GPT-OSS; models accept a prepared dict)."""
+    mixes sliding and full attention layers (GPT-OSS; models accept a prepared dict).
+
+    Passes of up to BUFFERED tokens write their masks into buffers kept per (n, kind) and allocated once: a mask
+    is valid until the next mask of the same size from the same Masks (the decode loop uses each right away).
+    Longer passes (prompts) get fresh tensors."""
+
+    BUFFERED = 256
 
     def __init__(self, model, max_len: int):
         self.window, self.layer_types = sliding_window_of(model.config)
         self.max_len = max_len
         self.dtype = next(model.parameters()).dtype
+        self._buffers: dict[tuple[int, str, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._tril: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+    def _out(self, n: int, kind: str, device):
+        if n > self.BUFFERED:
+            return None
+        key = (n, kind, torch.device(device))
+        if key not in self._buffers:
+            self._buffers[key] = (torch.empty(n, self.max_len, dtype=torch.bool, device=device),
+                                  torch.empty(1, 1, n, self.max_len, dtype=self.dtype, device=device))
+        return self._buffers[key]
 
     def tree(self, anc: torch.Tensor, prefix: int, qpos: torch.Tensor, kpos: torch.Tensor):
-        full = tree_mask(anc, prefix, self.max_len, self.dtype)
+        n, dev = anc.shape[0], anc.device
+        full = tree_mask(anc, prefix, self.max_len, self.dtype, out=self._out(n, "full", dev))
         if self.window is None:
             return full
-        sliding = tree_mask(anc, prefix, self.max_len, self.dtype, self.window, qpos, kpos)
+        sliding = tree_mask(anc, prefix, self.max_len, self.dtype, self.window, qpos, kpos,
+                            out=self._out(n, "sliding", dev))
         if self.layer_types is None:
             return sliding
         return {"full_attention": full, "sliding_attention": sliding}
 
     def causal(self, n: int, prefix: int, device):
         """A plain causal pass of n tokens written at slots prefix .. prefix+n-1."""
-        anc = torch.ones(n, n, dtype=torch.bool, device=device).tril()
+        key = (n, torch.device(device))
+        anc = self._tril.get(key)
+        if anc is None:
+            anc = torch.ones(n, n, dtype=torch.bool, device=device).tril()
+            if n <= self.BUFFERED:
+                self._tril[key] = anc
         pos = prefix + torch.arange(n, device=device)
         return self.tree(anc, prefix, pos, pos)
 

@@ -138,14 +138,15 @@ class DraftTree:
         return cls(as_t(tokens), as_t(parents), as_t(depth))
 
 
-def ancestors(parents: torch.Tensor, max_depth: int) -> torch.Tensor:
+def ancestors(parents: torch.Tensor, max_depth: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """anc [n, n] bool: anc[i, j] is True when node j is node i itself or one of its ancestors.
 
-    Device-side, no host sync: climb the parent pointers max_depth times."""
+    Device-side, no host sync: climb the parent pointers max_depth times. out: an [n, n] bool buffer to write."""
     n = parents.shape[0]
     rows = torch.arange(n, device=parents.device)
     up = parents.clamp(min=0)  # the root is its own parent
-    anc = torch.eye(n, dtype=torch.bool, device=parents.device)
+    anc = torch.zeros(n, n, dtype=torch.bool, device=parents.device) if out is None else out.zero_()
+    anc[rows, rows] = True
     cur = rows
     for _ in range(max_depth):
         cur = up[cur]
