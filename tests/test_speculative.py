@@ -237,6 +237,9 @@ def test_compiled_drafter_proposes_what_the_eager_one_does(target, draft):
         reference(target, prompt, 12)
     with pytest.raises(ValueError, match="compile must be a bool"):
         msc.ModelDrafter(draft, compile="yes")
+    with pytest.raises(ValueError, match="cuda_graphs must be None or a bool"):
+        msc.ModelDrafter(draft, cuda_graphs="yes")
+    assert not compiled.cuda_graphs and not msc.ModelDrafter(draft, cuda_graphs=True).cuda_graphs  # CPU: never
 
 
 @pytest.mark.parametrize("tree,do_sample", [(TreeSpec(8, 3, 2), False), (STATIC, False), (3, False),
@@ -289,18 +292,19 @@ def test_pass_inputs_live_in_preallocated_buffers(monkeypatch, target, draft):
     from moe_spec_compile.speculative import buckets, drafters
 
     seen: dict[tuple[str, int], set] = {}
+    dec = msc.SpeculativeDecoder(target, drafter=msc.ModelDrafter(draft), tree=TreeSpec(8, 3, 2))
 
-    def recorder(who, fwd):
+    def recorder(fwd):
         def run(model, cache, tokens, positions, mask, slots, cache_position=False):
+            who = "verify" if cache is dec.cache else "draft"
             ptrs = (mask.data_ptr(),) + ((tokens.data_ptr(), positions.data_ptr(), slots.data_ptr())
                                          if who == "verify" else ())
             seen.setdefault((who, tokens.shape[0]), set()).add(ptrs)
             return fwd(model, cache, tokens, positions, mask, slots, cache_position)
         return run
 
-    monkeypatch.setattr(buckets, "forward", recorder("verify", buckets.forward))
-    monkeypatch.setattr(drafters, "forward", recorder("draft", drafters.forward))
-    dec = msc.SpeculativeDecoder(target, drafter=msc.ModelDrafter(draft), tree=TreeSpec(8, 3, 2))
+    monkeypatch.setattr(buckets, "forward", recorder(buckets.forward))
+    monkeypatch.setattr(drafters, "forward", recorder(drafters.forward))
     prompt = PROMPTS[0]
     out = dec.generate(prompt, max_new_tokens=16, eos_token_id=None)
     assert out.sequences[0].tolist() == reference(target, prompt, 16)

@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
 
 import moe_spec_compile as msc  # noqa: E402
 
-from moe_models import build  # noqa: E402
+from moe_models import build, tiny_draft  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 PROMPT = [5, 17, 33, 2, 90, 41, 8, 5, 17, 33]
@@ -69,3 +69,23 @@ def test_one_captured_graph_serves_every_budget():
             assert all(s["passes"] == 2 for s in stats.values())  # the replay and the eager run
             if c is not None and c < 16:
                 assert all(s["experts_per_pass"] <= c for s in stats.values())
+
+
+def test_drafter_cuda_graphs_propose_what_eager_does():
+    """ModelDrafter(compile=True) on CUDA replays one captured graph per drafting pass size: the same proposals as
+    the uncaptured drafter (the same accepted lengths step by step), and the target's greedy output."""
+    torch._dynamo.reset()
+    target, draft = build("qwen3_moe")[0].cuda(), tiny_draft().cuda()
+    prompt = torch.tensor([PROMPT], device="cuda")
+    want = target.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=16, do_sample=False,
+                           eos_token_id=None, pad_token_id=0)[0].tolist()
+    runs = {}
+    for graphs in (False, True):
+        drafter = msc.ModelDrafter(draft, compile=True, cuda_graphs=graphs)
+        assert drafter.cuda_graphs == graphs
+        dec = msc.SpeculativeDecoder(target, drafter=drafter, tree=msc.TreeSpec(8, 3, 2), cuda_graphs=False)
+        out = dec.generate(prompt, max_new_tokens=16, eos_token_id=None)
+        assert out.sequences[0].tolist() == want
+        runs[graphs] = out.stats.accepted_per_step
+        assert (drafter._runner.captures > 0) == graphs
+    assert runs[True] == runs[False]

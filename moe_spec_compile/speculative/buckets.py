@@ -63,9 +63,10 @@ class VerifyRunner:
     """Runs padded verify passes of a target; one CUDA graph per pass size N when use_graphs."""
 
     def __init__(self, model, cache: TreeCache, use_graphs: bool, cache_position: bool = False,
-                 policy: str = "substitute"):
+                 policy: str = "substitute", budgeted: bool = True):
         self.model = model
         self.policy = policy
+        self.budgeted = budgeted  # False (a draft model's passes): no budget scope, c and weights must be None
         self.cache = cache
         self.use_graphs = use_graphs
         self.cache_position = cache_position
@@ -99,6 +100,10 @@ class VerifyRunner:
         """``msc.budget(c)`` (exactly C, whatever the pass size: max_budget_tokens only keeps prefills exact)
         and ``msc.token_weights(weights)``: both write device tables in place."""
         stack = contextlib.ExitStack()
+        if not self.budgeted:
+            if c is not None or weights is not None:
+                raise ValueError("this runner runs unbudgeted passes (a draft model's): c and weights must be None")
+            return stack
         stack.enter_context(budget_ctx(c, policy=self.policy, max_budget_tokens=None))
         if weights is not None:
             stack.enter_context(token_weights(weights))

@@ -28,6 +28,7 @@ import time
 
 import torch
 
+from .buckets import VerifyRunner
 from .checks import check_int
 from .kv import Masks, TreeCache, forward, takes_cache_position
 from .tree import DraftTree, StaticTree, TreeSpec
@@ -63,18 +64,25 @@ class ModelDrafter(Drafter):
     compile: run the draft model's forward through ``torch.compile`` (inductor, dynamic shapes: one graph serves
     every feed length; the first drafts compile, tens of seconds on a small CPU). False by default;
     ``SpeculativeDecoder(compile=True)`` turns it on when its target compiles through inductor. A compiled draft
-    only changes what is proposed, never what is emitted (verification decides). On CUDA this is inductor's
-    default mode, not a captured CUDA graph (not measured on a GPU yet)."""
+    only changes what is proposed, never what is emitted (verification decides).
+    cuda_graphs: on a CUDA device, each drafting pass size (the first feed of a step, each tree level) is captured
+    once into a CUDA graph and replayed (buckets.VerifyRunner without a budget: static input buffers per size, the
+    cache written in place); None (the default) turns it on for a compiled drafter on CUDA. The prompt's feed runs
+    without a graph. Never on the CPU."""
 
-    def __init__(self, model, vocab_size: int | None = None, compile: bool = False):
+    def __init__(self, model, vocab_size: int | None = None, compile: bool = False, cuda_graphs: bool | None = None):
         self.model = model.eval()
         self.vocab_size = vocab_size
         self.cache: TreeCache | None = None
         self._cache_position = takes_cache_position(model)
         self._run_model = self.model
         self._fed_anc: torch.Tensor | None = None  # per-tree buffers (_begin_tree)
+        self._runner = None  # the drafting passes' runner (CUDA graphs per pass size), made with the cache
         if not isinstance(compile, bool):
             raise ValueError(f"compile must be a bool, got {compile!r}")
+        if cuda_graphs is not None and not isinstance(cuda_graphs, bool):
+            raise ValueError(f"cuda_graphs must be None or a bool, got {cuda_graphs!r}")
+        self._cuda_graphs = cuda_graphs
         if compile:
             self.compile()
 
@@ -82,7 +90,14 @@ class ModelDrafter(Drafter):
         """Compile the draft's forward (inductor, dynamic shapes); idempotent."""
         if self._run_model is self.model:
             self._run_model = torch.compile(self.model, dynamic=True)
+            self._runner = None  # rebuilt around the compiled forward
         return self
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether drafting passes replay CUDA graphs (on a CUDA device only)."""
+        on = self.compiled if self._cuda_graphs is None else self._cuda_graphs
+        return on and self.device.type == "cuda"
 
     @property
     def compiled(self) -> bool:
@@ -98,8 +113,12 @@ class ModelDrafter(Drafter):
         if self.cache is None or self.cache.max_len < max_len:
             self.cache = TreeCache.for_model(self.model, max_len, self.device)
             self.masks = Masks(self.model, max_len)
+            self._runner = None
+        if self._runner is None:
+            self._runner = VerifyRunner(self._run_model, self.cache, self.cuda_graphs, self._cache_position,
+                                        budgeted=False)
         self.cache.length = 0
-        self._feed_chain(input_ids[0].tolist())
+        self._feed_chain(input_ids[0].tolist(), graph=False)
         self._pending: list[int] = []
 
     @torch.no_grad()
@@ -133,14 +152,18 @@ class ModelDrafter(Drafter):
         self._pending.append(root)  # fed, with the others, at the next draft's first forward
 
     # --- helpers -----------------------------------------------------------------------------------
-    def _feed_chain(self, tokens: list[int]) -> torch.Tensor:
-        """Commit tokens (causal, after the prefix) -> logits [len, V]."""
+    def _feed_chain(self, tokens: list[int], graph: bool = True) -> torch.Tensor:
+        """Commit tokens (causal, after the prefix) -> logits [len, V]. graph=False: never a CUDA graph (the
+        prompt: one feed per request, of any length)."""
         n, start = len(tokens), self.cache.length
         dev = self.device
         pos = start + torch.arange(n, device=dev)
         mask = self.masks.causal(n, start, dev)
-        logits = forward(self._run_model, self.cache, torch.tensor(tokens, device=dev), pos, mask, pos,
-                         self._cache_position)
+        tokens = torch.tensor(tokens, device=dev)
+        if graph:
+            logits = self._runner(tokens, pos, mask, pos)
+        else:
+            logits = forward(self._run_model, self.cache, tokens, pos, mask, pos, self._cache_position)
         self.cache.length += n
         return logits[:, : self.vocab_size] if self.vocab_size else logits
 
@@ -167,7 +190,7 @@ class ModelDrafter(Drafter):
         pos = torch.full((m,), prefix - 1 + depth, dtype=torch.long, device=dev)  # the root sits at prefix-1
         self._fed_pos[f] = pos
         mask = self.masks.tree(rows, prefix, pos, self._fed_pos)
-        logits = forward(self._run_model, self.cache, tokens, pos, mask, prefix + f, self._cache_position)
+        logits = self._runner(tokens, pos, mask, prefix + f)
         self._num_fed += m
         if self.vocab_size:
             logits = logits[:, : self.vocab_size]
