@@ -124,3 +124,27 @@ def test_budget_auto(target):
     assert {v.budget for v in out.stats.verify} <= {None, 4, 8}
     with pytest.raises(ValueError, match="min_budget"):
         msc.SpeculativeDecoder(target, tree=4, min_budget=4)
+
+
+def test_a_stable_choice_is_retested_ever_more_rarely(target):
+    """The same speculative config winning the test phase after its own set phase gets a set phase twice as long:
+    over several requests the set runs grow (16, 32, ...) and test steps become a shrinking share."""
+    oracle = msc.OracleDrafter(target, acceptance=1.0)
+    oracle.precompute([PROMPT], 48)
+    dec = msc.SpeculativeDecoder(target, drafter=oracle, tree="auto")
+    virtual_time(dec, 0.05)
+    trace = []
+    for _ in range(8):
+        out = dec.generate(PROMPT, max_new_tokens=48, eos_token_id=None)
+        assert out.sequences[0].tolist() == reference(target, PROMPT, 48)
+        trace += out.stats.decisions
+    runs, last = [], None
+    for d in trace:
+        if d.phase == "set" and last == "set":
+            runs[-1] += 1
+        elif d.phase == "set":
+            runs.append(1)
+        last = d.phase
+    assert all(d.tree == "chain4" for d in trace if d.phase == "set")
+    assert len(runs) >= 2 and runs[1] > dec.controller.set_steps, runs  # the second set phase doubled
+    assert dec.controller.streak >= 1

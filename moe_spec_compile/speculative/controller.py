@@ -7,7 +7,9 @@ utility U(config) = tokens per step / (step time / autoregressive step time); U(
 
 Cascade (arXiv 2506.20675), adapted: when no speculative config beats autoregressive decoding the set phase
 runs autoregressively and doubles in length at each consecutive fall-back (back-off); after it, the best
-speculative config is probed for one step, and tested further only if that step looks worth it.
+speculative config is probed for one step, and tested further only if that step looks worth it. Likewise a
+speculative config that wins the test phase after its own set phase gets a set phase twice as long (up to
+2**max_streak x set_steps), unless it stops paying, which ends the phase and the streak.
 
 Step times are measured per config and kept across requests (the median of the last `window` steps; the
 first two runs of each verify bucket are left out: compilation and warm-up). Tokens per step are measured
@@ -74,12 +76,14 @@ class Controller:
     max_tests: candidates per test phase; margin: how much a speculative config must beat autoregressive
     decoding by to be set; window: step times kept per config; ema: smoothing of tokens per step across
     requests; prior_weight: the prior's weight (in steps) against this request's measured steps; max_climbs:
-    extra candidates a test phase may try when one not tried yet is estimated to beat the best so far."""
+    extra candidates a test phase may try when one not tried yet is estimated to beat the best so far;
+    max_streak: a speculative config set again right after its own set phase gets a set phase twice as long, up to
+    2**max_streak times set_steps (a stable choice is re-tested ever more rarely)."""
 
     def __init__(self, trees=DEFAULT_TREES, budgets=(None,), cost_model=None, prior_acceptance: float = 0.6,
                  test_steps: int = 2, set_steps: int = 16, explore: float = 0.9, max_tests: int = 2,
                  margin: float = 0.1, window: int = 5, ema: float = 0.3, prior_weight: float = 0.25,
-                 max_climbs: int = 3):
+                 max_climbs: int = 3, max_streak: int = 4):
         shapes = [as_tree_shape(t) for t in trees]
         if not shapes:
             raise ValueError("the controller needs at least one tree shape")
@@ -89,7 +93,8 @@ class Controller:
         self.cost_model, self.prior_acceptance = cost_model, prior_acceptance
         self.test_steps, self.set_steps, self.explore, self.max_tests = test_steps, set_steps, explore, max_tests
         self.margin, self.window, self.ema, self.prior_weight = margin, window, ema, prior_weight
-        self.max_climbs = max_climbs
+        self.max_climbs, self.max_streak = max_climbs, max_streak
+        self.streak, self.last_set = 0, None  # consecutive set phases of the same speculative config
         self.alpha_prior: float | None = None  # acceptance per depth measured by earlier requests
         self.times: dict = {}  # config -> the last `window` step times (across requests)
         self.tokens: dict = {}  # config -> EMA tokens per step (across requests)
@@ -259,10 +264,14 @@ class Controller:
             best = self._ar()
             self.left = self.set_steps * 2 ** self.fallbacks
             self.fallbacks += 1
+            self.streak = 0
         else:
-            self.left = self.set_steps
+            # the same speculative config won again: its set phase doubles (up to 2**max_streak), so a stable
+            # choice is re-tested ever more rarely; a set config that stops paying still ends its phase early
+            self.streak = self.streak + 1 if best == self.last_set else 0
+            self.left = self.set_steps * 2 ** min(self.streak, self.max_streak)
             self.fallbacks = 0
-        self.current, self.phase = best, "set"
+        self.current, self.phase, self.last_set = best, "set", best
 
     def next(self):
         """(tree shape, budget) for the next step."""
@@ -292,6 +301,7 @@ class Controller:
         elif self.phase == "set" and cfg[0].max_nodes and self.left > 0 and len(self.times.get(cfg, ())) >= 3 \
                 and self.utility(cfg) < 1:
             self.left = 0  # the set config stopped paying (measured online): test again now
+            self.streak, self.last_set = 0, None
 
     # --- the decoder's step ------------------------------------------------------------------------
     def step(self, decoder, root: int, sampling, generator, stats) -> list[int]:
