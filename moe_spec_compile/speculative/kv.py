@@ -186,11 +186,13 @@ class Masks:
     """Tree masks in the form a model takes: one 4-D tensor, or a dict by layer type when the model
     mixes sliding and full attention layers (GPT-OSS; models accept a prepared dict).
 
-    Passes of up to BUFFERED tokens write their masks into buffers kept per (n, kind) and allocated once: a mask
-    is valid until the next mask of the same size from the same Masks (the decode loop uses each right away).
-    Longer passes (prompts) get fresh tensors."""
+    Tree passes of up to BUFFERED tokens (a verify bucket, a drafted level) and causal passes of up to
+    CAUSAL_BUFFERED (a drafter's first feed of a step) write their masks into buffers kept per (n, kind) and
+    allocated once: a mask is valid until the next mask of the same size from the same Masks (the decode loop uses
+    each right away). Prompts get fresh tensors (their lengths vary: buffers per length would pile up)."""
 
     BUFFERED = 256
+    CAUSAL_BUFFERED = 16
 
     def __init__(self, model, max_len: int):
         self.window, self.layer_types = sliding_window_of(model.config)
@@ -199,8 +201,8 @@ class Masks:
         self._buffers: dict[tuple[int, str, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
         self._tril: dict[tuple[int, torch.device], torch.Tensor] = {}
 
-    def _out(self, n: int, kind: str, device):
-        if n > self.BUFFERED:
+    def _out(self, n: int, kind: str, device, limit: int):
+        if n > limit:
             return None
         key = (n, kind, torch.device(device))
         if key not in self._buffers:
@@ -209,12 +211,15 @@ class Masks:
         return self._buffers[key]
 
     def tree(self, anc: torch.Tensor, prefix: int, qpos: torch.Tensor, kpos: torch.Tensor):
+        return self._masks(anc, prefix, qpos, kpos, self.BUFFERED)
+
+    def _masks(self, anc, prefix: int, qpos, kpos, limit: int):
         n, dev = anc.shape[0], anc.device
-        full = tree_mask(anc, prefix, self.max_len, self.dtype, out=self._out(n, "full", dev))
+        full = tree_mask(anc, prefix, self.max_len, self.dtype, out=self._out(n, "full", dev, limit))
         if self.window is None:
             return full
         sliding = tree_mask(anc, prefix, self.max_len, self.dtype, self.window, qpos, kpos,
-                            out=self._out(n, "sliding", dev))
+                            out=self._out(n, "sliding", dev, limit))
         if self.layer_types is None:
             return sliding
         return {"full_attention": full, "sliding_attention": sliding}
@@ -225,10 +230,10 @@ class Masks:
         anc = self._tril.get(key)
         if anc is None:
             anc = torch.ones(n, n, dtype=torch.bool, device=device).tril()
-            if n <= self.BUFFERED:
+            if n <= self.CAUSAL_BUFFERED:
                 self._tril[key] = anc
         pos = prefix + torch.arange(n, device=device)
-        return self.tree(anc, prefix, pos, pos)
+        return self._masks(anc, prefix, pos, pos, self.CAUSAL_BUFFERED)
 
 
 def takes_cache_position(model) -> bool:
