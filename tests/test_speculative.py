@@ -235,6 +235,11 @@ def test_compiled_drafter_proposes_what_the_eager_one_does(target, draft):
     dec = msc.SpeculativeDecoder(target, drafter=compiled, tree=TreeSpec(8, 3, 2))
     assert dec.generate(prompt, max_new_tokens=12, eos_token_id=None).sequences[0].tolist() == \
         reference(target, prompt, 12)
+    late = msc.ModelDrafter(draft)  # compiled between start() and draft(): the next pass uses the compiled forward
+    late.start(prompt, 64)
+    late.compile()
+    tree = late.draft(int(prompt[0, -1]), TreeSpec(8, 3, 2))
+    assert (tree.tokens.tolist(), tree.parents.tolist()) == trees[0]
     with pytest.raises(ValueError, match="compile must be a bool"):
         msc.ModelDrafter(draft, compile="yes")
     with pytest.raises(ValueError, match="cuda_graphs must be None or a bool"):

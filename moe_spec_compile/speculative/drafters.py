@@ -114,9 +114,6 @@ class ModelDrafter(Drafter):
             self.cache = TreeCache.for_model(self.model, max_len, self.device)
             self.masks = Masks(self.model, max_len)
             self._runner = None
-        if self._runner is None:
-            self._runner = VerifyRunner(self._run_model, self.cache, self.cuda_graphs, self._cache_position,
-                                        budgeted=False)
         self.cache.length = 0
         self._feed_chain(input_ids[0].tolist(), graph=False)
         self._pending: list[int] = []
@@ -152,6 +149,13 @@ class ModelDrafter(Drafter):
         self._pending.append(root)  # fed, with the others, at the next draft's first forward
 
     # --- helpers -----------------------------------------------------------------------------------
+    def _passes(self) -> VerifyRunner:
+        """The drafting passes' runner, (re)made around the current forward and cache when either changed."""
+        if self._runner is None:
+            self._runner = VerifyRunner(self._run_model, self.cache, self.cuda_graphs, self._cache_position,
+                                        budgeted=False)
+        return self._runner
+
     def _feed_chain(self, tokens: list[int], graph: bool = True) -> torch.Tensor:
         """Commit tokens (causal, after the prefix) -> logits [len, V]. graph=False: never a CUDA graph (the
         prompt: one feed per request, of any length)."""
@@ -161,7 +165,7 @@ class ModelDrafter(Drafter):
         mask = self.masks.causal(n, start, dev)
         tokens = torch.tensor(tokens, device=dev)
         if graph:
-            logits = self._runner(tokens, pos, mask, pos)
+            logits = self._passes()(tokens, pos, mask, pos)
         else:
             logits = forward(self._run_model, self.cache, tokens, pos, mask, pos, self._cache_position)
         self.cache.length += n
@@ -190,7 +194,7 @@ class ModelDrafter(Drafter):
         pos = torch.full((m,), prefix - 1 + depth, dtype=torch.long, device=dev)  # the root sits at prefix-1
         self._fed_pos[f] = pos
         mask = self.masks.tree(rows, prefix, pos, self._fed_pos)
-        logits = self._runner(tokens, pos, mask, prefix + f)
+        logits = self._passes()(tokens, pos, mask, prefix + f)
         self._num_fed += m
         if self.vocab_size:
             logits = logits[:, : self.vocab_size]
