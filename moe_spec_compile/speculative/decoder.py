@@ -316,8 +316,7 @@ class SpeculativeDecoder:
         pos += prefix
         torch.add(buf["arange"], prefix, out=slots)
         anc.zero_()
-        self._anc = ancestors(tree.parents, int(self._max_depth), out=buf["anc_tree"][:n, :n])
-        anc[:n, :n] = self._anc
+        self._anc = ancestors(tree.parents, int(self._max_depth), out=anc[:n, :n])  # a view: acceptance reads it
         anc[n:, 0] = True  # padding rows see what the root sees
         mask = self.masks.tree(anc, prefix, pos, pos)
         weights = None if c is None else node_weights(tree, self.node_weights, big_n)  # exact: nothing to rank
@@ -427,8 +426,8 @@ class SpeculativeDecoder:
 
     def _pass_buffers(self, big_n: int) -> dict[str, torch.Tensor]:
         """A verify pass's inputs, allocated once per pass size N and rewritten in place every step: tokens,
-        positions, write slots [N], the padded ancestor matrix [N, N] and the tree's own [N, N] (its top-left n x n
-        block holds the tree's ancestors, which acceptance reads)."""
+        positions, write slots [N] and the padded ancestor matrix [N, N] (its top-left n x n block is the tree's own,
+        which acceptance reads)."""
         buf = self._buffers.get(big_n)
         if buf is None:
             dev = self.device
@@ -438,7 +437,6 @@ class SpeculativeDecoder:
                 "slots": torch.zeros(big_n, dtype=torch.long, device=dev),
                 "arange": torch.arange(big_n, device=dev),
                 "anc": torch.zeros(big_n, big_n, dtype=torch.bool, device=dev),
-                "anc_tree": torch.zeros(big_n, big_n, dtype=torch.bool, device=dev),
             }
         return buf
 
