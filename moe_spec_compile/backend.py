@@ -28,7 +28,7 @@ from .budget import (
     validate_score,
 )
 
-__all__ = ["CompileOptions", "moespec_backend", "parse_options", "is_moespec_compiled"]
+__all__ = ["CompileOptions", "moespec_backend", "parse_options", "is_moespec_compiled", "moespec_options"]
 
 _KNOWN = ("budget", "policy", "max_budget_tokens", "score", "inner", "kernels", "fuse_experts")
 
@@ -112,11 +112,9 @@ def allow_recompiles(n: int) -> None:
         setattr(cfg, name, n)
 
 
-def is_moespec_compiled(model) -> bool:
-    """Was `model` made by ``torch.compile(..., backend="moespec")`` (by name, the function, or a partial of it)?
-
-    Follows the wrappers dynamo puts around a backend (``_torchdynamo_orig_backend``, ``compiler_fn``,
-    ``__wrapped__``, a partial's ``func``). A plain module, or one compiled with another backend, is not."""
+def _moespec_callbacks(model):
+    """The objects dynamo wraps around `model`'s backend, outermost first (``_torchdynamo_orig_backend``,
+    ``compiler_fn``, ``__wrapped__``, a partial's ``func``)."""
     ctx = getattr(model, "dynamo_ctx", None)
     todo, seen = [getattr(ctx, "callback", None)], set()
     while todo:
@@ -124,10 +122,24 @@ def is_moespec_compiled(model) -> bool:
         if obj is None or id(obj) in seen:
             continue
         seen.add(id(obj))
-        if obj is moespec_backend or getattr(obj, "compiler_name", None) == "moespec":
-            return True
+        yield obj
         todo += [getattr(obj, a, None) for a in ("_torchdynamo_orig_backend", "compiler_fn", "__wrapped__", "func")]
-    return False
+
+
+def is_moespec_compiled(model) -> bool:
+    """Was `model` made by ``torch.compile(..., backend="moespec")`` (by name, the function, or a partial of it)?
+    A plain module, or one compiled with another backend, is not."""
+    return any(obj is moespec_backend or getattr(obj, "compiler_name", None) == "moespec"
+               for obj in _moespec_callbacks(model))
+
+
+def moespec_options(model) -> dict | None:
+    """The options `model` was compiled with by ``torch.compile(..., backend="moespec", options=...)`` ({} when
+    none were given), or None when it is not moespec-compiled or they cannot be found."""
+    for obj in _moespec_callbacks(model):
+        if getattr(obj, "compiler_name", None) == "moespec" and isinstance(getattr(obj, "kwargs", None), dict):
+            return dict(obj.kwargs.get("options") or {})
+    return None
 
 
 def _note_no_moe(gm, example_inputs) -> None:

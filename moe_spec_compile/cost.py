@@ -325,6 +325,7 @@ def profile(target, drafter=None, prompts=None, trees=(0, 2, 4, (16, 4, 4)), bud
     here with compile and compile_options)."""
     from .speculative import NgramDrafter, SpeculativeDecoder, TreeSpec
     from .speculative.accept import SamplingConfig
+    from .speculative.buckets import FastestExact, pick_bucket
     from .speculative.tree import DraftTree, as_tree_shape
 
     eager = getattr(target, "_orig_mod", target)
@@ -353,9 +354,15 @@ def profile(target, drafter=None, prompts=None, trees=(0, 2, 4, (16, 4, 4)), bud
         tree = DraftTree.from_lists(toks, [-1] + list(range(n - 1)), dev)
         for c in budgets:
             decoder.verify(tree, c)  # warm-up (compiles the bucket once)
+            # an exact pass size first settles which exact path the decoder keeps (FastestExact), so that the
+            # timed passes are the ones decoding will run
+            for _ in range(4 * (FastestExact.WARM + FastestExact.TIMED) if c is None else 0):
+                if decoder.exact_one is None or decoder.exact_one.settled(pick_bucket(n, decoder.tree_buckets)):
+                    break
+                decoder.verify(tree, c)
             run = lambda tree=tree, c=c: decoder.verify(tree, c)
             cm.verify[f"{n},{'exact' if c is None else c}"] = _median_time(run, repeats, dev)
-        # counted in the moespec graph (an exact one-token step may run on the plain target, which records nothing)
+        # counted in the moespec graph (an exact pass may run on the plain target, which records nothing)
         was, decoder.collect_expert_stats = decoder.collect_expert_stats, True
         one, decoder.exact_one = decoder.exact_one, None
         _, stat = decoder.verify(tree, None)

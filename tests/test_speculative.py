@@ -199,11 +199,16 @@ def test_fastest_exact_keeps_the_faster_path():
         return run
 
     fe = FastestExact(path("moespec"), path("plain"), lambda: now[0])
-    ran = [fe(None, None, None, None) for _ in range(2 * (fe.WARM + fe.TIMED))]
+    one, eight = torch.zeros(1), torch.zeros(8)
+    ran = [fe(one, None, None, None) for _ in range(2 * (fe.WARM + fe.TIMED))]
     assert ran[:2] == ["moespec", "plain"] and ran.count("moespec") == ran.count("plain") and fe.last == ran[-1]
-    assert fe.choice == "plain" and fe(None, None, None, None) == "plain"
+    assert fe.choice == "plain" and fe(one, None, None, None) == "plain" and fe.settled(1) and not fe.settled(8)
     cost.update(moespec=0.5)  # once chosen the choice stays (no re-measuring mid-request)
-    assert fe(None, None, None, None) == "plain"
+    assert fe(one, None, None, None) == "plain"
+    # each pass size is measured on its own: at 8 tokens the moespec path is now the faster
+    ran = [fe(eight, None, None, None) for _ in range(2 * (fe.WARM + fe.TIMED))]
+    assert ran.count("moespec") == ran.count("plain") and fe.choices == {1: "plain", 8: "moespec"}
+    assert fe(eight, None, None, None) == "moespec" and fe(one, None, None, None) == "plain"
 
 
 def test_autoregressive_steps_take_the_faster_exact_path(target, compiled):
@@ -217,6 +222,36 @@ def test_autoregressive_steps_take_the_faster_exact_path(target, compiled):
     assert {v.path for v in out.stats.verify} == {"moespec", "plain"}  # measuring ran both, each labelled
     budgeted = dec.generate(prompt, max_new_tokens=6, eos_token_id=None, budget=4).stats.verify
     assert all(v.path == "moespec" and max(v.experts_per_layer.values()) <= 4 for v in budgeted)
+
+
+def test_exact_speculation_takes_the_faster_exact_path_per_pass_size(target, draft):
+    """Inner inductor, no expert statistics: exact verify passes of every size may run on the unmodified model
+    compiled by inductor (measured per pass size, each pass labelled); the tokens stay the target's greedy
+    output; a budgeted pass always runs in the moespec graph, under its budget; collecting expert statistics keeps
+    passes of N > 1 in the moespec graph, which counts them."""
+    torch._dynamo.reset()
+    prompt = PROMPTS[0]
+    want = reference(target, prompt, 24)
+    dec = msc.SpeculativeDecoder(target, drafter=msc.ModelDrafter(draft), tree=4, compile=True,
+                                 compile_options={"inner": "inductor"}, collect_expert_stats=False)
+    assert dec.plain_target is not dec.eager_target and dec.plain_target._orig_mod is target
+    out = dec.generate(prompt, max_new_tokens=24, eos_token_id=None)
+    assert out.sequences[0].tolist() == want
+    assert {v.path for v in out.stats.verify} == {"moespec", "plain"}  # both measured at the chain's pass size
+    assert {v.path for v in out.stats.verify if v.bucket == 8} == {"moespec", "plain"}
+    assert dec.exact_one.settled(8) and {v.path for v in out.stats.verify[-2:]} == {dec.exact_one.choices[8]}
+    again = dec.generate(prompt, max_new_tokens=24, eos_token_id=None)
+    assert again.sequences[0].tolist() == want and {v.path for v in again.stats.verify} == {dec.exact_one.choices[8]}
+    budgeted = dec.generate(prompt, max_new_tokens=8, eos_token_id=None, budget=3).stats.verify
+    assert budgeted and all(v.path == "moespec" and v.budget == 3 for v in budgeted)
+    counting = msc.SpeculativeDecoder(target, drafter=msc.ModelDrafter(draft), tree=4, compile=True,
+                                      compile_options={"inner": "inductor"})
+    stats = counting.generate(prompt, max_new_tokens=8, eos_token_id=None).stats.verify
+    assert all(v.path == "moespec" and v.experts_per_layer for v in stats)
+    # an inner eager graph keeps the eager model as its plain path (one-token passes only)
+    eager = msc.SpeculativeDecoder(target, tree=4, compile=True, compile_options={"inner": "eager"},
+                                   collect_expert_stats=False)
+    assert eager.plain_target is target
 
 
 def test_compiled_drafter_proposes_what_the_eager_one_does(target, draft):

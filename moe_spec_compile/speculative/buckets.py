@@ -153,14 +153,17 @@ def _copy_mask(dst, src) -> None:
 
 
 class FastestExact:
-    """Exact one-token passes (autoregressive steps: tree=0, or the controller's fall-back) run on the faster of
-    two exact paths, measured on this device: the verify runner (the moespec-compiled target; a CUDA graph where
-    captured) and the plain target. Both compute the model's own output; on the CPU the plain target often wins
-    at one token (the moespec ops' dispatch costs more than routing one token saves), on a GPU the captured graph.
+    """Exact passes run on the faster of two exact paths, measured on this device per pass size N: the verify
+    runner (the moespec-compiled target; a CUDA graph where captured) and the plain target (the unmodified model:
+    eager, or compiled by inductor when the moespec graph's inner compiler is inductor, see SpeculativeDecoder).
+    Both compute the model's own output. On the CPU the plain target often wins (the moespec ops are opaque to
+    inductor's fusion and cost a Python dispatch each, which an exact pass gains nothing from); on a GPU the
+    captured graph.
 
-    Calls alternate between the two: each is warmed up WARM times, then timed TIMED times; the path with the lower
-    best time is kept from then on (``choice``: "moespec" or "plain"; the minimum, since timing noise only ever
-    adds). Budgeted passes never come here: a budget binds only in the moespec graph."""
+    Per N, calls alternate between the two: each is warmed up WARM times (the first calls compile), then timed
+    TIMED times; the path with the lower best time is kept for that N from then on (``choices[N]``: "moespec" or
+    "plain"; the minimum, since timing noise only ever adds). Budgeted passes never come here: a budget binds
+    only in the moespec graph."""
 
     WARM = 2
     TIMED = 4
@@ -168,21 +171,34 @@ class FastestExact:
     def __init__(self, runner, plain, clock):
         self.paths = {"moespec": runner, "plain": plain}
         self.clock = clock
-        self.calls = {"moespec": 0, "plain": 0}
-        self.times: dict[str, list[float]] = {"moespec": [], "plain": []}
-        self.choice: str | None = None
+        self.calls: dict[int, dict[str, int]] = {}  # N -> calls per path while measuring
+        self.times: dict[int, dict[str, list[float]]] = {}  # N -> timed calls per path
+        self.choices: dict[int, str] = {}  # N -> the path kept
         self.last: str | None = None  # the path the latest call ran
 
+    @property
+    def choice(self) -> str | None:
+        """The path kept for one-token passes (autoregressive steps), None while measuring."""
+        return self.choices.get(1)
+
     def __call__(self, tokens, positions, mask, slots) -> torch.Tensor:
-        if self.choice is not None:
-            self.last = self.choice
-            return self.paths[self.choice](tokens, positions, mask, slots)
-        name = self.last = min(self.calls, key=lambda p: (self.calls[p], p))  # alternate, moespec first
-        self.calls[name] += 1
+        n = tokens.shape[0]
+        kept = self.choices.get(n)
+        if kept is not None:
+            self.last = kept
+            return self.paths[kept](tokens, positions, mask, slots)
+        calls = self.calls.setdefault(n, {"moespec": 0, "plain": 0})
+        times = self.times.setdefault(n, {"moespec": [], "plain": []})
+        name = self.last = min(calls, key=lambda p: (calls[p], p))  # alternate, moespec first
+        calls[name] += 1
         t0 = self.clock()
         out = self.paths[name](tokens, positions, mask, slots)
-        if self.calls[name] > self.WARM:
-            self.times[name].append(self.clock() - t0)
-        if all(len(t) >= self.TIMED for t in self.times.values()):
-            self.choice = min(self.times, key=lambda p: min(self.times[p]))
+        if calls[name] > self.WARM:
+            times[name].append(self.clock() - t0)
+        if all(len(t) >= self.TIMED for t in times.values()):
+            self.choices[n] = min(times, key=lambda p: min(times[p]))
         return out
+
+    def settled(self, n: int) -> bool:
+        """Has pass size N been measured (its path chosen)?"""
+        return n in self.choices

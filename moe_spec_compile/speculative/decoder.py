@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..backend import allow_recompiles, is_moespec_compiled
+from ..backend import allow_recompiles, is_moespec_compiled, moespec_options
 from ..budget import budget as budget_ctx
 from ..budget import validate_budget, validate_policy
 from ..record import record_experts
@@ -43,7 +43,7 @@ class VerifyStats:
     budget_bound: bool | None = None  # some block used all the experts its budget allowed
     layer_budgets: dict[str, int | None] | None = None  # the C each block applied: C clamped to [k, E], None when
     #                                                     C >= E (exact); None: not recorded
-    path: str = "moespec"  # the path that ran it: "moespec", or "plain" for an exact one-token pass (FastestExact)
+    path: str = "moespec"  # the path that ran it: "moespec", or "plain" (an exact pass on the plain target)
 
 
 @dataclass
@@ -156,6 +156,11 @@ class SpeculativeDecoder:
     cuda_graphs: capture each tree-size bucket's verify pass once (default: on CUDA).
     collect_expert_stats: record experts per layer per verify pass (reads ids back to the host; default:
     when not replaying graphs, where Python does not run). Batches [B, L]: generate with attention_mask.
+    Exact passes (no budget) run on the faster of two exact paths, measured per pass size on this device
+    (buckets.FastestExact; each pass's ``path`` in out.stats says which): the moespec graph and the plain target.
+    The plain target is the unmodified model compiled by inductor where the moespec graph's inner compiler is
+    inductor and no CUDA graph is replayed (then every pass size, except where collect_expert_stats keeps
+    passes of N > 1 in the moespec graph, which counts the experts), else the eager model (one-token passes).
     """
 
     def __init__(self, target, drafter: Drafter | None = None, tree=4, budget=None, policy: str = "substitute",
@@ -195,6 +200,15 @@ class SpeculativeDecoder:
         if self.cuda_graphs and self.device.type != "cuda":
             raise ValueError("cuda_graphs=True needs the target on a CUDA device")
         self.collect_expert_stats = not self.cuda_graphs if collect_expert_stats is None else collect_expert_stats
+        # Exact passes of every size may run on the plain target compiled by inductor (FastestExact, measured per
+        # pass size) when the moespec graph itself is compiled by inductor and no CUDA graph is replayed; expert
+        # statistics are counted in the moespec graph, so collecting them keeps passes of N > 1 there.
+        options = compile_options if compile else moespec_options(target)
+        self._exact_any_n = (options is not None and options.get("inner", "inductor") == "inductor"
+                             and not self.cuda_graphs and self.verify_model is not self.eager_target)
+        self.plain_target = plain_compiled(self.verify_model) if self._exact_any_n else self.eager_target
+        if self._exact_any_n:
+            _allow_recompiles(2 * len(tuple(tree_buckets)) + 8)  # two compiled graphs per pass size
         self.timing = timing
         self.vocab_size = self.eager_target.config.get_text_config(decoder=True).vocab_size
         self.tree = self._tree_shape(0 if tree == "auto" else tree)
@@ -321,7 +335,9 @@ class SpeculativeDecoder:
         mask = self.masks.tree(anc, prefix, pos, pos)
         weights = None if c is None else node_weights(tree, self.node_weights, big_n)  # exact: nothing to rank
         stat = VerifyStats(tree_size=n, bucket=big_n, budget=c, accepted=0)
-        if c is None and big_n == 1 and self.exact_one is not None:  # an exact autoregressive step: the faster path
+        if c is None and self.exact_one is not None and (big_n == 1 or (self._exact_any_n
+                                                                and not self.collect_expert_stats)):
+            # an exact pass (an autoregressive step, or exact speculation): the faster exact path
             logits = self.exact_one(tokens, pos, mask, slots)
             stat.path = self.exact_one.last
         elif self.collect_expert_stats and not self.cuda_graphs:
@@ -442,12 +458,23 @@ class SpeculativeDecoder:
 
     def _plain_pass(self, tokens, positions, mask, slots) -> torch.Tensor:
         with budget_ctx(None):
-            return forward(self.eager_target, self.cache, tokens, positions, mask, slots, self._cache_position)
+            return forward(self.plain_target, self.cache, tokens, positions, mask, slots, self._cache_position)
 
     def _clock(self) -> float:
         if self.timing and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
+
+
+def plain_compiled(verify_model):
+    """The unmodified model under `verify_model` (a moespec-compiled model) compiled by inductor (dynamic=False: one
+    graph per pass size). One per moespec compilation, kept on it and shared by every decoder that verifies through
+    it (each torch.compile of a model adds cache entries to the same code); it lives as long as that compilation."""
+    plain = verify_model.__dict__.get("_moespec_plain")
+    if plain is None:  # set through __dict__: not a submodule (state_dict and named_modules stay the model's)
+        plain = verify_model.__dict__["_moespec_plain"] = torch.compile(verify_model._orig_mod, backend="inductor",
+                                                                        dynamic=False)
+    return plain
 
 
 def _allow_recompiles(n: int) -> None:
