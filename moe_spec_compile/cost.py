@@ -356,8 +356,9 @@ def profile(target, drafter=None, prompts=None, trees=(0, 2, 4, (16, 4, 4)), bud
             decoder.verify(tree, c)  # warm-up (compiles the bucket once)
             # an exact pass size first settles which exact path the decoder keeps (FastestExact), so that the
             # timed passes are the ones decoding will run
+            big_n = pick_bucket(n, decoder.tree_buckets)
             for _ in range(4 * (FastestExact.WARM + FastestExact.TIMED) if c is None else 0):
-                if decoder.exact_one is None or decoder.exact_one.settled(pick_bucket(n, decoder.tree_buckets)):
+                if not decoder.exact_choice(big_n) or decoder.exact_one.settled(big_n):
                     break
                 decoder.verify(tree, c)
             run = lambda tree=tree, c=c: decoder.verify(tree, c)

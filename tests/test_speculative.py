@@ -248,6 +248,7 @@ def test_exact_speculation_takes_the_faster_exact_path_per_pass_size(target, dra
                                       compile_options={"inner": "inductor"})
     stats = counting.generate(prompt, max_new_tokens=8, eos_token_id=None).stats.verify
     assert all(v.path == "moespec" and v.experts_per_layer for v in stats)
+    assert dec.exact_choice(8) and counting.exact_choice(1) and not counting.exact_choice(8)
     # an inner eager graph keeps the eager model as its plain path (one-token passes only)
     eager = msc.SpeculativeDecoder(target, tree=4, compile=True, compile_options={"inner": "eager"},
                                    collect_expert_stats=False)

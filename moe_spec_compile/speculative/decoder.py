@@ -335,9 +335,7 @@ class SpeculativeDecoder:
         mask = self.masks.tree(anc, prefix, pos, pos)
         weights = None if c is None else node_weights(tree, self.node_weights, big_n)  # exact: nothing to rank
         stat = VerifyStats(tree_size=n, bucket=big_n, budget=c, accepted=0)
-        if c is None and self.exact_one is not None and (big_n == 1 or (self._exact_any_n
-                                                                and not self.collect_expert_stats)):
-            # an exact pass (an autoregressive step, or exact speculation): the faster exact path
+        if c is None and self.exact_choice(big_n):  # an exact pass (an AR step, exact speculation): the faster path
             logits = self.exact_one(tokens, pos, mask, slots)
             stat.path = self.exact_one.last
         elif self.collect_expert_stats and not self.cuda_graphs:
@@ -455,6 +453,12 @@ class SpeculativeDecoder:
                 "anc": torch.zeros(big_n, big_n, dtype=torch.bool, device=dev),
             }
         return buf
+
+    def exact_choice(self, big_n: int) -> bool:
+        """Do exact passes of padded size N choose between the moespec graph and the plain target
+        (``self.exact_one``, FastestExact)? One-token passes do wherever the target is compiled; larger ones where
+        the plain target is compiled too and expert statistics are not being collected."""
+        return self.exact_one is not None and (big_n == 1 or (self._exact_any_n and not self.collect_expert_stats))
 
     def _plain_pass(self, tokens, positions, mask, slots) -> torch.Tensor:
         with budget_ctx(None):
