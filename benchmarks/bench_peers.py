@@ -39,7 +39,6 @@ import transformers
 import moe_spec_compile as msc
 from moe_spec_compile.backend import allow_recompiles
 from moe_spec_compile.cost import profile, shape_key
-from moe_spec_compile.speculative.buckets import pick_bucket
 from moe_spec_compile.speculative.decoder import plain_compiled
 from moe_spec_compile.speculative.tree import TreeSpec, as_tree_shape
 
@@ -210,14 +209,11 @@ def verify_times_side_by_side(decs: dict, prompt, sizes, repeats, graph_only=())
             dec.exact_one = None
     trees = {n: DraftTree.from_lists([int(prompt[0, i % prompt.shape[1]]) for i in range(n)],
                                      [-1] + list(range(n - 1)), prompt.device) for n in sizes}
-    for n, tree in trees.items():
+    for tree in trees.values():
         for dec in decs.values():
-            for i in range(48):  # compiles this size, and lets the decoder settle its faster exact path for it
-                big_n = pick_bucket(n, dec.tree_buckets)
-                settled = not dec.exact_choice(big_n) or dec.exact_one.settled(big_n)
-                if i >= 3 and settled:
-                    break
+            for _ in range(3):  # compiles this size
                 dec.verify(tree, None)
+            dec.settle_exact(tree)  # and lets the decoder keep its faster exact path for it
     # every round times every (size, decoder) once, in turn: ratios between sizes are side by side too
     times: dict[str, dict[int, list[float]]] = {name: {n: [] for n in sizes} for name in decs}
     for _ in range(repeats):
@@ -374,26 +370,14 @@ def part_c(args, report: dict) -> list[str]:
 
 
 def measure_decoder(dec, prompts, n, repeats, oracle) -> tuple[float, float]:
-    """(tokens/s without the oracle's reference runs, tokens per step): a warm-up on every prompt (a decoder's first
-    requests compile the pass sizes they meet), then the median of repeats."""
-    for p in prompts:
-        dec.generate(p, max_new_tokens=n, eos_token_id=None)
-    rates, steps, toks = [], 0, 0
-    for _ in range(repeats):
-        ref0 = oracle.reference_seconds if oracle else 0.0
-        t0 = time.perf_counter()
-        for p in prompts:
-            out = dec.generate(p, max_new_tokens=n, eos_token_id=None)
-            steps += out.stats.steps
-            toks += sum(out.stats.accepted_per_step)
-        spent = time.perf_counter() - t0 - ((oracle.reference_seconds - ref0) if oracle else 0.0)
-        rates.append(n * len(prompts) / spent)
-    return statistics.median(rates), toks / max(steps, 1)
+    """(tokens/s without the oracle's reference runs, tokens per step) of one decoder (rates_side_by_side)."""
+    return rates_side_by_side({"one": (dec, oracle)}, prompts, n, repeats)["one"]
 
 
 def rates_side_by_side(decs: dict, prompts, n, rounds) -> dict[str, tuple[float, float]]:
     """name -> (median tokens/s without the oracle's reference runs, tokens per step) for decoders given as
-    name -> (decoder, its oracle), after a warm-up on every prompt; each round times every decoder once, in turn."""
+    name -> (decoder, its oracle or None), after a warm-up on every prompt (a decoder's first requests compile the
+    pass sizes they meet); each round times every decoder once, in turn."""
     for dec, _ in decs.values():
         for p in prompts:
             dec.generate(p, max_new_tokens=n, eos_token_id=None)
@@ -401,13 +385,14 @@ def rates_side_by_side(decs: dict, prompts, n, rounds) -> dict[str, tuple[float,
     counts = {name: [0, 0] for name in decs}
     for _ in range(rounds):
         for name, (dec, oracle) in decs.items():
-            ref0 = oracle.reference_seconds
+            ref0 = oracle.reference_seconds if oracle else 0.0
             t0 = time.perf_counter()
             for p in prompts:
                 out = dec.generate(p, max_new_tokens=n, eos_token_id=None)
                 counts[name][0] += out.stats.steps
                 counts[name][1] += sum(out.stats.accepted_per_step)
-            rates[name].append(n * len(prompts) / (time.perf_counter() - t0 - (oracle.reference_seconds - ref0)))
+            spent = time.perf_counter() - t0 - ((oracle.reference_seconds - ref0) if oracle else 0.0)
+            rates[name].append(n * len(prompts) / spent)
     return {name: (statistics.median(rates[name]), counts[name][1] / max(counts[name][0], 1)) for name in decs}
 
 

@@ -325,7 +325,6 @@ def profile(target, drafter=None, prompts=None, trees=(0, 2, 4, (16, 4, 4)), bud
     here with compile and compile_options)."""
     from .speculative import NgramDrafter, SpeculativeDecoder, TreeSpec
     from .speculative.accept import SamplingConfig
-    from .speculative.buckets import FastestExact, pick_bucket
     from .speculative.tree import DraftTree, as_tree_shape
 
     eager = getattr(target, "_orig_mod", target)
@@ -354,13 +353,8 @@ def profile(target, drafter=None, prompts=None, trees=(0, 2, 4, (16, 4, 4)), bud
         tree = DraftTree.from_lists(toks, [-1] + list(range(n - 1)), dev)
         for c in budgets:
             decoder.verify(tree, c)  # warm-up (compiles the bucket once)
-            # an exact pass size first settles which exact path the decoder keeps (FastestExact), so that the
-            # timed passes are the ones decoding will run
-            big_n = pick_bucket(n, decoder.tree_buckets)
-            for _ in range(4 * (FastestExact.WARM + FastestExact.TIMED) if c is None else 0):
-                if not decoder.exact_choice(big_n) or decoder.exact_one.settled(big_n):
-                    break
-                decoder.verify(tree, c)
+            if c is None:  # the timed passes are the ones decoding will run: the exact path kept for this size
+                decoder.settle_exact(tree)
             run = lambda tree=tree, c=c: decoder.verify(tree, c)
             cm.verify[f"{n},{'exact' if c is None else c}"] = _median_time(run, repeats, dev)
         # counted in the moespec graph (an exact pass may run on the plain target, which records nothing)

@@ -460,6 +460,17 @@ class SpeculativeDecoder:
         the plain target is compiled too and expert statistics are not being collected."""
         return self.exact_one is not None and (big_n == 1 or (self._exact_any_n and not self.collect_expert_stats))
 
+    def settle_exact(self, tree: DraftTree) -> int:
+        """Run exact verify passes of `tree` until the decoder has kept its faster exact path for the tree's pass
+        size (nothing where that size does not choose) -> passes run. For timing exact passes as decoding runs them
+        (msc.profile, benchmarks); the cache is not advanced."""
+        big_n = pick_bucket(tree.size, self.tree_buckets)
+        runs = 0
+        while self.exact_choice(big_n) and not self.exact_one.settled(big_n):
+            self.verify(tree, None)
+            runs += 1
+        return runs
+
     def _plain_pass(self, tokens, positions, mask, slots) -> torch.Tensor:
         with budget_ctx(None):
             return forward(self.plain_target, self.cache, tokens, positions, mask, slots, self._cache_position)
