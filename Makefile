@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VPY) -P -m moe_spec_compile.cli demo
+	$(VPY) -P -m moe_spec_compile.commands demo
 
 test: $(STAMP)
 	# -P: keep the repo root off sys.path, or transformers would import our kernels/ as the `kernels` hub package

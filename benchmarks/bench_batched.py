@@ -35,7 +35,9 @@ import torch
 import transformers
 
 import moe_spec_compile as msc
-from moe_spec_compile.generate_cli import _bundled, config_models, parse_tree
+from moe_spec_compile.commands.args import tree_arg
+from moe_spec_compile.commands.generate import bundled
+from moe_spec_compile.small_models import config_models
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -165,7 +167,7 @@ def main(argv=None) -> int:
     p.add_argument("--models", default="bundled,config", help="bundled and/or config (comma-separated)")
     p.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default="1,4,16,64")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default 32 (12 with --quick)")
-    p.add_argument("--tree", type=parse_tree, default="3", help="K (a chain) or total,depth,top_k (default 3)")
+    p.add_argument("--tree", type=tree_arg, default="3", help="K (a chain) or total,depth,top_k (default 3)")
     p.add_argument("--budgets", type=lambda s: [int(x) for x in s.split(",")], default=None,
                    help="budgets C (default: 2k and 4k of the target, 2k only with --quick)")
     p.add_argument("--repeats", type=int, default=None, help="default 3 (1 with --quick)")
@@ -184,7 +186,7 @@ def main(argv=None) -> int:
     rows = []
     for name in args.models.split(","):
         if name == "bundled":
-            got = _bundled()
+            got = bundled()
             if got is None:
                 print("bundled pair missing: skipped")
                 continue

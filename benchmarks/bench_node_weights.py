@@ -29,10 +29,10 @@ import time
 import torch
 
 import moe_spec_compile as msc
-from moe_spec_compile.demo import prompts_and_heldout
 from moe_spec_compile.quality import greedy_agreement, speculative_run
 from moe_spec_compile.speculative.accept import SamplingConfig, accept_greedy
 from moe_spec_compile.speculative.weights import DEFAULT_NODE_WEIGHTS, NODE_WEIGHTS
+from moe_spec_compile.tiny import prompts_and_heldout
 
 
 def trees(max_nodes: int):

@@ -120,7 +120,7 @@ def shared_compile(model, inner: str = "inductor"):
 
 
 def part_a(args, report: dict) -> tuple[list[str], object]:
-    from moe_spec_compile.demo import prompts_and_heldout
+    from moe_spec_compile.tiny import prompts_and_heldout
 
     target, draft, tok = msc.load_tiny()
     cfg = target.config

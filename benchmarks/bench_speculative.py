@@ -25,7 +25,9 @@ import torch
 import transformers
 
 import moe_spec_compile as msc
-from moe_spec_compile.generate_cli import _bundled, config_models, parse_tree
+from moe_spec_compile.commands.args import tree_arg
+from moe_spec_compile.commands.generate import bundled
+from moe_spec_compile.small_models import config_models
 from moe_spec_compile.speculative.accept import SamplingConfig
 from moe_spec_compile.speculative.buckets import VerifyRunner
 from moe_spec_compile.speculative.tree import TreeSpec
@@ -158,7 +160,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--config", action="store_true", help="config-built model even when the bundled one exists")
     p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--trees", type=lambda s: [parse_tree(t) for t in s.split(";")], default="4;16,4,4")
+    p.add_argument("--trees", type=lambda s: [tree_arg(t) for t in s.split(";")], default="4;16,4,4")
     p.add_argument("--drafters", type=lambda s: s.split(","), default="ngram,model,self",
                    help="ngram; model (the draft model); self (the target drafts for itself: acceptance upper bound)")
     p.add_argument("--budgets", type=lambda s: [int(b) for b in s.split(",")], default="4,8,16")
@@ -171,12 +173,12 @@ def main(argv=None) -> int:
     args.inner = args.inner or ("inductor" if device.type == "cuda" else "eager")
     if args.no_compile:
         args.budgets = []  # an uncompiled target cannot take a budget (the decoder refuses it)
-    bundled = None if args.config else _bundled()
-    if bundled is None:
+    pair = None if args.config else bundled()
+    if pair is None:
         target, draft = config_models()
         model = "config-built random Qwen3-MoE (4 layers, 32 experts, top-4, hidden 128) + 1-layer dense draft"
     else:
-        target, draft, _ = bundled
+        target, draft, _ = pair
         model = "bundled tiny model"
     target, draft = target.to(device), draft.to(device)
     prompt = torch.tensor([[(7 * i) % 97 + 3 for i in range(24)]], device=device)

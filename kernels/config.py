@@ -20,11 +20,13 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["ENV_VAR", "KEYS", "CONFIG_DIR", "parse_config", "device_name", "table_path", "load_table", "pick_bucket"]
+__all__ = ["ENV_VAR", "KEYS", "CONFIG_DIR", "parse_config", "device_name", "table_path", "load_table", "pick_bucket",
+           "write_table", "table_generation"]
 
 ENV_VAR = "MOESPEC_KERNEL_CONFIG"
 KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "num_warps", "num_stages")
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+_GENERATION = 0  # tables written by this process (write_table bumps it)
 
 
 def parse_config(text: str) -> dict[str, int]:
@@ -90,11 +92,15 @@ def pick_bucket(table: dict[int, dict[str, int]], num_tokens: int) -> dict[str, 
     return dict(table[best])
 
 
+def table_generation() -> int:
+    """Bumped by every write_table: a cache of lookups that keys on it (fused_moe's) sees a table written later."""
+    return _GENERATION
+
+
 def write_table(path: Path, table: dict[int, dict[str, int]], meta: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     body = {**meta, "configs": {str(t): check_config(cfg) for t, cfg in sorted(table.items())}}
     path.write_text(json.dumps(body, indent=1) + "\n")
     _read_table.cache_clear()
-    from .fused_moe import _select
-
-    _select.cache_clear()
+    global _GENERATION
+    _GENERATION += 1

@@ -80,11 +80,14 @@ def select_config(t: int, k: int, e: int, h: int, i: int, dtype: torch.dtype, de
                   config_dir=None) -> dict[str, int]:
     """The tuned table's bucket closest to T (else the defaults), then MOESPEC_KERNEL_CONFIG on top."""
     pinned = os.environ.get(_cfg.ENV_VAR, "")
-    return dict(_select(t, k, e, h, i, dtype, torch.device(device), str(config_dir or ""), pinned))
+    return dict(_select(t, k, e, h, i, dtype, torch.device(device), str(config_dir or ""), pinned,
+                        _cfg.table_generation()))
 
 
 @functools.lru_cache(maxsize=1024)
-def _select(t, k, e, h, i, dtype, device, config_dir, pinned) -> dict[str, int]:  # no file reads per call
+def _select(t, k, e, h, i, dtype, device, config_dir, pinned, generation) -> dict[str, int]:
+    """select_config's lookup, cached (no file reads per call); `generation` (config.table_generation()) is only
+    part of the key: a table written after a lookup makes a new key, so it is seen."""
     table = _cfg.load_table(_cfg.device_name(device), e, h, i, dtype, config_dir or None)
     cfg = _cfg.pick_bucket(table, t) if table else _default_config(t, k, e, h, i, dtype, _num_sms(device))
     return _cfg.check_config({**cfg, **(_cfg.parse_config(pinned) if pinned else {})})

@@ -1,21 +1,15 @@
-"""`moespec tune`: time the fused-experts tile configurations per token count, write the tuned table.
+"""Tuning the fused-experts tile configurations: time every candidate per token count, write the tuned table
+(`moespec tune`, commands/tune.py, is its command line).
 
 shape + token counts -> random budgeted routing -> time every candidate of _configs() -> best per T
                      -> kernels/configs/E=..,H=..,I=..,dtype=..,device=...json (config.py reads it)
-
-    moespec tune --shapes olmoe,qwen3,mixtral,gpt_oss       # on a GPU: four tables in one time-boxed call
-    moespec tune --model qwen3-30b-a3b                      # on a GPU: every bucket, full search
-    moespec tune --shape 128,2048,768 --k 8 --tokens 1,16,64 --budget 32
-    TRITON_INTERPRET=1 moespec tune --shape 6,32,16 --k 2 --tokens 1,8 --dtype float32 --max-configs 2 --out /tmp/t
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import random
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -23,10 +17,10 @@ import torch
 import triton
 
 from . import config as kconfig
-from .fused_moe import _configs, _default_config, _interpreted, _num_sms, fused_experts
+from .fused_moe import _configs, _default_config, _num_sms, fused_experts
 
 __all__ = ["MODEL_SHAPES", "SHAPE_ALIASES", "TOKEN_BUCKETS", "VERIFY_TOKENS", "random_routing", "expert_weights",
-           "time_us", "graphed", "tune_shape", "tune_shapes", "parse_shapes", "main"]
+           "time_us", "graphed", "tune_shape", "tune_shapes", "parse_shapes"]
 
 # name: (E, H, I, k, activation, interleaved and biased and stored transposed like GPT-OSS)
 MODEL_SHAPES = {
@@ -202,54 +196,3 @@ def _table_meta(device_name, e, h, i, k, dtype, budget, **extra) -> dict:
     return dict(device=device_name, E=e, H=h, I=i, k=k, dtype=str(dtype).removeprefix("torch."), budget=budget or e,
                 torch=torch.__version__, triton=triton.__version__,
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **extra)
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="moespec tune", description=__doc__.split("\n\n")[0])
-    what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--model", choices=sorted(MODEL_SHAPES), help="a model's expert shape")
-    what.add_argument("--shape", help="E,H,I")
-    what.add_argument("--shapes", help=f"several models' shapes, e.g. olmoe,qwen3,mixtral,gpt_oss (aliases: "
-                                       f"{SHAPE_ALIASES}); one table each, within --time-limit")
-    p.add_argument("--k", type=int, help="top-k (default: the model's, else 8)")
-    p.add_argument("--tokens", help=f"token counts to tune (default: {','.join(map(str, TOKEN_BUCKETS))}; "
-                                    f"with --shapes {','.join(map(str, VERIFY_TOKENS))})")
-    p.add_argument("--time-limit", type=float, help="seconds for the whole call (default: none; --shapes: 450)")
-    p.add_argument("--budget", type=int, help="experts the routing may use (default: all E)")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--max-configs", type=int, help="time at most this many candidates per token count")
-    p.add_argument("--reps", type=int, default=20)
-    p.add_argument("--out", type=Path, default=kconfig.CONFIG_DIR, help="directory of the tables")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.time_limit is not None and args.time_limit <= 0:
-        raise ValueError(f"--time-limit must be > 0 seconds, got {args.time_limit}")
-    if args.shapes:
-        shapes = parse_shapes(args.shapes)
-    elif args.model:
-        shapes = {args.model: MODEL_SHAPES[args.model]}
-    else:
-        e, h, i = (int(v) for v in args.shape.split(","))
-        shapes = {args.shape: (e, h, i, 8, "silu", False)}
-    if args.k:
-        shapes = {name: (e, h, i, min(args.k, e), *rest) for name, (e, h, i, _, *rest) in shapes.items()}
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu" and not _interpreted():
-        print("moespec tune: no CUDA device; set TRITON_INTERPRET=1 to tune tiny shapes on the CPU", file=sys.stderr)
-        return 2
-    if kconfig.env_config():
-        print(f"moespec tune: unset {kconfig.ENV_VAR}; it would pin every candidate", file=sys.stderr)
-        return 2
-    tokens = [int(v) for v in args.tokens.split(",")] if args.tokens else list(
-        VERIFY_TOKENS if args.shapes else TOKEN_BUCKETS)
-    time_limit = args.time_limit if args.time_limit is not None else (450.0 if args.shapes else None)
-    tune_shapes(shapes, tokens, getattr(torch, args.dtype), device, args.out, time_limit, args.budget,
-                args.max_configs, args.reps)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

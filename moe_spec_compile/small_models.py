@@ -1,4 +1,5 @@
-"""Small random models built from a transformers config class name, for `moespec explain/generate --config`.
+"""Small random models built from a transformers config class name, for `moespec explain/generate --config`,
+and the random Qwen3-MoE target + dense draft pair that stands in for the bundled one (generate, benchmarks).
 
 config class name -> small_config(name) (tiny sizes, attention shapes that agree) -> build_small(name)
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["FAMILY_OVERRIDES", "small_config", "build_small"]
+__all__ = ["FAMILY_OVERRIDES", "small_config", "build_small", "config_models"]
 
 VOCAB = 256
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -53,9 +54,33 @@ def build_small(name: str, experts_implementation: str | None = None, seed: int 
 
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(small_config(name, experts_implementation))
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            parts = pname.rsplit(".", 2)
-            if len(parts) >= 2 and parts[-2] in ("gate", "router") and p.dim() == 2:
-                p.mul_(router_scale)
-    return model.eval()
+    return _sharpen_routers(model, router_scale).eval()
+
+
+@torch.no_grad()
+def _sharpen_routers(model, scale: float):
+    """Scale every router weight (a 2-D `...gate.weight` or `...router.weight`) by `scale`: random routers
+    are nearly uniform, trained ones are not."""
+    for pname, p in model.named_parameters():
+        parts = pname.rsplit(".", 2)
+        if len(parts) >= 2 and parts[-2] in ("gate", "router") and p.dim() == 2:
+            p.mul_(scale)
+    return model
+
+
+def config_models(vocab: int = 512, hidden: int = 128, layers: int = 4, experts: int = 32, top_k: int = 4,
+                  draft_layers: int = 1, seed: int = 0):
+    """(target, draft): a random Qwen3-MoE with sharpened routers (random ones are nearly uniform) and a
+    random dense Qwen3 draft sharing its vocabulary. Nothing is downloaded."""
+    import transformers
+
+    common = dict(vocab_size=vocab, hidden_size=hidden, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=hidden // 4, max_position_embeddings=4096, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    target = _sharpen_routers(transformers.AutoModelForCausalLM.from_config(transformers.Qwen3MoeConfig(
+        **common, num_hidden_layers=layers, intermediate_size=2 * hidden, moe_intermediate_size=hidden // 2,
+        num_experts=experts, num_experts_per_tok=top_k, decoder_sparse_step=1, mlp_only_layers=[],
+        norm_topk_prob=True)), 8.0).eval()
+    draft = transformers.AutoModelForCausalLM.from_config(transformers.Qwen3Config(
+        **common, num_hidden_layers=draft_layers, intermediate_size=2 * hidden)).eval()
+    return target, draft

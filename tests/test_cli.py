@@ -7,12 +7,14 @@ that load a model run on tiny config-built models or the bundled checkpoint with
 
 from __future__ import annotations
 
+import ast
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
-from moe_spec_compile.cli import main
+from moe_spec_compile.commands import main
 from moe_spec_compile.tiny import HERE
 
 BUNDLED = (HERE / "target" / "model.safetensors").exists()
@@ -179,7 +181,7 @@ def test_explain_compile_failure_is_one_line(monkeypatch, capsys):
     """Whatever dynamo raises while explaining (100 lines of it) comes out as one line and exit code 1."""
     import importlib
 
-    explain_module = importlib.import_module("moe_spec_compile.explain")  # the package's .explain is the function
+    explain_module = importlib.import_module("moe_spec_compile.commands.explain")  # calls the library's explain
     def fails(*args, **kwargs):
         raise RuntimeError("shape mismatch in scaled_dot_product_attention\n" + "  frame ...\n" * 100)
 
@@ -191,7 +193,7 @@ def test_explain_compile_failure_is_one_line(monkeypatch, capsys):
 
 
 def test_demo_verdict_and_speedup_ranges():
-    from moe_spec_compile.demo import DemoRow, speedup, verdict
+    from moe_spec_compile.commands.demo import DemoRow, speedup, verdict
 
     base = [10.0, 12.0, 11.0]
     fast = DemoRow("C=8", 8, [20.0, 24.0, 22.0], speedup([20.0, 24.0, 22.0], base))
@@ -212,3 +214,59 @@ def test_generate_from_checkpoint_directories(capsys):
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["drafter"] == "model" and out["text"] is None and len(out["new_token_ids"]) == 6
     assert out["model"] == f"the checkpoint in {HERE / 'target'}"
+
+
+# --- the structure: commands import the library, never the reverse ---------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCES = {"moe_spec_compile": ROOT / "moe_spec_compile", "moe_spec_compile.passes": ROOT / "passes",
+           "moe_spec_compile.kernels": ROOT / "kernels"}
+COMMANDS = "moe_spec_compile.commands"
+# `python -m` scripts that rebuild the bundled models and their card: maintainers' tools with their own argparse
+SCRIPTS = {"moe_spec_compile.tiny.train", "moe_spec_compile.tiny.card"}
+
+
+def _modules() -> dict[str, Path]:
+    """{dotted name: path} of every module of the package, passes/ and kernels/ included."""
+    out = {}
+    for package, folder in SOURCES.items():
+        for path in sorted(folder.rglob("*.py")):
+            parts = path.relative_to(folder).with_suffix("").parts
+            out[".".join((package, *parts[: -1 if parts[-1] == "__init__" else None]))] = path
+    return out
+
+
+def _imports(name: str, path: Path) -> set[str]:
+    """Every module name the file imports (and each `from X import y` as X and X.y), relative ones resolved."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([node.module] if node.module else []))
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    return found
+
+
+def _within(names: set[str], prefix: str) -> set[str]:
+    return {n for n in names if n == prefix or n.startswith(prefix + ".")}
+
+
+def test_imports_flow_one_way():
+    """The library (moe_spec_compile/, passes/, kernels/) imports neither argparse nor the commands; the shared
+    argument types sit below the commands; kernels/config.py does not import the launcher that reads it."""
+    modules = _modules()
+    library = {n: _imports(n, p) for n, p in modules.items() if not _within({n}, COMMANDS)}
+    assert SCRIPTS <= set(library) and "moe_spec_compile.cost" in library and len(library) > 20
+    wrong = {n: sorted(_within(names, COMMANDS) | (set() if n in SCRIPTS else _within(names, "argparse")))
+             for n, names in library.items()}
+    assert not {n: w for n, w in wrong.items() if w}
+    assert not _within(library["moe_spec_compile.kernels.config"], "moe_spec_compile.kernels.fused_moe")
+    args = _imports(f"{COMMANDS}.args", modules[f"{COMMANDS}.args"])
+    assert not _within(args, COMMANDS) and "moe_spec_compile.speculative.tree" in args
+    assert f"{COMMANDS}.args" in _imports(f"{COMMANDS}.generate", modules[f"{COMMANDS}.generate"])

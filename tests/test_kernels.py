@@ -18,8 +18,9 @@ import pytest  # noqa: E402
 from reference import per_token_reference  # noqa: E402
 
 kernels = pytest.importorskip("moe_spec_compile.kernels")
+from moe_spec_compile.commands.tune import main as tune_command  # noqa: E402
 from moe_spec_compile.kernels import config as kconfig  # noqa: E402
-from moe_spec_compile.kernels import fused_moe, tune  # noqa: E402
+from moe_spec_compile.kernels import fused_moe  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and not fused_moe._interpreted():
@@ -243,7 +244,7 @@ def test_tuner_writes_a_table_the_launcher_reads(tmp_path, monkeypatch):
     monkeypatch.delenv(kconfig.ENV_VAR, raising=False)
     argv = ["--shape", "6,32,16", "--k", "2", "--tokens", "1,8", "--dtype", "float32", "--max-configs", "2",
             "--reps", "1", "--out", str(tmp_path)]
-    assert tune.main(argv) == 0
+    assert tune_command(argv) == 0
     path = kconfig.table_path(kconfig.device_name(torch.device(DEVICE)), 6, 32, 16, torch.float32, tmp_path)
     table = kconfig.load_table(kconfig.device_name(torch.device(DEVICE)), 6, 32, 16, torch.float32, tmp_path)
     assert path.is_file() and sorted(table) == [1, 8]

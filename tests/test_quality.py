@@ -81,7 +81,7 @@ def test_evaluate_rows():
 
 @pytest.mark.skipif(not (HERE / "target" / "model.safetensors").exists(), reason="no bundled checkpoints")
 def test_demo_quick(tmp_path, capsys):
-    from moe_spec_compile.demo import main
+    from moe_spec_compile.commands.demo import main
 
     torch._dynamo.reset()
     assert main(["--quick", "--out", str(tmp_path)]) == 0

@@ -16,6 +16,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are first imported
 
+from moe_spec_compile.commands.tune import main as tune_command  # noqa: E402
 from moe_spec_compile.kernels import config as kconfig  # noqa: E402
 from moe_spec_compile.kernels import fused_moe, tune  # noqa: E402
 from moe_spec_compile.ops import fused_experts_torch  # noqa: E402
@@ -53,6 +54,14 @@ def test_table_is_found_by_name(config_dir):
     assert pick(1) == SMALL and pick(20) == SMALL and pick(40) == LARGE and pick(500) == LARGE
     other = fused_moe._default_config(3, 2, 8, 32, 16, DTYPE, fused_moe._num_sms(DEVICE))
     assert pick(3, e=8) == other  # no table for E=8: the defaults
+
+
+def test_a_table_written_after_a_lookup_is_seen(config_dir):
+    """The launcher's cached lookup keys on config.table_generation(): write_table need not know the launcher."""
+    pick = lambda: fused_moe.select_config(20, 2, 6, 32, 16, DTYPE, DEVICE)
+    assert pick() == fused_moe._default_config(20, 2, 6, 32, 16, DTYPE, fused_moe._num_sms(DEVICE)) != LARGE
+    _write(6, 32, 16, {16: LARGE})
+    assert pick() == LARGE
 
 
 def test_env_var_pins_over_the_table(config_dir, monkeypatch):
@@ -99,4 +108,4 @@ def test_shapes_names():
     with pytest.raises(ValueError, match="--shapes"):
         tune.parse_shapes("olmoe,llama")
     with pytest.raises(ValueError, match="--time-limit"):
-        tune.main(["--shapes", "olmoe", "--time-limit", "0"])
+        tune_command(["--shapes", "olmoe", "--time-limit", "0"])

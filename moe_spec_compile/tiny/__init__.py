@@ -1,7 +1,8 @@
 """The bundled tiny MoE: a Qwen3-MoE target (fine-grained experts) and a small dense Qwen3 draft trained on the
 Python standard library (train.py), with their byte-level BPE tokenizer. Loaded offline from the package.
 
-load_tiny() -> (target, draft, tokenizer); MODEL_CARD.md says how they were made and how good they are.
+load_tiny() -> (target, draft, tokenizer); heldout_text() -> prompts_and_heldout() -> prompts and the text to score;
+MODEL_CARD.md says how they were made and how good they are.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["HERE", "load_tiny", "heldout_text"]
+__all__ = ["HERE", "load_tiny", "heldout_text", "prompts_and_heldout"]
 
 HERE = Path(__file__).resolve().parent
 
@@ -42,3 +43,11 @@ def load_tiny(dtype: torch.dtype = torch.float32, device: str | torch.device = "
 def heldout_text() -> str:
     """A slice of the held-out split (stdlib files the models never trained on), shipped for tests/demos."""
     return (HERE / "heldout_sample.txt").read_text(encoding="utf-8")
+
+
+def prompts_and_heldout(tokenizer, n_prompts: int, prompt_len: int):
+    """Prompts cut from the held-out slice (files the models never trained on), and the rest for scoring."""
+    ids = torch.tensor(tokenizer(heldout_text())["input_ids"])
+    stride = ids.numel() // (n_prompts + 1)
+    prompts = [ids[i * stride : i * stride + prompt_len] for i in range(n_prompts)]
+    return prompts, ids[n_prompts * stride :]

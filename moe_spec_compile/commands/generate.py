@@ -19,36 +19,15 @@ import time
 import torch
 import transformers
 
-from .cli import budget_arg, check_device, config_class, model_dir, new_parser, positive_int, quiet_loading, tree_arg
+from ..small_models import build_small, config_models
+from .args import budget_arg, check_device, config_class, model_dir, new_parser, positive_int, quiet_loading, tree_arg
 
-__all__ = ["main", "config_models", "parse_tree"]
-
-parse_tree = tree_arg  # the old name (benchmarks import it)
-
-
-def config_models(vocab: int = 512, hidden: int = 128, layers: int = 4, experts: int = 32, top_k: int = 4,
-                  draft_layers: int = 1, seed: int = 0):
-    """(target, draft): a random Qwen3-MoE with sharpened routers (random ones are nearly uniform) and a
-    random dense Qwen3 draft sharing its vocabulary. Nothing is downloaded."""
-    common = dict(vocab_size=vocab, hidden_size=hidden, num_attention_heads=4, num_key_value_heads=2,
-                  head_dim=hidden // 4, max_position_embeddings=4096, tie_word_embeddings=False)
-    torch.manual_seed(seed)
-    target = transformers.AutoModelForCausalLM.from_config(transformers.Qwen3MoeConfig(
-        **common, num_hidden_layers=layers, intermediate_size=2 * hidden, moe_intermediate_size=hidden // 2,
-        num_experts=experts, num_experts_per_tok=top_k, decoder_sparse_step=1, mlp_only_layers=[],
-        norm_topk_prob=True)).eval()
-    with torch.no_grad():
-        for name, p in target.named_parameters():
-            if name.endswith("mlp.gate.weight"):
-                p.mul_(8.0)
-    draft = transformers.AutoModelForCausalLM.from_config(transformers.Qwen3Config(
-        **common, num_hidden_layers=draft_layers, intermediate_size=2 * hidden)).eval()
-    return target, draft
+__all__ = ["main", "bundled"]
 
 
-def _bundled():
-    """(target, draft, tokenizer) from msc.load_tiny(), or None when the bundled files are missing."""
-    from .tiny import load_tiny
+def bundled():
+    """(target, draft, tokenizer) from msc.load_tiny(), loaded quietly, or None when the bundled files are missing."""
+    from ..tiny import load_tiny
 
     try:
         with quiet_loading():
@@ -124,19 +103,17 @@ def _check(p, args) -> None:
 def _load(args):
     """(target, draft or None, tokenizer or None, words describing the target)."""
     if args.config:
-        from .small_models import build_small
-
         return build_small(args.config), None, None, f"a small random {args.config} model"
     if args.model:
         with quiet_loading():
             target = transformers.AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True).eval()
             tokenizer = _tokenizer(args.model)
         return target, None, tokenizer, f"the checkpoint in {args.model}"
-    bundled = _bundled()
-    if bundled is None:
+    pair = bundled()
+    if pair is None:
         target, draft = config_models()
         return target, draft, None, "a random Qwen3-MoE (the bundled checkpoints are missing)"
-    target, draft, tokenizer = bundled
+    target, draft, tokenizer = pair
     return target, draft, tokenizer, "the bundled tiny Qwen3-MoE"
 
 
@@ -165,7 +142,7 @@ def _prompt_ids(args, tokenizer, vocab: int) -> list[int]:
 
 
 def _decoder(args, target, draft):
-    from .speculative import ModelDrafter, NgramDrafter, SpeculativeDecoder
+    from ..speculative import ModelDrafter, NgramDrafter, SpeculativeDecoder
 
     if args.draft:
         with quiet_loading():
@@ -221,6 +198,3 @@ def main(argv: list[str] | None = None) -> int:
     print(out.stats)
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

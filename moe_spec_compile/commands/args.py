@@ -1,16 +1,10 @@
-"""The `moespec` command line: one function per subcommand, each driving the module that does the work.
+"""The argument types every `moespec` command shares, so `--budget`, `--tree`, `--device`, `--config NAME`
+(a transformers config class) and `--model PATH` (a local checkpoint directory) read alike in each.
 
-argv -> subcommand -> its parser checks every argument (one-line errors, exit 2) -> the model is loaded -> work
+argument text -> its type checks it (argparse.ArgumentTypeError: a one-line message, exit 2) -> the value
 
-    moespec generate ...  speculative decoding on the bundled model, a checkpoint or a config (generate_cli.py)
-    moespec demo ...      the bundled model under a range of expert budgets: speed and quality (demo.py)
-    moespec explain ...   the MoE blocks the backend finds, rewrites or declines (explain.py)
-    moespec tune ...      tile configurations for the Triton fused-experts kernels (kernels/tune.py)
-    moespec profile ...   the cost model measured on this device: predicted next to measured speedup (cost.py)
-
-The shared argument types live here too, so every command reads `--budget`, `--tree`, `--device`,
-`--config NAME` (a transformers config class) and `--model PATH` (a local checkpoint directory) alike.
-Nothing here imports torch or transformers until a command runs.
+Below the command modules: it imports none of them. Nothing here imports torch or transformers until a
+check needs it.
 """
 
 from __future__ import annotations
@@ -18,74 +12,9 @@ from __future__ import annotations
 import argparse
 import difflib
 import os
-import sys
 
-__all__ = ["main", "budget_arg", "budgets_arg", "tree_arg", "positive_int", "model_dir", "config_class",
-           "check_device", "new_parser"]
-
-
-# --- one function per subcommand ---------------------------------------------------------------------
-
-def generate(argv: list[str]) -> int:
-    """speculative decoding on the bundled model, a local checkpoint or a config-built one"""
-    from .generate_cli import main as run
-
-    return run(argv)
-
-
-def demo(argv: list[str]) -> int:
-    """the bundled model under a range of expert budgets: speedup over plain decoding, and quality"""
-    from .demo import main as run
-
-    return run(argv)
-
-
-def explain(argv: list[str]) -> int:
-    """which MoE blocks the backend finds, rewrites or declines, and why"""
-    from .explain import main as run
-
-    return run(argv)
-
-
-def tune(argv: list[str]) -> int:
-    """tile configurations for the Triton fused-experts kernels (needs CUDA, or TRITON_INTERPRET=1)"""
-    from .kernels.tune import main as run
-
-    return run(argv)
-
-
-def profile(argv: list[str]) -> int:
-    """measure the cost model on this device: AR step, verify per (N, C), predicted vs measured speedup"""
-    from .cost import main as run
-
-    return run(argv)
-
-
-COMMANDS = {"generate": generate, "demo": demo, "explain": explain, "tune": tune, "profile": profile}
-
-
-def _top_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="moespec", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="moespec: a torch.compile backend and speculative decoding for Mixture-of-Experts models.",
-        epilog="commands:\n" + "\n".join(f"  {name:<10} {fn.__doc__}" for name, fn in COMMANDS.items())
-        + "\n\n`moespec COMMAND --help` lists a command's options and their defaults.")
-    p.add_argument("command", nargs="?", choices=list(COMMANDS), metavar="COMMAND", help="what to do (below)")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = _top_parser()
-    if not argv:
-        parser.print_help(sys.stderr)
-        return 2
-    if argv[0] in ("-h", "--help"):
-        parser.print_help()
-        return 0
-    if argv[0] not in COMMANDS:
-        parser.parse_args(argv[:1])  # exits 2 with "invalid choice" and the list of commands
-    return int(COMMANDS[argv[0]](argv[1:]) or 0)
+__all__ = ["new_parser", "positive_int", "budget_arg", "budgets_arg", "tree_arg", "model_dir", "KNOWN_CONFIGS",
+           "config_class", "check_device", "quiet_loading"]
 
 
 # --- shared argument types (each raises argparse.ArgumentTypeError: a one-line message, exit 2) ------------
@@ -156,7 +85,7 @@ def tree_arg(text: str):
         return parts[0]
     if min(parts) < 1:
         raise argparse.ArgumentTypeError(f"TOTAL,DEPTH,TOP_K must each be >= 1, got {text!r}")
-    from .speculative.tree import TreeSpec
+    from ..speculative.tree import TreeSpec
 
     return TreeSpec(*parts)
 
@@ -226,6 +155,3 @@ def quiet_loading():
 
     return _quiet()
 
-
-if __name__ == "__main__":
-    sys.exit(main())

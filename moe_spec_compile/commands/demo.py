@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from .cli import budgets_arg, check_device, new_parser, positive_int, quiet_loading
+from ..tiny import prompts_and_heldout
+from .args import budgets_arg, check_device, new_parser, positive_int, quiet_loading
 
 TREE = (16, 4, 4)  # TreeSpec(total_tokens, depth, top_k) of every speculative row
 
@@ -57,16 +58,6 @@ class DemoRow:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def prompts_and_heldout(tokenizer, n_prompts: int, prompt_len: int):
-    """Prompts cut from the held-out slice (files the models never trained on), and the rest for scoring."""
-    from .tiny import heldout_text
-
-    ids = torch.tensor(tokenizer(heldout_text())["input_ids"])
-    stride = ids.numel() // (n_prompts + 1)
-    prompts = [ids[i * stride : i * stride + prompt_len] for i in range(n_prompts)]
-    return prompts, ids[n_prompts * stride :]
 
 
 # --- the table ------------------------------------------------------------------------------------
@@ -138,7 +129,7 @@ def plain_decoding(target, prompts, new_tokens: int) -> float:
 
 def speculative_row(name, budget, decoder, prompts, new_tokens, repeats, exact_outs=None) -> tuple[DemoRow, list]:
     """Speed over `repeats` runs of all prompts; accepted length, experts and agreement from the first."""
-    from .quality import greedy_agreement, speculative_run
+    from ..quality import greedy_agreement, speculative_run
 
     row, outs = DemoRow(name, budget), None
     for _ in range(repeats):
@@ -154,7 +145,7 @@ def speculative_row(name, budget, decoder, prompts, new_tokens, repeats, exact_o
 
 
 def add_heldout(row: DemoRow, target, heldout, budget, policy, windows, scorer, exact_preds) -> torch.Tensor:
-    from .quality import score_windows
+    from ..quality import score_windows
 
     scores = score_windows(target, heldout, 32, budget, policy, windows, compiled=scorer)
     row.heldout_loss, row.heldout_accuracy = scores.loss, scores.accuracy
@@ -165,7 +156,7 @@ def add_heldout(row: DemoRow, target, heldout, budget, policy, windows, scorer, 
 
 def auto_decoder(target, drafter, policy, options):
     """The controller's row (tree="auto", budget="auto"), or (None, why) where the decoder does not take it."""
-    from .speculative import SpeculativeDecoder
+    from ..speculative import SpeculativeDecoder
 
     try:
         return SpeculativeDecoder(target, drafter=drafter, tree="auto", budget="auto", policy=policy, compile=True,
@@ -266,8 +257,8 @@ def main(argv=None) -> int:
          f"{args.new_tokens} new tokens each, {args.repeats} timed repeats per row\n")
     _say(msc.explain(target, prompts[0][None], use_cache=False).table() + "\n")
 
-    from .quality import _compiled, speculative_run
-    from .speculative import SpeculativeDecoder
+    from ..quality import _compiled, speculative_run
+    from ..speculative import SpeculativeDecoder
 
     options = {"inner": "eager"} if args.quick or args.device == "cpu" else {}
     drafter = msc.ModelDrafter(draft)
@@ -329,6 +320,3 @@ def main(argv=None) -> int:
     _say(f"\nwrote {out / 'speed_and_quality.png'}, {out / 'rows.json'} and {out / 'summary.json'}")
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())
