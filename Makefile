@@ -1,25 +1,29 @@
 # `make demo` and `make test` do all set-up: a virtual environment in .venv that keeps an importable
-# torch >= 2.11 (from the system site-packages) or else installs the pinned CPU build, then the package.
+# torch >= 2.11 (from the system site-packages) or else installs the pinned CPU build, then the package, every
+# version as constraints.txt pins it (a kept torch keeps its own triton: those two pins are left out then).
+# `make test-latest` runs the suite on the newest releases instead (a report of drift, not part of CI).
 PY ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.moespec-installed
-TORCH_PIN := torch==2.13.0
-JOBS ?= 2
+CONSTRAINTS := constraints.txt
+LATEST := .venv-latest
 
-.PHONY: setup demo test test-quick bench gpu-check lint clean
+.PHONY: setup demo test test-latest constraints bench gpu-check lint clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(VPY) || $(PY) -m venv --system-site-packages $(VENV)
 	@if $(VPY) -c "import sys, torch; v = tuple(int(x) for x in torch.__version__.split('+')[0].split('.')[:2]); sys.exit(0 if v >= (2, 11) else 1)" 2>/dev/null; then \
 		echo "keeping the importable torch: $$($(VPY) -c 'import torch; print(torch.__version__)')"; \
+		grep -v -E '^(torch|triton)==' $(CONSTRAINTS) > $(VENV)/constraints.txt; \
 	else \
-		echo "installing the pinned CPU build $(TORCH_PIN)"; \
-		$(VPY) -m pip install -q "$(TORCH_PIN)"; \
+		cp $(CONSTRAINTS) $(VENV)/constraints.txt; \
+		echo "installing the pinned CPU build $$(grep '^torch==' $(VENV)/constraints.txt)"; \
+		$(VPY) -m pip install -q -c $(VENV)/constraints.txt torch; \
 	fi
-	$(VPY) -m pip install -q -e ".[dev]"
+	$(VPY) -m pip install -q -c $(VENV)/constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -28,6 +32,19 @@ demo: $(STAMP)
 test: $(STAMP)
 	# -P: keep the repo root off sys.path, or transformers would import our kernels/ as the `kernels` hub package
 	TRITON_INTERPRET=1 $(VPY) -P -m pytest tests
+
+# The suite against the newest releases (torch stays at its pin: an unpinned torch pulls CUDA wheels), with
+# the versions that differ from constraints.txt listed first: drift shows up here, not as a red CI.
+test-latest:
+	test -x $(LATEST)/bin/python || $(PY) -m venv --system-site-packages $(LATEST)
+	grep '^torch==' $(CONSTRAINTS) > $(LATEST)/torch-pin.txt
+	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -c $(LATEST)/torch-pin.txt -e ".[dev]"
+	$(LATEST)/bin/python .ci/constraints.py --diff $(CONSTRAINTS)
+	TRITON_INTERPRET=1 $(LATEST)/bin/python -P -m pytest tests
+
+# Re-pin constraints.txt to what .venv has now (after `make test` passed there on the versions you mean to pin).
+constraints: $(STAMP)
+	$(VPY) .ci/constraints.py --write $(CONSTRAINTS)
 
 lint: $(STAMP)
 	$(VPY) -m ruff check .
@@ -43,4 +60,4 @@ gpu-check:
 	$(GPU_PY) -P benchmarks/gpu_suite.py --out $${OUT:-benchmarks/results/gpu} $(GPU_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(LATEST) build *.egg-info

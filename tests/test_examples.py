@@ -76,22 +76,43 @@ compiled = torch.compile(model, backend="moespec", options={"budget": 2, "inner"
 with torch.inference_mode():
     print("logits", tuple(compiled(torch.randint(0, 64, (1, 5)), use_cache=False).logits.shape))
 print("hub kernels available:", is_kernels_available())
-print("kernels module:", getattr(sys.modules.get("kernels"), "__file__", None))
+try:
+    import kernels
+except ImportError:
+    kernels = None
+print("kernels file:", getattr(kernels, "__file__", None))
+print("kernels version:", getattr(kernels, "__version__", None))
 """
 
 
+def _lines(out: str) -> dict[str, str]:
+    return dict(line.split(": ", 1) for line in out.splitlines() if ": " in line)
+
+
 def test_script_with_repo_root_on_path():
-    """`python -` from the root puts the root on sys.path: transformers finds our kernels/ and must read it
-    as "no hub kernels package installed" instead of failing on its imports."""
+    """`python -` from the root puts the root on sys.path: transformers finds our kernels/ there. What it and
+    `import kernels` see must be what they see with the root off sys.path (-P), whether or not the Hugging Face
+    kernels hub package is installed: the hub package where it is, "not installed" (our folder, empty and
+    versionless) where it is not."""
+    reference = _lines(run_python(["-P", "-"], stdin=SCRIPT_IN_ROOT))
     out = run_python(["-"], stdin=SCRIPT_IN_ROOT)
-    assert "logits (1, 5, 64)" in out and "hub kernels available: False" in out
+    assert "logits (1, 5, 64)" in out, out
+    got = _lines(out)
+    assert got["hub kernels available"] == reference["hub kernels available"], (got, reference)
+    assert got["kernels version"] == reference["kernels version"], (got, reference)
+    if reference["kernels file"] != "None":  # the hub package is installed: it is the module imported
+        assert got["kernels file"] == reference["kernels file"], (got, reference)
+    else:  # not installed: our folder answers, empty and versionless, which transformers reads as absent
+        assert got["hub kernels available"] == "False" and got["kernels version"] == "None", got
+        assert got["kernels file"] == str(ROOT / "kernels" / "__init__.py"), got
 
 
 def test_installed_hub_package_wins_over_our_folder(tmp_path):
-    """Where the hub package is installed, importing `kernels` from the root gives the hub package."""
+    """Where a hub package comes on sys.path after the root (ahead of any other one installed), importing
+    `kernels` from the root gives that package, exactly as Python would without our folder there."""
     fake = tmp_path / "kernels"
     fake.mkdir()
     (fake / "__init__.py").write_text('__version__ = "0.18.5"\nORIGIN = "hub"\n')
-    out = run_python(["-c", f"import sys; sys.path.append({str(tmp_path)!r}); import kernels; "
-                            "print(kernels.ORIGIN, kernels.__version__)"])
-    assert out.strip() == "hub 0.18.5"
+    out = run_python(["-c", f"import sys; sys.path.insert(1, {str(tmp_path)!r}); import kernels; "
+                            "print(kernels.ORIGIN, kernels.__version__, kernels.__file__)"])
+    assert out.strip() == f"hub 0.18.5 {fake / '__init__.py'}"
