@@ -9,7 +9,7 @@ STAMP := $(VENV)/.moespec-installed
 CONSTRAINTS := constraints.txt
 LATEST := .venv-latest
 
-.PHONY: setup demo test test-latest constraints bench gpu-check lint clean
+.PHONY: setup demo test test-latest constraints bench bench-ops gpu-check lint clean
 
 setup: $(STAMP)
 
@@ -51,6 +51,15 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(VPY) benchmarks/bench_budget_cpu.py
+
+# Op microbenchmarks (pytest-benchmark, benchmarks/README.md), never part of `make test`: each run saved under
+# OPS_STORE and compared with the last saved run there. Compare is left out while nothing is saved (it would only
+# warn, but --benchmark-compare-fail would fail). BENCH_OPS_ARGS: more pytest arguments, e.g. -k N16 or
+# --benchmark-compare-fail=median:10%.
+OPS_STORE := benchmarks/results/ops
+bench-ops: $(STAMP)
+	$(VPY) -P -m pytest benchmarks/bench_ops.py --benchmark-only --benchmark-autosave \
+		--benchmark-storage=$(OPS_STORE) $(if $(wildcard $(OPS_STORE)/*/*.json),--benchmark-compare) $(BENCH_OPS_ARGS)
 
 # The GPU check (benchmarks/README.md): results to $$OUT when set, and to benchmarks/results/gpu/. No set-up
 # step: a lent device has no network; install the checkout there with `pip install --no-deps

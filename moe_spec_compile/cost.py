@@ -192,14 +192,19 @@ class CostModel:
         return tuple(best[1])
 
     def verify_time(self, tokens: int, budget: int | None = None, batch: int = 1) -> float:
-        """One verify pass of `tokens` tokens per row (padded to its bucket where measured) under budget C."""
-        from .speculative.buckets import DEFAULT_TREE_BUCKETS, pick_bucket
-
+        """One verify pass of `tokens` tokens per row under budget C: the measured time at that pass size, else the
+        line between the nearest measured sizes around it (decoders run each tree shape at its own size), else the
+        fitted bytes model."""
         if batch == 1:
-            n = pick_bucket(tokens, DEFAULT_TREE_BUCKETS)
-            hit = self.verify.get(f"{n},{'exact' if budget is None else budget}")
-            if hit is not None:
-                return hit
+            tag = "exact" if budget is None else str(budget)
+            sizes = sorted(int(k.split(",")[0]) for k in self.verify if k.split(",")[1] == tag)
+            if tokens in sizes:
+                return self.verify[f"{tokens},{tag}"]
+            below, above = [n for n in sizes if n < tokens], [n for n in sizes if n > tokens]
+            if below and above:
+                lo, hi = below[-1], above[0]
+                t_lo, t_hi = self.verify[f"{lo},{tag}"], self.verify[f"{hi},{tag}"]
+                return t_lo + (t_hi - t_lo) * (tokens - lo) / (hi - lo)
         a, b, c = self._coefficients()
         return a + b * self.bytes_moved(tokens, budget, batch) + c * tokens * batch
 
@@ -314,11 +319,11 @@ def _median_time(fn, repeats: int, device) -> float:
 def profile(target, drafter=None, prompts=None, trees=(0, 2, 4, (16, 4, 4)), budgets=(None,),
             sizes=(1, 2, 4, 8, 16, 32, 64), new_tokens: int = 32, repeats: int = 3, compile: bool = True,
             compile_options: dict | None = None, decoder=None) -> CostModel:
-    """Measure a CostModel on the target's device: memory bandwidth; one verify pass per (N in sizes, C in budgets)
-    (median of repeats, experts per layer recorded); then greedy decoding of the prompts with each tree shape
-    and budget (a warm-up run, then timed): AR step, draft time per level, accept/host time, accepted length
-    per shape, per-depth acceptance from the deepest chain; each config's measured and predicted speedup
-    goes to `measured`.
+    """Measure a CostModel on the target's device: memory bandwidth; one verify pass per (N in sizes and each tree
+    shape's own size, C in budgets) (median of repeats, experts per layer recorded); then greedy decoding of the
+    prompts with each tree shape and budget (a warm-up run, then timed): AR step, draft time per level,
+    accept/host time, accepted length per shape, per-depth acceptance from the deepest chain; each config's
+    measured and predicted speedup goes to `measured`.
 
     trees: shapes (0 = autoregressive, K = a chain, (total, depth, top_k) = a TreeSpec); prompts: [1, L] or [L]
     tensors (default: two fixed prompts of 24 ids). decoder: a SpeculativeDecoder to profile (default: one made
@@ -333,6 +338,7 @@ def profile(target, drafter=None, prompts=None, trees=(0, 2, 4, (16, 4, 4)), bud
     shapes = [TreeSpec(*t) if isinstance(t, tuple) else as_tree_shape(t) for t in trees]
     if not any(s.max_nodes == 0 for s in shapes):
         shapes.insert(0, as_tree_shape(0))
+    sizes = sorted(set(sizes) | {s.max_nodes + 1 for s in shapes})  # each shape's own pass size is timed too
     if prompts is None:
         prompts = [torch.tensor([(7 * i + 3 * j) % (vocab - 3) + 3 for i in range(24)]) for j in (1, 2)]
     prompts = [torch.as_tensor(p).reshape(1, -1).to(dev) for p in prompts]
@@ -340,6 +346,8 @@ def profile(target, drafter=None, prompts=None, trees=(0, 2, 4, (16, 4, 4)), bud
         decoder = SpeculativeDecoder(target, drafter=drafter or NgramDrafter(), tree=0, compile=compile,
                                      compile_options=compile_options or {"inner": "eager" if dev.type == "cpu"
                                                                          else "inductor"})
+    for s in shapes:
+        decoder.fit_pass_size(s)  # decoding verifies each shape at its own size: time that size
     cm = CostModel.analytic(target, measure_bandwidth(dev))
 
     # verify latency per (N, C): chains of real prompt tokens after the prompt as prefix

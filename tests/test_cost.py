@@ -79,6 +79,8 @@ def test_predictions_are_monotone():
     cm.verify = {"1,exact": 1.0e-3, "4,exact": 1.6e-3, "16,exact": 3.1e-3, "64,exact": 4.0e-3, "64,16": 2.5e-3}
     fit = [cm.verify_time(n, batch=2) for n in sizes]
     assert fit == sorted(fit) and cm.verify_time(16) == 3.1e-3
+    # a size between measured ones (a chain of 4 runs 5 tokens) lies on the line between its neighbours
+    assert cm.verify_time(5) == pytest.approx(1.6e-3 + (3.1e-3 - 1.6e-3) * (5 - 4) / (16 - 4))
     assert per_depth_acceptance([1, 2, 3, 3, 5], 4) == [0.8, 0.75, 1 / 3, 1.0]
 
 
@@ -86,8 +88,9 @@ def test_profile_round_trip(tmp_path):
     target = build("qwen3_moe")[0]
     cm = msc.profile(target, msc.NgramDrafter(), trees=(0, 2), sizes=(1, 4), new_tokens=8, repeats=1,
                      prompts=[torch.tensor([3, 4, 5, 3, 4, 5, 3, 4, 5, 6])])
-    assert set(cm.verify) == {"1,exact", "4,exact"} and all(t > 0 for t in cm.verify.values())
-    assert set(cm.expert_counts) == {"1", "4"} and cm.expert_counts["1"] == cm.model.top_k
+    # sizes asked for, and chain 2's own pass size (3 tokens: decoding verifies it at that size)
+    assert set(cm.verify) == {"1,exact", "3,exact", "4,exact"} and all(t > 0 for t in cm.verify.values())
+    assert set(cm.expert_counts) == {"1", "3", "4"} and cm.expert_counts["1"] == cm.model.top_k
     assert cm.ar_step > 0 and set(cm.measured) == {"ar,exact", "chain2,exact"}
     assert cm.measured["ar,exact"]["speedup"] == pytest.approx(1.0)
     assert "|cpu" in cm.key and cm.key.endswith("|float32")

@@ -134,7 +134,7 @@ def test_budget_switches_never_recompile(compiled):
     assert counters["frames"]["total"] == frames
     for _ in range(2):
         out = compiled.generate(prompt, max_new_tokens=8, eos_token_id=None, tree=TreeSpec(20, 4, 3), budget=6)
-    assert out.stats.buckets == [(24, 6)]
+    assert out.stats.buckets == [(21, 6)]  # the tree's own size: 20 nodes + the root
     assert counters["frames"]["total"] == frames + 1
 
 
@@ -227,8 +227,9 @@ def test_autoregressive_steps_take_the_faster_exact_path(target, compiled):
 def test_exact_speculation_takes_the_faster_exact_path_per_pass_size(target, draft):
     """Inner inductor, no expert statistics: exact verify passes of every size may run on the unmodified model
     compiled by inductor (measured per pass size, each pass labelled); the tokens stay the target's greedy
-    output; a budgeted pass always runs in the moespec graph, under its budget; collecting expert statistics keeps
-    passes of N > 1 in the moespec graph, which counts them."""
+    output; a budgeted pass always runs in the moespec graph, under its budget; collect_expert_stats=True keeps
+    passes of N > 1 in the moespec graph, which counts them; the default records what runs there and moves
+    no pass. A chain of 4 verifies 5 tokens (its own pass size), not 8."""
     torch._dynamo.reset()
     prompt = PROMPTS[0]
     want = reference(target, prompt, 24)
@@ -237,17 +238,25 @@ def test_exact_speculation_takes_the_faster_exact_path_per_pass_size(target, dra
     assert dec.plain_target is not dec.eager_target and dec.plain_target._orig_mod is target
     out = dec.generate(prompt, max_new_tokens=24, eos_token_id=None)
     assert out.sequences[0].tolist() == want
-    assert {v.path for v in out.stats.verify if v.bucket == 8} == {"moespec", "plain"}  # both measured at N=8
-    assert dec.exact_one.settled(8) and {v.path for v in out.stats.verify[-2:]} == {dec.exact_one.choices[8]}
+    assert {v.bucket for v in out.stats.verify} == {5}  # the chain's own size: no padding to 8
+    assert {v.path for v in out.stats.verify if v.bucket == 5} == {"moespec", "plain"}  # both measured at N=5
+    assert dec.exact_one.settled(5) and {v.path for v in out.stats.verify[-2:]} == {dec.exact_one.choices[5]}
     again = dec.generate(prompt, max_new_tokens=24, eos_token_id=None)
-    assert again.sequences[0].tolist() == want and {v.path for v in again.stats.verify} == {dec.exact_one.choices[8]}
+    assert again.sequences[0].tolist() == want and {v.path for v in again.stats.verify} == {dec.exact_one.choices[5]}
     budgeted = dec.generate(prompt, max_new_tokens=8, eos_token_id=None, budget=3).stats.verify
     assert budgeted and all(v.path == "moespec" and v.budget == 3 for v in budgeted)
     counting = msc.SpeculativeDecoder(target, drafter=msc.ModelDrafter(draft), tree=4, compile=True,
-                                      compile_options={"inner": "inductor"})
+                                      compile_options={"inner": "inductor"}, collect_expert_stats=True)
     stats = counting.generate(prompt, max_new_tokens=8, eos_token_id=None).stats.verify
     assert all(v.path == "moespec" and v.experts_per_layer for v in stats)
-    assert dec.exact_choice(8) and counting.exact_choice(1) and not counting.exact_choice(8)
+    assert dec.exact_choice(5) and counting.exact_choice(1) and not counting.exact_choice(5)
+    default = msc.SpeculativeDecoder(target, drafter=msc.ModelDrafter(draft), tree=4, compile=True,
+                                     compile_options={"inner": "inductor"})  # records, reroutes nothing
+    out = default.generate(prompt, max_new_tokens=12, eos_token_id=None, budget=3)
+    assert out.stats.verify and all(v.path == "moespec" and v.experts_per_layer for v in out.stats.verify)
+    assert default.exact_choice(5) and default.records_experts()
+    with pytest.raises(ValueError, match="collect_expert_stats must be"):
+        msc.SpeculativeDecoder(target, tree=4, collect_expert_stats="yes")
     # settle_exact measures a pass size that has not been met yet, and runs nothing once it has
     tree = DraftTree.from_lists([5, 6, 7], [-1, 0, 1], prompt.device)
     assert not dec.exact_one.settled(4) and dec.settle_exact(tree) > 0 and dec.exact_one.settled(4)

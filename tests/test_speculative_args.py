@@ -86,3 +86,26 @@ def test_bad_tree_in_constructor():
     model = build("qwen3_moe")[0]
     with pytest.raises(ValueError, match="tree rank"):
         msc.SpeculativeDecoder(model, tree=[(VOCAB + 3,)])
+
+
+def test_a_slow_cpu_environment_is_reported_once(monkeypatch):
+    """OMP_WAIT_POLICY=PASSIVE (read when torch loads OpenMP, so moespec cannot undo it) slows every multi-token
+    CPU pass: building a decoder says so once per process, naming the variable and the fix; nothing otherwise."""
+    import warnings
+
+    from moe_spec_compile.speculative import checks
+
+    target = build("qwen3_moe")[0]
+    monkeypatch.setattr(checks, "_WARNED_ENV", set())
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails here
+        msc.SpeculativeDecoder(target, tree=2)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
+    with pytest.warns(RuntimeWarning, match="OMP_WAIT_POLICY=PASSIVE.*Unset it"):
+        msc.SpeculativeDecoder(target, tree=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once: not again
+        msc.SpeculativeDecoder(target, tree=2)
+    assert "OMP_WAIT_POLICY" in checks.warn_slow_cpu_environment(torch.device("cpu"))
+    assert checks.warn_slow_cpu_environment(torch.device("meta")) is None

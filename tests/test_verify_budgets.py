@@ -13,6 +13,7 @@ from torch._dynamo.utils import counters
 
 import moe_spec_compile as msc
 from moe_spec_compile.speculative.accept import SamplingConfig
+from moe_spec_compile.speculative.buckets import DEFAULT_TREE_BUCKETS
 from moe_spec_compile.speculative.kv import forward
 from moe_spec_compile.speculative.tree import DraftTree, StaticTree
 from moe_spec_compile.speculative.weights import DEPTH_DECAY, node_weights
@@ -38,7 +39,8 @@ def draft():
 def decoder(target, draft):
     torch._dynamo.reset()
     return msc.SpeculativeDecoder(target, drafter=msc.ModelDrafter(draft), tree=TREE, compile=True,
-                                  compile_options={"inner": "eager"}, node_weights="path")
+                                  compile_options={"inner": "eager"}, node_weights="path",
+                                  tree_buckets=DEFAULT_TREE_BUCKETS)  # given: TREE's 9 nodes pad to 16
 
 
 class _Spy:

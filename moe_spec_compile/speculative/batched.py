@@ -371,7 +371,7 @@ class BatchedGenerator:
         weights = valid.float().reshape(-1)
         stat = BatchVerifyStats(rows=sum(self.live_host), row_bucket=r, tree_size=n, bucket=big_n,
                                 tokens=int(weights.sum()), budget=c)
-        if self.dec.collect_expert_stats and not self.dec.cuda_graphs:
+        if self.dec.records_experts():
             with record_experts() as rec:
                 logits = self.runner(cache, tree.tokens, pos, mask, slots, weights, c)
             if rec.events:

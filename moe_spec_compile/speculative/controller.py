@@ -150,12 +150,13 @@ class Controller:
         (a line through (1 token, ratio 1)), else the cost model's ratio."""
         from .buckets import DEFAULT_TREE_BUCKETS, pick_bucket
 
+        buckets = getattr(getattr(self, "decoder", None), "tree_buckets", DEFAULT_TREE_BUCKETS)  # the pass sizes run
         base = self.ar_time()
-        pts = [(pick_bucket(c[0].max_nodes + 1, DEFAULT_TREE_BUCKETS), self.step_time(c) / base)
+        pts = [(pick_bucket(c[0].max_nodes + 1, buckets), self.step_time(c) / base)
                for c in self.times if c[0].max_nodes and c[1] == cfg[1]] if base else []
         if pts:
             slope = max(sum((n - 1) * (r - 1) for n, r in pts) / sum((n - 1) ** 2 for n, _ in pts), 0.0)
-            return 1.0 + slope * (pick_bucket(cfg[0].max_nodes + 1, DEFAULT_TREE_BUCKETS) - 1)
+            return 1.0 + slope * (pick_bucket(cfg[0].max_nodes + 1, buckets) - 1)
         cm = self.cost_model
         if cm is None:
             return 1.0 + cfg[0].max_nodes / 4  # no model: assume a node costs a quarter of a step

@@ -21,7 +21,7 @@ from ..budget import validate_budget, validate_policy
 from ..record import record_experts
 from .accept import Acceptance, SamplingConfig, accept_greedy, accept_sample
 from .buckets import DEFAULT_TREE_BUCKETS, FastestExact, VerifyRunner, pick_bucket
-from .checks import check_compile_options, check_input_ids, check_int, check_tree_fits_vocab
+from .checks import check_compile_options, check_input_ids, check_int, check_tree_fits_vocab, warn_slow_cpu_environment
 from .controller import make_controller
 from .drafters import Drafter, ModelDrafter, NgramDrafter
 from .kv import Masks, TreeCache, forward, takes_cache_position
@@ -153,18 +153,24 @@ class SpeculativeDecoder:
     and the budget per step by Cascade's utility, with the cost model as prior; budget="auto" picks among
     exact and min_budget, 2*min_budget, ... (without min_budget it stays exact); controller= a Controller to
     use instead (its trees and budgets); out.stats.decisions holds the trace.
+    tree_buckets: the pass sizes trees are padded to (default: 1, 2, 4, 8, 16, 24, ... plus the full size of every
+    tree shape the decoder runs, so a chain of K verifies K + 1 tokens; fit_pass_size).
     cuda_graphs: capture each tree-size bucket's verify pass once (default: on CUDA).
-    collect_expert_stats: record experts per layer per verify pass (reads ids back to the host; default:
-    when not replaying graphs, where Python does not run). Batches [B, L]: generate with attention_mask.
+    collect_expert_stats: record experts per layer per verify pass (reads ids back to the host). None (default):
+    record the passes that run in the moespec graph anyway (budgeted ones, exact ones where that path is the
+    faster), never moving a pass off its faster path, and never while replaying graphs (Python does not run
+    there; msc.expert_stats() reads device counters); True: every exact pass of N > 1 stays in the moespec graph,
+    which counts it (slower where the plain graph is faster); False: nothing recorded.
+    Batches [B, L]: generate with attention_mask.
     Exact passes (no budget) run on the faster of two exact paths, measured per pass size on this device
     (buckets.FastestExact; each pass's ``path`` in out.stats says which): the moespec graph and the plain target.
     The plain target is the unmodified model compiled by inductor where the moespec graph's inner compiler is
-    inductor and no CUDA graph is replayed (then every pass size, except where collect_expert_stats keeps
-    passes of N > 1 in the moespec graph, which counts the experts), else the eager model (one-token passes).
+    inductor and no CUDA graph is replayed (then every pass size, except where collect_expert_stats=True keeps
+    passes of N > 1 in the moespec graph), else the eager model (one-token passes).
     """
 
     def __init__(self, target, drafter: Drafter | None = None, tree=4, budget=None, policy: str = "substitute",
-                 compile: bool = False, compile_options: dict | None = None, tree_buckets=DEFAULT_TREE_BUCKETS,
+                 compile: bool = False, compile_options: dict | None = None, tree_buckets=None,
                  budget_buckets=_UNSET, cuda_graphs: bool | None = None,
                  collect_expert_stats: bool | None = None, timing: bool = True,
                  node_weights: str = DEFAULT_NODE_WEIGHTS, min_budget: int | None = None, controller=None):
@@ -180,7 +186,7 @@ class SpeculativeDecoder:
         if compile:
             options = {"policy": validate_policy(policy), "max_budget_tokens": None, **compile_options}
             self.verify_model = torch.compile(self.eager_target, backend="moespec", dynamic=False, options=options)
-            _allow_recompiles(len(tree_buckets) + 8)
+            _allow_recompiles(len(tree_buckets or DEFAULT_TREE_BUCKETS) + 8)
         self.drafter = drafter if drafter is not None else NgramDrafter()
         if compile and compile_options.get("inner", "inductor") == "inductor" and isinstance(self.drafter,
                                                                                            ModelDrafter):
@@ -194,24 +200,30 @@ class SpeculativeDecoder:
         self._budgets_bind = compile or is_moespec_compiled(target)
         _refuse_unbound(self.budget, self._budgets_bind)
         self.policy = validate_policy(policy)
-        self.tree_buckets = tuple(tree_buckets)
+        self._fit_sizes = tree_buckets is None  # default: the power-of-two-ish sizes plus each shape's own size
+        self.tree_buckets = tuple(sorted(set(DEFAULT_TREE_BUCKETS if tree_buckets is None else tree_buckets)))
         self.device = next(self.eager_target.parameters()).device
+        warn_slow_cpu_environment(self.device)
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
         if self.cuda_graphs and self.device.type != "cuda":
             raise ValueError("cuda_graphs=True needs the target on a CUDA device")
-        self.collect_expert_stats = not self.cuda_graphs if collect_expert_stats is None else collect_expert_stats
+        if collect_expert_stats not in (None, True, False):
+            raise ValueError(f"collect_expert_stats must be None, True or False, got {collect_expert_stats!r}")
+        self.collect_expert_stats = collect_expert_stats
         # Exact passes of every size may run on the plain target compiled by inductor (FastestExact, measured per
         # pass size) when the moespec graph itself is compiled by inductor and no CUDA graph is replayed; expert
-        # statistics are counted in the moespec graph, so collecting them keeps passes of N > 1 there.
+        # statistics are counted in the moespec graph, so collect_expert_stats=True keeps passes of N > 1 there.
         options = compile_options if compile else moespec_options(target)
         self._exact_any_n = (options is not None and options.get("inner", "inductor") == "inductor"
                              and not self.cuda_graphs and self.verify_model is not self.eager_target)
         self.plain_target = plain_compiled(self.verify_model) if self._exact_any_n else self.eager_target
         if self._exact_any_n:
-            _allow_recompiles(2 * len(tuple(tree_buckets)) + 8)  # two compiled graphs per pass size
+            _allow_recompiles(2 * len(self.tree_buckets) + 8)  # two compiled graphs per pass size
         self.timing = timing
         self.vocab_size = self.eager_target.config.get_text_config(decoder=True).vocab_size
         self.tree = self._tree_shape(0 if tree == "auto" else tree)
+        for shape, _ in self.controller.configs if self.controller is not None else ():
+            self.fit_pass_size(shape)  # every shape the controller may pick runs at its own size
         if hasattr(self.drafter, "vocab_size") and self.drafter.vocab_size is None:
             self.drafter.vocab_size = self.vocab_size
         self._cache_position = takes_cache_position(self.eager_target)
@@ -338,7 +350,7 @@ class SpeculativeDecoder:
         if c is None and self.exact_choice(big_n):  # an exact pass (an AR step, exact speculation): the faster path
             logits = self.exact_one(tokens, pos, mask, slots)
             stat.path = self.exact_one.last
-        elif self.collect_expert_stats and not self.cuda_graphs:
+        elif self.records_experts():
             with record_experts() as rec:
                 logits = self.runner(tokens, pos, mask, slots, c, weights)
             _expert_stats(stat, rec.events)
@@ -384,7 +396,19 @@ class SpeculativeDecoder:
     def _tree_shape(self, tree):
         shape = as_tree_shape(tree)
         check_tree_fits_vocab(shape, self.vocab_size)
+        self.fit_pass_size(shape)
         return shape
+
+    def fit_pass_size(self, shape) -> int:
+        """Make a full tree of `shape` (root included) a pass size of its own -> that size. A chain of 4 verifies
+        5 tokens, not 8: padding to a power of two costs a pass what the padding rows compute (about 60% more at 5
+        -> 8 on the bundled pair). Smaller trees of the shape (a drafter that stops early) pad to the next size.
+        Only with the default tree_buckets: sizes given by the caller are kept as given."""
+        n = shape.max_nodes + 1
+        if self._fit_sizes and n not in self.tree_buckets:
+            self.tree_buckets = tuple(sorted((*self.tree_buckets, n)))
+            _allow_recompiles(2 * len(self.tree_buckets) + 8)  # two compiled graphs (moespec, plain) per size
+        return n
 
     def _auto(self, tree, budget):
         """The controller, started for a request, when this call's tree or budget is "auto" (else None)."""
@@ -457,8 +481,13 @@ class SpeculativeDecoder:
     def exact_choice(self, big_n: int) -> bool:
         """Do exact passes of padded size N choose between the moespec graph and the plain target
         (``self.exact_one``, FastestExact)? One-token passes do wherever the target is compiled; larger ones where
-        the plain target is compiled too and expert statistics are not being collected."""
-        return self.exact_one is not None and (big_n == 1 or (self._exact_any_n and not self.collect_expert_stats))
+        the plain target is compiled too and collect_expert_stats is not True."""
+        any_n = self._exact_any_n and self.collect_expert_stats is not True
+        return self.exact_one is not None and (big_n == 1 or any_n)
+
+    def records_experts(self) -> bool:
+        """Do passes in the moespec graph record their experts (collect_expert_stats not False, no graph replay)?"""
+        return self.collect_expert_stats is not False and not self.cuda_graphs
 
     def settle_exact(self, tree: DraftTree) -> int:
         """Run exact verify passes of `tree` until the decoder has kept its faster exact path for the tree's pass
