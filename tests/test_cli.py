@@ -192,17 +192,67 @@ def test_explain_compile_failure_is_one_line(monkeypatch, capsys):
                        "RuntimeError: shape mismatch in scaled_dot_product_attention")
 
 
-def test_demo_verdict_and_speedup_ranges():
-    from moe_spec_compile.commands.demo import DemoRow, speedup, verdict
+def _demo_rows(**tps):
+    """Made-up demo rows: transformers' generate at 10-12 tok/s, tree=0 at 20-22, then the rows given."""
+    from moe_spec_compile.commands.demo import DemoRow, add_speedups
 
-    base = [10.0, 12.0, 11.0]
-    fast = DemoRow("C=8", 8, [20.0, 24.0, 22.0], speedup([20.0, 24.0, 22.0], base))
-    assert fast.speedup == (2.0, 20.0 / 12.0, 24.0 / 10.0)
-    slow = DemoRow("exact", None, [5.0, 6.0, 7.0], speedup([5.0, 6.0, 7.0], base))
-    assert "C=8, 2.00x" in verdict([slow, fast]) and "faster than plain decoding in every repeat" in verdict([fast])
-    assert "slower than plain decoding" in verdict([slow])
-    mixed = DemoRow("C=4", 4, [9.0, 13.0], speedup([9.0, 13.0], base))
-    assert "within the noise" in verdict([mixed])
+    rows = [DemoRow("generate", None, [10.0, 12.0, 11.0]), DemoRow("tree=0", None, [20.0, 22.0, 21.0])]
+    rows += [DemoRow(name, None if name == "exact" else int(name[2:]), t) for name, t in tps.items()]
+    add_speedups(rows)
+    return rows
+
+
+def test_demo_speedups_against_both_baselines():
+    from moe_spec_compile.commands.demo import speedup
+
+    assert speedup([20.0, 24.0, 22.0], [10.0, 12.0, 11.0]) == (2.0, 20.0 / 12.0, 24.0 / 10.0)
+    generate, tree0, c8 = _demo_rows(**{"C=8": [44.0, 48.0, 46.0]})
+    assert c8.speedup_generate == speedup(c8.tokens_per_s, generate.tokens_per_s)
+    assert c8.speedup_tree0 == (46.0 / 21.0, 44.0 / 22.0, 48.0 / 20.0)
+    assert tree0.speedup_tree0[0] == 1.0 and generate.speedup_generate[0] == 1.0
+    assert tree0.speedup_generate[0] == 21.0 / 11.0  # the baselines' own ratio is a row too
+
+
+def test_demo_verdict_is_judged_against_tree0():
+    from moe_spec_compile.commands.demo import verdict
+
+    fast = _demo_rows(exact=[15.0, 16.0, 17.0], **{"C=8": [44.0, 48.0, 46.0]})
+    assert "C=8, 2.19x tree=0's" in verdict(fast) and "speculation paid off" in verdict(fast)
+    assert "4.18x transformers' generate" in verdict(fast)
+    # faster than transformers' generate in every repeat, slower than tree=0 in every repeat: no win
+    beats_generate_only = _demo_rows(exact=[15.0, 16.0, 17.0])
+    words = verdict(beats_generate_only)
+    assert "speculation paid off" not in words and "slower than tree=0 in every repeat" in words
+    assert "exact, 0.76x tree=0's" in words
+    assert "within the noise of tree=0" in verdict(_demo_rows(**{"C=4": [19.0, 23.0]}))
+    baselines_only = _demo_rows()
+    assert "paid off" not in verdict(baselines_only)  # tree=0 beating generate is not speculation
+
+
+def test_demo_plot_draws_the_budget_sweep_as_one_curve():
+    """Budget rows form the one curve, in x order; exact, auto and tree=0 are separate labelled points (nothing joins
+    auto to the curve; tree=0 without a counted pass sits at top-k experts); transformers' generate is a level."""
+    import matplotlib.pyplot as plt
+
+    from moe_spec_compile.commands.demo import DemoRow, add_speedups, figure
+
+    rows = _demo_rows(**{"C=8": [25.0, 27.0], "exact": [15.0, 16.0, 17.0], "C=4": [30.0, 31.0]})
+    rows.append(DemoRow("auto", "auto", [24.0, 26.0], verify_experts_per_layer=12.0))
+    add_speedups(rows)
+    for r, experts in zip(rows[2:5], (7.0, 29.0, 4.0)):
+        r.verify_experts_per_layer, r.heldout_accuracy, r.heldout_agreement, r.agreement = experts, 0.4, 0.9, 0.8
+    fig = figure(rows, 64, 6)
+    speed, quality = fig.axes
+    joined = [list(line.get_xdata()) for line in speed.get_lines()
+              if line.get_linestyle() not in ("None", "none") and list(line.get_xdata()) != [0, 1]]  # not a level
+    assert joined == [[4.0, 7.0]]  # C=4, C=8
+    points = {tuple(line.get_xdata()) for line in speed.get_lines() if line.get_linestyle() in ("None", "none")}
+    assert {(29.0,), (12.0,), (6.0,)} <= points  # exact, auto, tree=0
+    assert {"C=4", "C=8", "exact", "auto", "tree=0"} <= {t.get_text() for t in speed.texts}
+    legend = [t.get_text() for t in speed.get_legend().get_texts()]
+    assert "transformers greedy generate" in legend and any(t.startswith("auto") for t in legend)
+    assert [list(line.get_xdata()) for line in quality.get_lines() if len(line.get_xdata()) > 1] == [[4.0, 7.0]] * 3
+    plt.close(fig)
 
 
 @pytest.mark.skipif(not BUNDLED, reason="no bundled checkpoints")

@@ -87,9 +87,21 @@ def test_demo_quick(tmp_path, capsys):
     assert main(["--quick", "--out", str(tmp_path)]) == 0
     text = capsys.readouterr().out
     assert "held-out acc" in text and "model.layers.2.mlp" in text
-    rows = json.loads((tmp_path / "rows.json").read_text())
+    head = next(line for line in text.splitlines() if "x generate" in line)
+    assert "x tree=0" in head and head.split()[0] == "row"
+    lines = text.splitlines()
+    first = lines.index(head) + 2  # after the rule
+    names = [line.split()[0] for line in lines[first:lines.index("", first)]]
     e = msc.load_tiny()[0].config.num_experts
+    assert names[:5] == ["generate", "tree=0", "exact", f"C={e // 8}", f"C={e // 4}"]  # then auto, where taken
+    rows = json.loads((tmp_path / "rows.json").read_text())
     assert [r["budget"] for r in rows] == [None, e // 8, e // 4]  # the quick run's default budgets
     assert rows[1]["verify_experts_per_layer"] <= e // 8 and rows[0]["agreement"] == 1.0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    by_name = {r["name"]: r for r in summary["rows"]}
+    assert by_name["tree=0"]["agreement"] == 1.0 and by_name["tree=0"]["mean_accepted"] == 1.0  # greedy, 1 per step
+    assert by_name["tree=0"]["speedup_tree0"][0] == 1.0 and by_name["generate"]["speedup_generate"][0] == 1.0
+    assert all(len(r["speedup_generate"]) == 3 and len(r["speedup_tree0"]) == 3 for r in summary["rows"])
+    assert summary["verdict"].startswith("fastest speculative row:") and "x tree=0's tokens/s" in summary["verdict"]
     png = (tmp_path / "speed_and_quality.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000

@@ -1,13 +1,15 @@
-"""`make demo` / `moespec demo`: the bundled tiny MoE under a range of expert budgets. Did it get faster, and
-what did the budget cost?
+"""`make demo` / `moespec demo`: the bundled tiny MoE under a range of expert budgets. Did speculation get faster
+than plain decoding, and what did the budget cost?
 
-arguments (checked first) -> load_tiny() -> explain table -> warm-up (compiles each verify bucket)
--> plain decoding (transformers' greedy generate: the baseline) -> speculative decoding without a budget, then
-with each budget C, each row printed as it finishes (tokens/s over repeats, speedup over the baseline,
-accepted length, experts per layer per verify, agreement with the exact output, held-out quality under C)
--> a PNG with speed beside quality, and the rows as JSON
+arguments (checked first) -> load_tiny() -> explain table -> the rows: two baselines that do not speculate
+(transformers' greedy generate, and moespec's own plain decoding, tree=0, through the same compiled target), then
+speculative decoding without a budget, with each budget C, and the controller (auto) -> each row run once untimed
+(compiles), then `repeats` rounds in which every row runs once, in turn (load drifts hit every row alike) -> the
+table (tokens/s, speedup over both baselines, accepted length, experts per layer per verify, agreement with the
+exact output, held-out quality under C) and the verdict, judged against tree=0 -> a PNG with speed beside
+quality, and the rows as JSON
 
-    moespec demo                    # budgets E/16, E/8, E/4, E/2 against the exact run and plain decoding
+    moespec demo                    # budgets E/16, E/8, E/4, E/2 beside the exact run, tree=0 and generate
     moespec demo --quick --budgets 4,8,16
 """
 
@@ -18,6 +20,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,11 +31,21 @@ from .args import budgets_arg, check_device, new_parser, positive_int, quiet_loa
 
 TREE = (16, 4, 4)  # TreeSpec(total_tokens, depth, top_k) of every speculative row
 
+BASELINES = ("generate", "tree=0")  # the rows that do not speculate, in table order
+
 COLUMNS = """\
+rows:
+  generate      transformers' greedy generate on the eager model
+  tree=0        moespec's own plain decoding: one token per step through the same compiled target, no draft
+  exact, C=..   speculative decoding ({tree}-node tree, the bundled draft) without a budget, under budget C
+  auto          the controller's choice of tree and budget (tree="auto", budget="auto")
 columns:
-  tok/s         new tokens per second over all prompts: median of the repeats [min-max]
-  speedup       tok/s over plain decoding's (median over median) [slowest over fastest baseline - fastest
-                over slowest]; > 1 means speculation paid off
+  tok/s         new tokens per second over all prompts: median of the repeats [min-max]; the repeats are
+                interleaved rounds, each running every row once, in turn
+  x generate    tok/s over transformers' generate (median over median) [slowest over fastest baseline -
+                fastest over slowest]
+  x tree=0      tok/s over tree=0's, the same way; the verdict reads this column: speculation paid off only
+                where a row beats tree=0 in every repeat
   accepted      tokens each verify pass emitted: accepted drafted tokens + the bonus token
   experts       distinct experts per MoE layer per verify pass, mean (the budget caps it; of {e})
   bound         share of verify passes in which some layer used all C experts it was allowed
@@ -44,10 +57,11 @@ columns:
 
 @dataclass
 class DemoRow:
-    name: str  # "plain", "exact", "C=8", "auto"
+    name: str  # "generate", "tree=0", "exact", "C=8", "auto"
     budget: int | str | None
     tokens_per_s: list[float] = field(default_factory=list)  # one per repeat
-    speedup: tuple[float, float, float] | None = None  # (median, low, high) against the baseline
+    speedup_generate: tuple[float, float, float] | None = None  # (median, low, high) against transformers' generate
+    speedup_tree0: tuple[float, float, float] | None = None  # the same against moespec's plain decoding (tree=0)
     mean_accepted: float | None = None
     verify_experts_per_layer: float | None = None
     budget_bound: float | None = None
@@ -62,19 +76,23 @@ class DemoRow:
 
 # --- the table ------------------------------------------------------------------------------------
 
-HEAD = (f"{'row':>6} {'tok/s':>19} {'speedup':>18} {'accepted':>8} {'experts':>7} {'bound':>5} {'agree':>6} "
-        f"{'same argmax':>11} {'held-out acc':>12} {'held-out loss':>13}")
+HEAD = (f"{'row':>8} {'tok/s':>19} {'x generate':>18} {'x tree=0':>18} {'accepted':>8} {'experts':>7} {'bound':>5} "
+        f"{'agree':>6} {'same argmax':>11} {'held-out acc':>12} {'held-out loss':>13}")
 
 
 def _fmt(value, spec: str, width: int) -> str:
     return f"{'-':>{width}}" if value is None else f"{value:>{width}{spec}}"
 
 
+def _ratio(up: tuple[float, float, float] | None) -> str:
+    return "-" if up is None else f"{up[0]:.2f}x [{up[1]:.2f}-{up[2]:.2f}]"
+
+
 def format_row(r: DemoRow) -> str:
     tps = r.tokens_per_s
     speed = f"{statistics.median(tps):6.1f} [{min(tps):.1f}-{max(tps):.1f}]" if tps else "-"
-    up = "-" if r.speedup is None else f"{r.speedup[0]:.2f}x [{r.speedup[1]:.2f}-{r.speedup[2]:.2f}]"
-    return (f"{r.name:>6} {speed:>19} {up:>18} {_fmt(r.mean_accepted, '.2f', 8)} "
+    return (f"{r.name:>8} {speed:>19} {_ratio(r.speedup_generate):>18} {_ratio(r.speedup_tree0):>18} "
+            f"{_fmt(r.mean_accepted, '.2f', 8)} "
             f"{_fmt(r.verify_experts_per_layer, '.1f', 7)} {_fmt(r.budget_bound, '.0%', 5)} "
             f"{_fmt(r.agreement, '.0%', 6)} {_fmt(r.heldout_agreement, '.1%', 11)} "
             f"{_fmt(r.heldout_accuracy, '.1%', 12)} {_fmt(r.heldout_loss, '.3f', 13)}")
@@ -85,20 +103,33 @@ def speedup(tps: list[float], base: list[float]) -> tuple[float, float, float]:
     return statistics.median(tps) / statistics.median(base), min(tps) / max(base), max(tps) / min(base)
 
 
+def add_speedups(rows: list[DemoRow]) -> None:
+    """Every row's tokens/s against both baselines' (the rows named "generate" and "tree=0")."""
+    base = {r.name: r.tokens_per_s for r in rows if r.name in BASELINES and r.tokens_per_s}
+    for r in rows:
+        if r.tokens_per_s:
+            r.speedup_generate = speedup(r.tokens_per_s, base["generate"]) if "generate" in base else None
+            r.speedup_tree0 = speedup(r.tokens_per_s, base["tree=0"]) if "tree=0" in base else None
+
+
 def verdict(rows: list[DemoRow]) -> str:
-    """One line answering "did it get faster?": the fastest row against plain decoding."""
-    timed = [r for r in rows if r.speedup is not None]
+    """One line answering "did speculation pay?": the fastest speculative row against moespec's own plain decoding
+    (tree=0, the fastest decoding here without speculation), with its ratio to transformers' generate beside it.
+    Beating generate alone is no win: tree=0 is the baseline speculation has to beat."""
+    timed = [r for r in rows if r.name not in BASELINES and r.speedup_tree0 is not None]
     if not timed:
-        return "no timed rows"
-    best = max(timed, key=lambda r: r.speedup[0])
-    median, low, high = best.speedup
+        return "no speculative row timed against tree=0"
+    best = max(timed, key=lambda r: r.speedup_tree0[0])
+    median, low, high = best.speedup_tree0
     if low > 1:
-        words = "faster than plain decoding in every repeat"
+        words = "speculation paid off: faster than tree=0 in every repeat"
     elif high < 1:
-        words = "slower than plain decoding in every repeat (see the README: where speculation pays)"
+        words = "speculation did not pay: slower than tree=0 in every repeat (see the README: where speculation pays)"
     else:
-        words = "within the noise of plain decoding"
-    return f"fastest row: {best.name}, {median:.2f}x plain decoding's tokens/s [{low:.2f}-{high:.2f}]: {words}"
+        words = "speculation did not pay here: within the noise of tree=0"
+    generate = "" if best.speedup_generate is None else f", {best.speedup_generate[0]:.2f}x transformers' generate"
+    return (f"fastest speculative row: {best.name}, {median:.2f}x tree=0's tokens/s [{low:.2f}-{high:.2f}]{generate}: "
+            f"{words}")
 
 
 def load_warning() -> str | None:
@@ -116,8 +147,8 @@ def load_warning() -> str | None:
 
 # --- the runs -------------------------------------------------------------------------------------
 
-def plain_decoding(target, prompts, new_tokens: int) -> float:
-    """tokens/s of transformers' own greedy generate over the prompts (the autoregressive baseline)."""
+def transformers_generate(target, prompts, new_tokens: int) -> float:
+    """tokens/s of transformers' own greedy generate over the prompts (one of the two baselines)."""
     count, t0 = 0, time.perf_counter()
     for prompt in prompts:
         out = target.generate(prompt[None], attention_mask=torch.ones(1, prompt.numel(), dtype=torch.long,
@@ -127,21 +158,28 @@ def plain_decoding(target, prompts, new_tokens: int) -> float:
     return count / (time.perf_counter() - t0)
 
 
-def speculative_row(name, budget, decoder, prompts, new_tokens, repeats, exact_outs=None) -> tuple[DemoRow, list]:
-    """Speed over `repeats` runs of all prompts; accepted length, experts and agreement from the first."""
-    from ..quality import greedy_agreement, speculative_run
-
-    row, outs = DemoRow(name, budget), None
+def run_interleaved(runs: list[tuple[DemoRow, Callable[[], tuple[list | None, dict]]]], repeats: int,
+                    tick: Callable[[], object] = lambda: None) -> dict[str, list | None]:
+    """Each run once, untimed (a decoder's first requests compile the pass sizes they meet), then `repeats` rounds
+    in which every row runs once, in turn: load drifts hit every row alike. A run returns (new tokens per prompt
+    or None, summary with tokens_per_s); tokens/s of every round go to the row, accepted length, experts and bound
+    of the first round. Returns each row's new tokens of the first round."""
+    for _, run in runs:
+        run()
+        tick()
+    outs: dict[str, list | None] = {}
     for _ in range(repeats):
-        got, summary = speculative_run(decoder, prompts, budget, new_tokens)
-        row.tokens_per_s.append(summary["tokens_per_s"])
-        if outs is None:
-            outs = got
-            row.mean_accepted = summary["mean_accepted"]
-            row.verify_experts_per_layer = summary["verify_experts_per_layer"]
-            row.budget_bound = summary["budget_bound"]
-    row.agreement = greedy_agreement(exact_outs if exact_outs is not None else outs, outs)
-    return row, outs
+        for row, run in runs:
+            got, summary = run()
+            row.tokens_per_s.append(summary["tokens_per_s"])
+            if row.name not in outs:
+                outs[row.name] = got
+                row.mean_accepted = summary.get("mean_accepted")
+                # 0: no verify pass was counted (exact passes on the plain path are not), not a pass of no experts
+                row.verify_experts_per_layer = summary.get("verify_experts_per_layer") or None
+                row.budget_bound = summary.get("budget_bound")
+            tick()
+    return outs
 
 
 def add_heldout(row: DemoRow, target, heldout, budget, policy, windows, scorer, exact_preds) -> torch.Tensor:
@@ -167,42 +205,83 @@ def auto_decoder(target, drafter, policy, options):
 
 # --- the plot -------------------------------------------------------------------------------------
 
-def plot(rows: list[DemoRow], path: Path, num_experts: int, unreliable: bool = False) -> None:
-    """Left: speedup over plain decoding with its range; right: quality; both against experts loaded."""
+POINTS = {"exact": ("s", "exact (no budget)"), "auto": ("D", "auto (the controller)"),
+          "tree=0": ("^", "tree=0 (moespec plain decoding)")}  # rows drawn as labelled points, not on the curve
+
+
+def _experts(row: DemoRow, top_k: int) -> float | None:
+    """x of a row: experts per layer per verify pass; a tree=0 step without a counted pass loads exactly top-k."""
+    if row.verify_experts_per_layer is not None:
+        return row.verify_experts_per_layer
+    return float(top_k) if row.name == "tree=0" else None
+
+
+def _bars(ax, pts: list[tuple[float, DemoRow]], fmt: str, label: str, beside: bool = False) -> None:
+    """Median speedup over tree=0 with its [low, high] range at each (x, row), each point labelled by its row:
+    above it, or to its right (beside)."""
+    mid, low, high = zip(*(r.speedup_tree0 for _, r in pts))
+    err = [[m - lo for m, lo in zip(mid, low)], [hi - m for m, hi in zip(mid, high)]]
+    ax.errorbar([x for x, _ in pts], mid, yerr=err, fmt=fmt, capsize=3, label=label)
+    for (x, r), m in zip(pts, mid):
+        ax.annotate(r.name, (x, m), textcoords="offset points", xytext=(7, -3) if beside else (-8, 7), fontsize=8,
+                    ha="left")
+
+
+def figure(rows: list[DemoRow], num_experts: int, top_k: int, unreliable: bool = False):
+    """Left: speedup over tree=0 with its range against experts loaded per layer per verify pass: the budget sweep
+    as one curve, exact, auto and tree=0 as labelled points, transformers' generate as a level; right: quality of
+    the budget sweep, exact's as points."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = sorted([r for r in rows if r.verify_experts_per_layer is not None], key=lambda r: r.verify_experts_per_layer)
-    xs = [r.verify_experts_per_layer for r in rows]
+    placed = [(_experts(r, top_k), r) for r in rows]
+    sweep = sorted([(x, r) for x, r in placed if x is not None and isinstance(r.budget, int)], key=lambda p: p[0])
+    points = [(x, r) for x, r in placed if x is not None and r.name in POINTS]
     fig, (speed, quality) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
-    timed = [(x, r) for x, r in zip(xs, rows) if r.speedup is not None]
+    timed = [(x, r) for x, r in sweep if r.speedup_tree0 is not None]
     if timed:
-        mid = [r.speedup[0] for _, r in timed]
-        err = [[m - r.speedup[1] for m, (_, r) in zip(mid, timed)], [r.speedup[2] - m for m, (_, r) in zip(mid, timed)]]
-        speed.errorbar([x for x, _ in timed], mid, yerr=err, fmt="o-", capsize=3, label="speculative, median [range]")
-        for (x, r), m in zip(timed, mid):
-            speed.annotate(r.name, (x, m), textcoords="offset points", xytext=(-8, 7), fontsize=8)
-    speed.axhline(1.0, color="grey", linestyle="--", label="plain decoding (transformers greedy)")
+        _bars(speed, timed, "o-", "budget C, median [range]")
+    for x, r in points:
+        if r.speedup_tree0 is not None:
+            _bars(speed, [(x, r)], POINTS[r.name][0], POINTS[r.name][1], beside=True)  # the curve's sit above
+    speed.axhline(1.0, color="grey", linestyle="--", linewidth=0.8)
+    generate = next((r for r in rows if r.name == "generate" and r.speedup_tree0 is not None), None)
+    if generate is not None:
+        speed.axhline(generate.speedup_tree0[0], color="black", linestyle=":", label="transformers greedy generate")
     speed.set_xlabel(f"experts loaded per layer per verify pass (of {num_experts})")
-    speed.set_ylabel("speedup over plain decoding")
+    speed.set_ylabel("speedup over tree=0 (moespec plain decoding)")
     speed.grid(alpha=0.3)
-    speed.legend(fontsize=8)
+    speed.legend(fontsize=7)
     speed.set_title("speed (machine loaded: timings unreliable)" if unreliable else "speed")
-    quality.plot(xs, [r.heldout_accuracy for r in rows], "o-", label="held-out next-token accuracy")
-    quality.plot(xs, [r.heldout_agreement for r in rows], "^-", label="held-out argmax equal to the exact pass's")
-    quality.plot(xs, [r.agreement for r in rows], "s-", label="greedy output equal to the exact one, by position")
-    quality.set_xlabel(f"experts loaded per layer per verify pass (of {num_experts})")
+    series = [("heldout_accuracy", "o", "held-out next-token accuracy"),
+              ("heldout_agreement", "^", "held-out argmax equal to the exact pass's"),
+              ("agreement", "s", "greedy output equal to the exact one, by position")]
+    for attr, marker, label in series:
+        line, = quality.plot([x for x, _ in sweep], [getattr(r, attr) for _, r in sweep], f"{marker}-", label=label)
+        exact = [(x, getattr(r, attr)) for x, r in points if r.name == "exact" and getattr(r, attr) is not None]
+        if exact:
+            quality.plot(*zip(*exact), marker, color=line.get_color(), markerfacecolor="none", markersize=9)
+    for x, r in sweep + [(x, r) for x, r in points if r.name == "exact"]:
+        quality.annotate(r.name, (x, 1.02 if isinstance(r.budget, int) else 1.07), ha="center", fontsize=7)
+    quality.set_xlabel(f"experts loaded per layer per verify pass (of {num_experts}); hollow: exact")
     quality.set_ylabel("fraction")
     quality.set_ylim(0, 1.12)
     quality.grid(alpha=0.3)
-    quality.legend(fontsize=7, loc="best")
+    quality.legend(fontsize=7, loc="lower right")
     quality.set_title("quality")
     fig.suptitle("moespec tiny MoE: expert budget against speed and quality")
     fig.tight_layout()
+    return fig
+
+
+def plot(rows: list[DemoRow], path: Path, num_experts: int, top_k: int, unreliable: bool = False) -> None:
+    fig = figure(rows, num_experts, top_k, unreliable)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
+    import matplotlib.pyplot as plt  # after figure() chose the Agg backend
+
     plt.close(fig)
 
 
@@ -257,66 +336,62 @@ def main(argv=None) -> int:
          f"{args.new_tokens} new tokens each, {args.repeats} timed repeats per row\n")
     _say(msc.explain(target, prompts[0][None], use_cache=False).table() + "\n")
 
-    from ..quality import _compiled, speculative_run
+    from ..quality import _compiled, greedy_agreement, speculative_run
     from ..speculative import SpeculativeDecoder
 
     options = {"inner": "eager"} if args.quick or args.device == "cpu" else {}
     drafter = msc.ModelDrafter(draft)
     decoder = SpeculativeDecoder(target, drafter=drafter, tree=msc.TreeSpec(*TREE), policy=args.policy,
                                  compile=True, compile_options=options)
-    scorer = _compiled(target, options)
+    # moespec's own plain decoding, built like the speculative rows (same compile options): the baseline to beat
+    tree0 = SpeculativeDecoder(target, tree=0, policy=args.policy, compile=True, compile_options=options)
+    scorer = _compiled(target, options)  # held-out windows, one pass each under C
     budgets = [None] + list(args.budgets)
-    # Untimed: compiles the verify pass (one graph per tree-size bucket; budgets are data, no recompiles) and
-    # warms the caches, once exact and once under a budget, then transformers' own generate.
-    warm = budgets[:2]
-    print("warm-up: compiling the verify passes, untimed ...", file=sys.stderr, flush=True)
-    steps = tqdm(total=len(warm) + 1, desc="warm-up", leave=False, file=sys.stderr, disable=None)  # a terminal only
-    for c in warm:
-        speculative_run(decoder, prompts[:1], c, args.new_tokens)
-        steps.update()
-    plain_decoding(target, prompts[:1], 2)
-    steps.update()
+
+    def spec(dec, budget):
+        return lambda: speculative_run(dec, prompts, budget, args.new_tokens)
+
+    def generate():
+        return None, {"tokens_per_s": transformers_generate(target, prompts, args.new_tokens)}
+
+    runs = [(DemoRow("generate", None), generate), (DemoRow("tree=0", None), spec(tree0, None))]
+    runs += [(DemoRow("exact" if c is None else f"C={c}", c), spec(decoder, c)) for c in budgets]
+    auto, why = auto_decoder(target, drafter, args.policy, options)  # tree="auto", budget="auto"
+    if auto is None:
+        _say(f"auto: skipped, the decoder does not take tree/budget 'auto' yet ({why})\n")
+    else:
+        runs.append((DemoRow("auto", "auto"), spec(auto, "auto")))
+    print(f"timing {len(runs)} rows: each once untimed (compiles the verify passes), then {args.repeats} rounds of "
+          "every row in turn ...", file=sys.stderr, flush=True)
+    steps = tqdm(total=len(runs) * (args.repeats + 1), desc="runs", leave=False, file=sys.stderr,
+                 disable=None)  # a terminal only
+    outs = run_interleaved(runs, args.repeats, steps.update)
     steps.close()
+    rows = [row for row, _ in runs]
+    add_speedups(rows)
+    exact_preds = None
+    for row in rows:  # untimed: agreement with the exact output, and held-out quality of the budget sweep
+        if outs[row.name] is not None:
+            row.agreement = greedy_agreement(outs["exact"], outs[row.name])
+        if row.name == "exact" or isinstance(row.budget, int):  # exact comes first: same argmax's reference
+            preds = add_heldout(row, target, heldout, row.budget, args.policy, args.windows, scorer, exact_preds)
+            exact_preds = preds if row.name == "exact" else exact_preds
 
     _say(HEAD)
     _say("-" * len(HEAD))
-    base = DemoRow("plain", None, [plain_decoding(target, prompts, args.new_tokens) for _ in range(args.repeats)])
-    _say(format_row(base))
-    rows, exact_outs, exact_preds = [], None, None
-    for c in budgets:
-        row, outs = speculative_row("exact" if c is None else f"C={c}", c, decoder, prompts, args.new_tokens,
-                                    args.repeats, exact_outs)
-        row.speedup = speedup(row.tokens_per_s, base.tokens_per_s)
-        preds = add_heldout(row, target, heldout, c, args.policy, args.windows, scorer, exact_preds)
-        if c is None:
-            exact_outs, exact_preds = outs, preds
-        rows.append(row)
+    for row in rows:
         _say(format_row(row))
-
-    # --- the controller's row: tree="auto", budget="auto" (added by the cost-model work) -----------------
-    auto, why = auto_decoder(target, drafter, args.policy, options)
-    if auto is None:
-        _say(f"  auto: skipped, the decoder does not take tree/budget 'auto' yet ({why})")
-    else:
-        # warm-up on every prompt: the controller's tests meet several pass sizes, each compiled on first use
-        speculative_run(auto, prompts, "auto", args.new_tokens)
-        row, _ = speculative_row("auto", "auto", auto, prompts, args.new_tokens, args.repeats, exact_outs)
-        row.speedup = speedup(row.tokens_per_s, base.tokens_per_s)
-        rows.append(row)
-        _say(format_row(row))
-
     _say("\n" + verdict(rows))
-    _say("\n" + COLUMNS.format(e=e))
+    _say("\n" + COLUMNS.format(e=e, tree=TREE[0]))
     warning = load_warning() or warning
     if warning:
         _say("\n" + warning)
     out = Path(args.out)
-    plot(rows, out / "speed_and_quality.png", e, unreliable=warning is not None)
-    budget_rows = [r.as_dict() for r in rows if r.budget != "auto"]
-    (out / "rows.json").write_text(json.dumps(budget_rows, indent=2) + "\n")
-    (out / "summary.json").write_text(json.dumps({"baseline": base.as_dict(), "rows": [r.as_dict() for r in rows],
+    plot(rows, out / "speed_and_quality.png", e, target.config.num_experts_per_tok, unreliable=warning is not None)
+    sweep = [r.as_dict() for r in rows if r.name == "exact" or isinstance(r.budget, int)]
+    (out / "rows.json").write_text(json.dumps(sweep, indent=2) + "\n")
+    (out / "summary.json").write_text(json.dumps({"rows": [r.as_dict() for r in rows], "verdict": verdict(rows),
                                                   "tree": TREE, "args": vars(args), "load_warning": warning},
                                                  indent=2, default=str) + "\n")
     _say(f"\nwrote {out / 'speed_and_quality.png'}, {out / 'rows.json'} and {out / 'summary.json'}")
     return 0
-
