@@ -267,6 +267,36 @@ def test_exact_speculation_takes_the_faster_exact_path_per_pass_size(target, dra
     assert eager.plain_target is target
 
 
+@torch.no_grad()
+def test_chain_drafting_path_equals_the_tree_path(draft):
+    """ModelDrafter drafts a chain (TreeSpec(K, K, 1)) as causal one-token steps: the same tokens, parents, depths,
+    path log-probs and fed ids as the general tree code on the same state, step after step, with accepted prefixes
+    of every length (the chain's fed nodes are already in place: accept() copies nothing)."""
+    prompt = PROMPTS[0]
+    fast, general = msc.ModelDrafter(draft), msc.ModelDrafter(draft)
+    for d in (fast, general):
+        d.start(prompt, 64)
+    root, spec = 7, TreeSpec(4, 4, 1)  # the prompt is fed by start(); the root is the token after it
+    committed = prompt[0].tolist() + [root]
+    for accepted in (0, 4, 2, 1, 3):
+        a = fast.draft(root, spec)
+        want = torch.log_softmax(draft(torch.tensor([committed])).logits[0, -1].float(), -1)  # the KV cache is right
+        assert int(a.tokens[1]) == int(want.argmax()) and abs(float(a.logprob[1]) - float(want.max())) < 1e-4
+        general._pending, pending = [], general._pending + [root]  # draft() minus the chain shortcut
+        logp = torch.log_softmax(general._feed_chain(pending)[-1].float(), -1)
+        b = general._draft_dynamic(torch.tensor([root]), logp, spec)
+        for name in ("tokens", "parents", "depth", "payload"):
+            assert getattr(a, name).tolist() == getattr(b, name).tolist(), name
+        torch.testing.assert_close(a.logprob, b.logprob)
+        path = list(range(accepted + 1))
+        tokens = a.tokens[: accepted + 1].tolist() + [11 + accepted]  # the path, then a bonus
+        fast.accept(path, tokens, a.payload[path].tolist())
+        general.accept(path, tokens, b.payload[path].tolist())
+        assert fast.cache.length == general.cache.length
+        committed += tokens[1:]
+        root = tokens[-1]
+
+
 def test_compiled_drafter_proposes_what_the_eager_one_does(target, draft):
     """ModelDrafter(compile=True): the draft's forward through inductor (dynamic shapes); the same trees as the
     eager drafter, and the decoder's output stays the target's greedy output."""

@@ -78,6 +78,7 @@ class ModelDrafter(Drafter):
         self._run_model = self.model
         self._fed_anc: torch.Tensor | None = None  # per-tree buffers (_begin_tree)
         self._runner = None  # the drafting passes' runner (CUDA graphs per pass size), made with the cache
+        self._chains: dict = {}  # (depth, device) -> a chain's parents, depths, fed ids (_draft_chain)
         if not isinstance(compile, bool):
             raise ValueError(f"compile must be a bool, got {compile!r}")
         if cuda_graphs is not None and not isinstance(cuda_graphs, bool):
@@ -129,6 +130,8 @@ class ModelDrafter(Drafter):
             tree = DraftTree.root_only(root_t)
             tree.payload = self._fed
             return tree
+        if isinstance(shape, TreeSpec) and shape.top_k == 1 and shape.total_tokens == shape.depth:
+            return self._draft_chain(root_t, root_logp, shape.depth)
         if isinstance(shape, TreeSpec):
             return self._draft_dynamic(root_t, root_logp, shape)
         return self._draft_static(root_t, root_logp, shape)
@@ -140,8 +143,9 @@ class ModelDrafter(Drafter):
             payload = self._fed[torch.tensor(path, dtype=torch.long, device=self._fed.device)].tolist()
         used = [f for f in payload[1:] if f >= 0]
         if used:  # the fed nodes of the path are a prefix of it: every inner node was expanded
-            order = torch.tensor(used + [f for f in range(self._num_fed) if f not in used], device=self.device)
-            self.cache.compact(order, self.cache.length)
+            if used != list(range(len(used))):  # else already in place (a chain, or a tree's first branch)
+                order = torch.tensor(used + [f for f in range(self._num_fed) if f not in used], device=self.device)
+                self.cache.compact(order, self.cache.length)
             self.cache.length += len(used)
         self._pending = tokens[1 + len(used) : -1]  # accepted but never fed (at most the last node)
 
@@ -199,6 +203,31 @@ class ModelDrafter(Drafter):
         if self.vocab_size:
             logits = logits[:, : self.vocab_size]
         return torch.log_softmax(logits.float(), -1)
+
+    def _draft_chain(self, root: torch.Tensor, root_logp: torch.Tensor, depth: int) -> DraftTree:
+        """A chain (TreeSpec(K, K, 1)): each drafted token is the argmax after the one before, fed as a plain causal
+        one-token step at the next slot (a chain's tree mask is the causal mask), so a level costs one forward and a
+        few small ops. The same tree as _draft_dynamic with top_k=1 (ties: the lowest id)."""
+        dev, prefix = self.device, self.cache.length
+        lp, tok = root_logp.max(-1)  # 0-d each
+        lps, toks = [lp], [tok]
+        for f in range(depth - 1):  # drafted node f + 1 is fed at slot prefix + f, its position
+            pos = torch.tensor([prefix + f], device=dev)
+            logits = self._passes()(tok.reshape(1), pos, self.masks.causal(1, prefix + f, dev), pos)
+            logits = logits[0, : self.vocab_size] if self.vocab_size else logits[0]
+            lp, tok = torch.log_softmax(logits.float(), -1).max(-1)
+            lps.append(lp)
+            toks.append(tok)
+        self._num_fed = depth - 1
+        meta = self._chains.get((depth, dev))
+        if meta is None:  # parents, depths and fed ids of a chain of this depth (root -1, last node never fed)
+            fed = [-1, *range(depth - 1), -1]
+            meta = self._chains[(depth, dev)] = (torch.arange(-1, depth, device=dev),
+                                                 torch.arange(depth + 1, device=dev),
+                                                 torch.tensor(fed, dtype=torch.long, device=dev))
+        parents, depths, self._fed = meta
+        logprob = torch.cat([root_logp.new_zeros(1), torch.stack(lps).cumsum(0)])
+        return DraftTree(torch.cat([root, torch.stack(toks)]), parents, depths, logprob, payload=self._fed)
 
     def _draft_dynamic(self, root: torch.Tensor, root_logp: torch.Tensor, spec: TreeSpec) -> DraftTree:
         """EAGLE-2: expand the top_k children of the top_k best frontier nodes per level (scores are
