@@ -137,10 +137,12 @@ def _aligned16(t: torch.Tensor) -> bool:
 GROUPED_GEMM = True  # use torch's grouped GEMM where _grouped_gemm_ok (tests switch it off to compare with the loop)
 PER_SLOT = True  # small passes gather per-slot weights (_per_slot); tests switch it off to compare
 # Per slot, a pass copies P experts' weights (a used expert once per slot); grouped by expert it reads each used
-# expert in place but pays a fixed cost per expert, used or not (~6 us per group in torch's CPU grouped GEMM).
-# Gathering pays while P x expert bytes <= E x PER_SLOT_BYTES (~6 us of copying at ~8 GB/s, measured on a 2-core
-# CPU: the bundled target's 98 KB experts gather up to ~30 slots; 3 MB experts never).
-PER_SLOT_BYTES = 48 * 1024
+# expert in place but pays a fixed cost per expert, used or not (a few us per group in torch's CPU grouped GEMM).
+# Gathering pays while P x expert bytes <= E x PER_SLOT_BYTES. Measured side by side (calls alternating, medians of
+# 300) on a 2-core CPU with the bundled target's 98 KB experts (E = 64, k = 6), per slot against grouped: 6 slots
+# 185 vs 316 us, 12: 276 vs 349, 18: 373 vs 410, 30: 537 vs 428, 48: 854 vs 549: gathering pays up to ~24 slots
+# (36 KB; it was 48 KB, which gathered 30 slots at 1.25x the grouped time); 3 MB experts never.
+PER_SLOT_BYTES = 36 * 1024
 
 
 def _per_slot_pays(topk_ids, w_gate_up, w_down, w_up) -> bool:
