@@ -262,6 +262,7 @@ class BatchedGenerator:
                  eos: set[int], pad_token_id: int | None, generator=None):
         ids, mask = check_batch(input_ids, attention_mask)
         ids, mask = ids.to(self.device), mask.to(self.device)
+        _allow_recompiles(len(self.row_buckets) * len(self.dec.tree_buckets) + 8)  # the decoder may fit new sizes
         b, length = ids.shape
         r = pick_bucket(b, self.row_buckets)
         rows_ids = torch.cat([ids, ids[:1].expand(r - b, length)])  # padding rows repeat row 0
