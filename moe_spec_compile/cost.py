@@ -17,10 +17,14 @@ Acceptance (MoESD): a chain of g drafted tokens with per-depth acceptance alpha_
     1 + sum_d prod_{i <= d} alpha_i tokens per step   (= (1 - alpha^(g+1)) / (1 - alpha) for one alpha);
 a tree emits its measured accepted length, or the chain figure of its depth when not measured.
 Speedup = tokens per step / (step time / AR step time): Cascade's utility; below 1 speculation loses.
+Closed forms (sympy, from the same chain law): the break-even acceptance alpha* of a shape and budget, the root in
+(0, 1] of 1 + a + ... + a^K = step time / AR step time; the best chain length, argmax of the model's speedup over K,
+explained by the stationary point of (1 - a^(K+1)) / ((1 - a) (t0 + t1 K)) (a LambertW).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -33,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["CostModel", "ModelShape", "profile", "distinct_experts", "chain_tokens", "shape_key",
+__all__ = ["CostModel", "ModelShape", "profile", "distinct_experts", "chain_tokens", "chain_acceptance", "shape_key",
            "measure_bandwidth"]
 
 
@@ -53,6 +57,49 @@ def chain_tokens(alphas, drafted: int) -> float:
         p *= alphas[min(d, len(alphas) - 1)]
         total += p
     return total
+
+
+def _chain_law(a, drafted):
+    """chain_tokens with one alpha as a sympy expression: sum_{d=0}^{drafted} a^d. An int `drafted` gives the
+    polynomial 1 + a + ... + a^drafted; a symbolic one gives sympy's closed form of the sum, (1 - a^(drafted+1)) /
+    (1 - a) (its a != 1 branch; a = 1 gives drafted + 1)."""
+    import sympy
+
+    d = sympy.Dummy("d", integer=True, nonnegative=True)
+    law = sympy.summation(a**d, (d, 0, drafted))
+    return law.args[-1].expr if isinstance(law, sympy.Piecewise) else law
+
+
+def chain_acceptance(tokens: float, drafted: int) -> float | None:
+    """The one per-depth acceptance alpha at which a chain of `drafted` tokens emits `tokens` per step: the inverse
+    of chain_tokens, the root of 1 + a + ... + a^drafted - tokens. That polynomial increases on [0, 1] from
+    1 - tokens to drafted + 1 - tokens, so for 1 < tokens <= drafted + 1 it has exactly one root in (0, 1]: sympy's
+    nsolve brackets it there (bisection at 30 digits; exact isolation, Poly.real_roots, took 150 s on one degree-16
+    case). 0.0 when tokens <= 1 (any acceptance reaches it), None when tokens > drafted + 1 (not even
+    alpha = 1 does)."""
+    if tokens <= 1:
+        return 0.0
+    if tokens >= drafted + 1:
+        return 1.0 if tokens == drafted + 1 else None
+    import sympy
+
+    a = sympy.Symbol("a")
+    return float(sympy.nsolve(_chain_law(a, drafted) - sympy.Float(tokens, 30), a, (0, 1), solver="bisect", prec=30))
+
+
+@functools.cache
+def _chain_optimum():
+    """The stationary points of S(K) = chain law / (t0 + t1 K) in K, solved once by sympy with a, t0, t1 symbolic:
+    (a, t0, t1, K), S, and the candidates. sympy's solve returns the principal branch of LambertW only, whose root
+    is the one below K = -1; every branch solves w e^w = x, so each candidate comes on branches 0 and -1."""
+    import sympy
+
+    a, t0, t1 = sympy.symbols("a t0 t1", positive=True)
+    k = sympy.Symbol("K", real=True)
+    s = _chain_law(a, k) / (t0 + t1 * k)
+    found = sympy.solve(sympy.diff(s, k), k)
+    cands = [f.replace(sympy.LambertW, lambda x, *_, b=b: sympy.LambertW(x, b)) for f in found for b in (0, -1)]
+    return (a, t0, t1, k), s, cands
 
 
 def shape_key(shape) -> str:
@@ -240,6 +287,51 @@ class CostModel:
         """Tokens per second over autoregressive decoding's (same batch): Cascade's utility."""
         base = self.step_time(0, None, batch)
         return self.tokens_per_step(shape, acceptance) / (self.step_time(shape, budget, batch) / base)
+
+    def break_even_acceptance(self, shape, budget: int | None = None, batch: int = 1) -> float | None:
+        """The per-depth acceptance alpha* at which speedup(shape, budget, batch, acceptance=alpha*) == 1: one alpha
+        for every depth, as tokens_per_step uses it, so tokens per step is the chain law over the shape's depth K
+        (a tree too, as tokens_per_step has it without a measurement). With r = step_time(shape, budget, batch) /
+        step_time(0, batch=batch), alpha* is the root of 1 + a + ... + a^K = r (chain_acceptance, sympy): exactly one
+        in (0, 1] when 1 < r <= K + 1; 0.0 when r <= 1 (speculation pays at any acceptance); None when r > K + 1
+        (it loses even at alpha = 1). A larger budget (more bytes moved) never lowers it."""
+        from .speculative.tree import as_tree_shape
+
+        shape = as_tree_shape(shape)
+        r = self.step_time(shape, budget, batch) / self.step_time(0, None, batch)
+        return chain_acceptance(r, _depth(shape) if shape.max_nodes else 0)
+
+    def best_chain_length(self, budget: int | None = None, acceptance: float | None = None, max_len: int = 16,
+                          batch: int = 1) -> tuple[int, float | None]:
+        """(k, K*): k the chain length in 1..max_len of the highest speedup(k, budget, batch, acceptance) (the
+        model's own, so exact for the model: its alphas, or one given acceptance); K* the continuous optimum that
+        explains it. For K*, the step time is the line t0 + t1 K through the model's step times at k and k + 1 and
+        the acceptance one alpha a (the given one, else the one whose chain law gives the model's tokens per step at
+        k), so S(K) = (1 - a^(K+1)) / ((1 - a) (t0 + t1 K)) equals the model's speedup at k (up to the AR step);
+        sympy solves dS/dK = 0: with c = -ln a and beta = 1 + c (t0 - t1) / t1,
+            K* = (-beta - W_-1(-e^-beta)) / c - 1        (W_-1: LambertW's lower branch),
+        a maximum, real for t0 > t1. When the step time is linear in K, k is K* rounded down or up. K* is None where
+        S has no maximum (a = 0 or 1, t1 <= 0, t0 <= t1: S only falls or only rises) or sympy finds none."""
+        if max_len < 1:
+            raise ValueError(f"max_len must be >= 1, got {max_len}")
+        best = max(range(1, max_len + 1), key=lambda n: self.speedup(n, budget, batch, acceptance))
+        a = acceptance if acceptance is not None else chain_acceptance(self.tokens_per_step(best), best)
+        t_k, t_next = self.step_time(best, budget, batch), self.step_time(best + 1, budget, batch)
+        t1 = t_next - t_k
+        t0 = t_k - t1 * best
+        if a is None or not 0 < a < 1 or t1 <= 0 or t0 <= 0:
+            return best, None
+        (sa, s0, s1, sk), s, cands = _chain_optimum()
+        values = {sa: a, s0: t0 / t_k, s1: t1 / t_k}  # times scaled: the solution depends on t0 / t1 only
+        gain = lambda x: complex(s.subs(values | {sk: x}).evalf())
+        found = []
+        for c in cands:
+            x = complex(c.subs(values).evalf())
+            if abs(x.imag) < 1e-9 * max(1.0, abs(x.real)) and x.real > -1:
+                x = x.real
+                if gain(x).real >= max(gain(x - 1e-3).real, gain(x + 1e-3).real):  # a maximum
+                    found.append(x)
+        return best, max(found, key=lambda x: gain(x).real) if found else None
 
     # --- storage -----------------------------------------------------------------------------------
     def to_dict(self) -> dict:

@@ -10,16 +10,19 @@ arguments (checked first) -> target + drafter (the bundled pair, or --config NAM
 
 from __future__ import annotations
 
+import re
+
 import torch
 
-from ..cost import CostModel, profile
+from ..cost import CostModel, chain_acceptance, profile
 from .args import budget_arg, check_device, config_class, new_parser, positive_int, quiet_loading
 
 __all__ = ["main", "format_profile"]
 
 
 def format_profile(cm: CostModel) -> str:
-    """Predicted next to measured speedup per profiled config, and the prediction's error."""
+    """Predicted next to measured speedup per profiled config, and the prediction's error; then per chain or
+    TreeSpec config its break-even acceptance beside the measured one, and the best chain length."""
     lines = [f"profile {cm.key}",
              f"AR step {cm.ar_step * 1e3:.2f} ms (host {cm.host_step * 1e3:.2f} ms), draft {cm.draft_level * 1e3:.2f} "
              f"ms per level, bandwidth {cm.bandwidth / 1e9:.1f} GB/s, per-depth acceptance "
@@ -35,7 +38,35 @@ def format_profile(cm: CostModel) -> str:
         lines.append(f"{key:<18} {m['tokens_per_step']:>8.2f} {m['step_s'] * 1e3:>8.2f} "
                      f"{m['predicted_step_s'] * 1e3:>8.2f} {m['speedup']:>8.2f}x {m['predicted_speedup']:>8.2f}x "
                      f"{err:>+7.0%}")
+    closed = []  # the closed forms of the same model
+    for key, m in cm.measured.items():
+        name, c = key.split(",")
+        shape = _tree_spec(name)
+        if shape is None:
+            continue
+        star = cm.break_even_acceptance(shape, None if c == "exact" else int(c))
+        have = chain_acceptance(m["tokens_per_step"], min(shape.depth, shape.max_nodes))
+        closed.append(f"break-even acceptance: {name}, C={c}: alpha* = "
+                      + ("none (loses even at 1)" if star is None else f"{star:.2f}")
+                      + f" (measured per-depth acceptance {'-' if have is None else f'{have:.2f}'})")
+    if cm.alphas:
+        k, k_star = cm.best_chain_length()
+        closed.append(f"best chain length: K = {k} (continuous optimum K* = "
+                      + ("-" if k_star is None else f"{k_star:.2f}") + ") at acceptance "
+                      + ", ".join(f"{a:.2f}" for a in cm.alphas) + " per depth, C=exact")
+    lines += [""] + closed if closed else []
     return "\n".join(lines)
+
+
+def _tree_spec(name: str):
+    """'chain4' or 'tree16-4-4' (shape_key) -> its TreeSpec; None for 'ar' and static trees."""
+    from ..speculative import TreeSpec
+
+    if m := re.fullmatch(r"chain(\d+)", name):
+        return TreeSpec(int(m[1]), int(m[1]), 1)
+    if m := re.fullmatch(r"tree(\d+)-(\d+)-(\d+)", name):
+        return TreeSpec(*(int(x) for x in m.groups()))
+    return None
 
 
 def _parser():
