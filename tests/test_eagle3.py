@@ -200,6 +200,35 @@ def test_kv_cache_feeds_equal_the_full_pass(target, tmp_path):
     torch.testing.assert_close(torch.cat([g[1] for g in got], 1), full_feats, rtol=1e-5, atol=1e-5)
 
 
+def test_training_time_test_layout_equals_drafting_a_chain(target, tmp_path):
+    """train_eagle's TTT step k at index t = drafting step k of a chain whose prefix ends at t, over a TreeCache:
+    the prefix's keys, then the chain's own keys, at positions t + 1, ..., t + k (teacher-forced tokens)."""
+    from moe_spec_compile.speculative.kv import TreeCache
+    from moe_spec_compile.tiny.train_eagle import ttt_unroll
+
+    head = Eagle3Head.from_pretrained(write_specforge(tmp_path, _weights(11, embed=False)), target)
+    g = torch.Generator().manual_seed(12)
+    x = torch.randint(0, V, (1, 10), generator=g)
+    aux = torch.randn(1, 10, 3 * H, generator=g)
+    steps, S = 3, 16
+    with torch.no_grad():
+        ttt = ttt_unroll(head, aux, x, steps)
+        for t in (0, 4, 6):
+            cache = TreeCache(1, S)
+            _write_at(cache, torch.arange(t + 1))  # the prefix: features of positions 0..t with tokens 1..t+1
+            mask = torch.zeros(1, 1, t + 1, S).masked_fill(
+                torch.arange(S)[None, :] > torch.arange(t + 1)[:, None], torch.finfo(torch.float32).min)
+            logits, h = head(x[:, 1 : t + 2], head.project(aux[:, : t + 1]), torch.arange(t + 1)[None], mask, cache)
+            torch.testing.assert_close(logits[:, t], ttt[0][:, t], rtol=1e-5, atol=1e-5)
+            h = h[:, t : t + 1]
+            for k in range(1, steps):  # one token per step, at slot and position t + k
+                _write_at(cache, torch.tensor([t + k]))
+                mask = torch.zeros(1, 1, 1, S).masked_fill(torch.arange(S)[None, None, None] > t + k,
+                                                           torch.finfo(torch.float32).min)
+                logits, h = head(x[:, t + k + 1 : t + k + 2], h, torch.tensor([[t + k]]), mask, cache)
+                torch.testing.assert_close(logits[:, 0], ttt[k][:, t], rtol=1e-5, atol=1e-5)
+
+
 def test_d2t_maps_draft_ids_to_target_ids(target, tmp_path):
     w = _weights(5, embed=False)
     head = Eagle3Head.from_pretrained(write_specforge(tmp_path, w), target)
