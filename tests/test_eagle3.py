@@ -348,7 +348,9 @@ def _shipped():
     return HERE / "eagle3"
 
 
-SHIPPED_STEP0_FLOOR = 0.5  # measured on this slice after training: see test below
+# measured: 0.688 on this slice (the first 2 x 129 tokens of heldout_sample.txt); 0.635 over train_eagle's 64
+# held-out windows, where the bundled dense draft agrees 0.554
+SHIPPED_STEP0_FLOOR = 0.6
 
 
 @pytest.mark.skipif(not (_shipped() / "model.safetensors").exists(), reason="no shipped EAGLE-3 head")
