@@ -100,28 +100,27 @@ def teacher_forced(dec, prompts, budgets, new_tokens: int) -> dict:
     steps = positions = 0
     for prompt in prompts:
         ids = prompt.reshape(1, -1).to(dec.device)
-        dec._allocate(ids.shape[1] + new_tokens, dec.tree)
-        root = dec.prefill(ids, SamplingConfig())
-        dec.drafter.start(ids, dec.cache.max_len)
+        dec.begin(ids, None, new_tokens, dec.tree, SamplingConfig(), drafting=True)
         emitted = 1
         while emitted < new_tokens:
-            tree = dec.draft(root, dec.tree)
+            tree = dec.drafter.draft(dec.roots, dec.tree, dec.live)
             budgeted = {}
             for c, option in keys:  # before the exact pass: the exact pass's KV is what accept() keeps
                 dec.node_weights = option
-                budgeted[c, option] = dec.verify(tree, c)[0].argmax(-1)
+                budgeted[c, option] = dec.verify(tree, c)[0][0].argmax(-1)
             logits, _ = dec.verify(tree, None)
+            tree, anc, live = dec._tree, dec._anc, torch.ones(1, dtype=torch.bool)
             result = dec.accept(tree, logits, SamplingConfig())
-            exact_argmax = logits.argmax(-1)
-            path = torch.tensor(result.path)
+            exact_argmax = logits[0].argmax(-1)
+            path = torch.tensor(result.paths[0])
             for key, argmax in budgeted.items():
-                acc[key] += len(accept_greedy(tree, _one_hot(argmax, logits), dec._anc).path)
+                acc[key] += len(accept_greedy(tree, _one_hot(argmax, logits[0])[None], anc, live).paths[0])
                 same[key] += int((argmax[path] == exact_argmax[path]).sum())
-            acc[None] += len(result.path)
+            acc[None] += len(path)
             steps += 1
-            positions += len(result.path)
-            emitted += len(result.path)
-            root = result.bonus
+            positions += len(path)
+            emitted += len(path)
+            dec.roots = result.bonus
     out = {None: dict(forced_accepted=acc[None] / steps, forced_agreement=1.0)}
     out.update({k: dict(forced_accepted=acc[k] / steps, forced_agreement=same[k] / positions) for k in keys})
     return out

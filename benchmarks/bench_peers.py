@@ -196,13 +196,11 @@ def verify_times_side_by_side(decs: dict, prompt, sizes, repeats, graph_only=())
     from moe_spec_compile.speculative.tree import DraftTree
 
     for name, dec in decs.items():
-        dec._allocate(prompt.shape[1] + max(sizes) + 8, as_tree_shape(max(sizes)))
-        dec._max_depth = max(sizes)
-        dec.prefill(prompt, SamplingConfig())
+        dec.begin(prompt, None, max(sizes) + 8, as_tree_shape(max(sizes)), SamplingConfig())
         if name in graph_only:
             dec.exact_one = None
-    trees = {n: DraftTree.from_lists([int(prompt[0, i % prompt.shape[1]]) for i in range(n)],
-                                     [-1] + list(range(n - 1)), prompt.device) for n in sizes}
+    trees = {n: DraftTree.from_lists([([int(prompt[0, i % prompt.shape[1]]) for i in range(n)],
+                                       [-1] + list(range(n - 1)))], prompt.device) for n in sizes}
     for tree in trees.values():
         for dec in decs.values():
             for _ in range(3):  # compiles this size

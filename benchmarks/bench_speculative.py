@@ -110,17 +110,17 @@ def verify_latency(args, target, prompt, device) -> list[dict]:
     dec.generate(prompt, max_new_tokens=2, eos_token_id=None)  # allocates the cache, prefix = prompt
     modes = [False] + ([True] if device.type == "cuda" else [])
     for size in args.sizes:
-        dec._allocate(prompt.shape[1] + 8, TreeSpec(size, size, 1))
-        dec.prefill(prompt, SamplingConfig())
-        prefix = dec.cache.length
-        tokens = torch.randint(0, 100, (size,), device=device)
-        pos = prefix + torch.arange(size, device=device)
-        mask = dec.masks.causal(size, prefix, device)  # a chain: same cost as any tree of N nodes
+        dec.begin(prompt, None, 8, TreeSpec(size, size, 1), SamplingConfig())
+        start = torch.tensor(dec.cache.lengths, device=device)
+        tokens = torch.randint(0, 100, (1, size), device=device)
+        pos = start[:, None] + torch.arange(size, device=device)
+        mask = dec.masks.causal(size, start, dec.cache.pad)  # a chain: same cost as any tree of N nodes
         for c in [None, *args.budgets]:
             row = {"tree_size": size, "budget": c}
             for graphs in modes:
-                runner = VerifyRunner(dec.verify_model, dec.cache, graphs, dec._cache_position)
-                med, lo, hi, _ = timed(lambda r=runner, a=(tokens, pos, mask, pos, c): r(*a), args.repeats * 3, device)
+                runner = VerifyRunner(dec.verify_model, graphs, dec._cache_position)
+                med, lo, hi, _ = timed(lambda r=runner, a=(dec.cache, tokens, pos, mask, pos, c): r(*a),
+                                       args.repeats * 3, device)
                 row["graph_ms" if graphs else "eager_ms"] = [round(1e3 * med, 3), round(1e3 * lo, 3),
                                                             round(1e3 * hi, 3)]
             rows.append(row)

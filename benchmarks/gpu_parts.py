@@ -282,25 +282,32 @@ def _check_meta(meta, ids, e: int) -> None:
 # --- d: verify latency per (N, C) and the AR step, moespec against plain inductor ----------------------
 class RandomChainDrafter:
     """Drafts a chain of random tokens as long as the shape allows: every verify pass has exactly N tokens
-    (a random draft is almost never accepted), which is what a latency sweep over N needs. The drafter
-    interface of moe_spec_compile/speculative/drafters.py (start, draft, accept), duck-typed."""
+    (a random draft is almost never accepted), which is what a latency sweep over N needs. A row drafter of
+    moe_spec_compile/speculative/drafters.py (RowDrafter: start_row, draft_row, accept_row, skip_row)."""
 
-    def __init__(self, vocab_size: int, seed: int = 0):
-        self.vocab_size = vocab_size
-        self.gen = torch.Generator().manual_seed(seed)
+    def __new__(cls, vocab_size: int, seed: int = 0):
+        from moe_spec_compile.speculative import RowDrafter
 
-    def start(self, input_ids, max_len):
-        self.device = input_ids.device
+        class _Random(RowDrafter):
+            def __init__(self):
+                self.vocab_size = vocab_size
+                self.gen = torch.Generator().manual_seed(seed)
 
-    def draft(self, root, shape):
-        from moe_spec_compile.speculative import DraftTree
+            def start_row(self, tokens):
+                return None
 
-        n = min(shape.max_nodes, shape.depth)
-        tokens = [root] + torch.randint(0, self.vocab_size, (n,), generator=self.gen).tolist()
-        return DraftTree.from_lists(tokens, [-1] + list(range(n)), self.device)
+            def draft_row(self, state, root, shape):
+                n = min(shape.max_nodes, shape.depth)
+                return [root] + torch.randint(0, self.vocab_size, (n,), generator=self.gen).tolist(), \
+                    [-1] + list(range(n))
 
-    def accept(self, path, tokens):
-        pass
+            def accept_row(self, state, tokens):
+                pass
+
+            def skip_row(self, state, root):
+                pass
+
+        return _Random()
 
 
 def build_model(spec: dict, layers: int, device, dtype):

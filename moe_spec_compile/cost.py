@@ -73,18 +73,19 @@ def _chain_law(a, drafted):
 def chain_acceptance(tokens: float, drafted: int) -> float | None:
     """The one per-depth acceptance alpha at which a chain of `drafted` tokens emits `tokens` per step: the inverse
     of chain_tokens, the root of 1 + a + ... + a^drafted - tokens. That polynomial increases on [0, 1] from
-    1 - tokens to drafted + 1 - tokens, so for 1 < tokens <= drafted + 1 it has exactly one root in (0, 1]: sympy's
-    nsolve brackets it there (bisection at 30 digits; exact isolation, Poly.real_roots, took 150 s on one degree-16
-    case). 0.0 when tokens <= 1 (any acceptance reaches it), None when tokens > drafted + 1 (not even
-    alpha = 1 does)."""
+    1 - tokens to drafted + 1 - tokens, so for 1 < tokens <= drafted + 1 it has exactly one root in (0, 1], found by
+    bisection to float precision (exact isolation, sympy's Poly.real_roots, took 150 s on one degree-16 case).
+    0.0 when tokens <= 1 (any acceptance reaches it), None when tokens > drafted + 1 (not even alpha = 1 does).
+    The controller reads a request's acceptance through it."""
     if tokens <= 1:
         return 0.0
     if tokens >= drafted + 1:
         return 1.0 if tokens == drafted + 1 else None
-    import sympy
-
-    a = sympy.Symbol("a")
-    return float(sympy.nsolve(_chain_law(a, drafted) - sympy.Float(tokens, 30), a, (0, 1), solver="bisect", prec=30))
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if chain_tokens(mid, drafted) < tokens else (lo, mid)
+    return (lo + hi) / 2
 
 
 @functools.cache
@@ -444,13 +445,11 @@ def profile(target, drafter=None, prompts=None, trees=(0, 2, 4, (16, 4, 4)), bud
 
     # verify latency per (N, C): chains of real prompt tokens after the prompt as prefix
     ids = prompts[0]
-    decoder._allocate(ids.shape[1] + max(sizes) + 8, as_tree_shape(max(sizes)))
-    decoder._max_depth = max(sizes)
-    decoder.prefill(ids, SamplingConfig())
+    decoder.begin(ids, None, max(sizes) + 8, as_tree_shape(max(sizes)), SamplingConfig())
     flat = torch.cat([p[0] for p in prompts])
     for n in sizes:
         toks = [int(flat[i % flat.numel()]) for i in range(n)]
-        tree = DraftTree.from_lists(toks, [-1] + list(range(n - 1)), dev)
+        tree = DraftTree.from_lists([(toks, [-1] + list(range(n - 1)))], dev)
         for c in budgets:
             decoder.verify(tree, c)  # warm-up (compiles the bucket once)
             if c is None:  # the timed passes are the ones decoding will run: the exact path kept for this size

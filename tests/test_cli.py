@@ -273,7 +273,7 @@ SOURCES = {"moe_spec_compile": ROOT / "moe_spec_compile", "moe_spec_compile.pass
            "moe_spec_compile.kernels": ROOT / "kernels"}
 COMMANDS = "moe_spec_compile.commands"
 # `python -m` scripts that rebuild the bundled models and their card: maintainers' tools with their own argparse
-SCRIPTS = {"moe_spec_compile.tiny.train", "moe_spec_compile.tiny.card"}
+SCRIPTS = {"moe_spec_compile.tiny.train", "moe_spec_compile.tiny.card", "moe_spec_compile.tiny.train_eagle"}
 
 
 def _modules() -> dict[str, Path]:

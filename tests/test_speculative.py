@@ -11,6 +11,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import moe_spec_compile as msc
+from moe_spec_compile.speculative.accept import Acceptance
 from moe_spec_compile.speculative.buckets import pick_bucket
 from moe_spec_compile.speculative.tree import DraftTree, StaticTree, TreeSpec, ancestors, as_tree_shape
 
@@ -154,18 +155,18 @@ def test_tree_shapes_and_buckets():
     assert StaticTree([(0, 1)]).paths == ((0,), (0, 1)) and StaticTree([(0, 1), (1,)]).parents() == [-1, 0, 0, 1]
     with pytest.raises(ValueError):
         TreeSpec(4, 0, 2)
-    parents = torch.tensor([-1, 0, 0, 1, 3])
-    anc = ancestors(parents, 3)
+    parents = torch.tensor([[-1, 0, 0, 1, 3]])
+    anc = ancestors(parents, 3)[0]
     assert anc[4].tolist() == [True, True, False, True, True] and anc[2].tolist() == [True, False, True, False, False]
     assert [pick_bucket(n, (1, 4, 8)) for n in (1, 3, 8, 9)] == [1, 4, 8, 9] and pick_bucket(None, (4,)) is None
 
 
 def test_ngram_drafter_proposes_continuations():
     d = msc.NgramDrafter(max_ngram=2)
-    d.start(torch.tensor([[1, 2, 3, 4, 9, 1, 2, 5]]), 64)
-    tree = d.draft(1, TreeSpec(6, 3, 2))  # context ... 5, 1 -> "1" followed by 2 twice, then 3 4 / 5 (root)
-    assert tree.tokens.tolist()[:3] == [1, 2, 5] or tree.tokens.tolist()[:3] == [1, 2, 3]
-    assert tree.parents.tolist()[1] == 0 and tree.size <= 7
+    d.start(torch.tensor([[1, 2, 3, 4, 9, 1, 2, 5]]), [0], 64)
+    tree = d.draft([1], TreeSpec(6, 3, 2), [True])  # context ... 5, 1 -> "1" followed by 2 twice, then 3 4 / 5 (root)
+    assert tree.tokens[0].tolist()[:3] == [1, 2, 5] or tree.tokens[0].tolist()[:3] == [1, 2, 3]
+    assert tree.parents[0].tolist()[1] == 0 and tree.size <= 7
 
 
 @pytest.mark.gpu
@@ -199,16 +200,16 @@ def test_fastest_exact_keeps_the_faster_path():
         return run
 
     fe = FastestExact(path("moespec"), path("plain"), lambda: now[0])
-    one, eight = torch.zeros(1), torch.zeros(8)
-    ran = [fe(one, None, None, None) for _ in range(2 * (fe.WARM + fe.TIMED))]
+    one, eight = torch.zeros(1, 1), torch.zeros(1, 8)  # pass shapes (rows, tokens)
+    ran = [fe(None, one, None, None, None) for _ in range(2 * (fe.WARM + fe.TIMED))]
     assert ran[:2] == ["moespec", "plain"] and ran.count("moespec") == ran.count("plain") and fe.last == ran[-1]
-    assert fe.choice == "plain" and fe(one, None, None, None) == "plain" and fe.settled(1) and not fe.settled(8)
+    assert fe.choice == "plain" and fe(None, one, None, None, None) == "plain" and fe.settled(1) and not fe.settled(8)
     cost.update(moespec=0.5)  # once chosen the choice stays (no re-measuring mid-request)
-    assert fe(one, None, None, None) == "plain"
+    assert fe(None, one, None, None, None) == "plain"
     # each pass size is measured on its own: at 8 tokens the moespec path is now the faster
-    ran = [fe(eight, None, None, None) for _ in range(2 * (fe.WARM + fe.TIMED))]
-    assert ran.count("moespec") == ran.count("plain") and fe.choices == {1: "plain", 8: "moespec"}
-    assert fe(eight, None, None, None) == "moespec" and fe(one, None, None, None) == "plain"
+    ran = [fe(None, eight, None, None, None) for _ in range(2 * (fe.WARM + fe.TIMED))]
+    assert ran.count("moespec") == ran.count("plain") and fe.choices == {(1, 1): "plain", (1, 8): "moespec"}
+    assert fe(None, eight, None, None, None) == "moespec" and fe(None, one, None, None, None) == "plain"
 
 
 def test_autoregressive_steps_take_the_faster_exact_path(target, compiled):
@@ -222,6 +223,10 @@ def test_autoregressive_steps_take_the_faster_exact_path(target, compiled):
     assert {v.path for v in out.stats.verify} == {"moespec", "plain"}  # measuring ran both, each labelled
     budgeted = dec.generate(prompt, max_new_tokens=6, eos_token_id=None, budget=4).stats.verify
     assert all(v.path == "moespec" and max(v.experts_per_layer.values()) <= 4 for v in budgeted)
+    rows = torch.cat([prompt, prompt.flip(1)])  # a batch: its own pass shape (2, 1), measured on its own
+    out = dec.generate(rows, attention_mask=torch.ones_like(rows), max_new_tokens=16, eos_token_id=None)
+    assert out.sequences.tolist() == [reference(target, r[None], 16) for r in rows]
+    assert dec.exact_one.settled((2, 1)) and {v.path for v in out.stats.verify} == {"moespec", "plain"}
 
 
 def test_exact_speculation_takes_the_faster_exact_path_per_pass_size(target, draft):
@@ -240,9 +245,10 @@ def test_exact_speculation_takes_the_faster_exact_path_per_pass_size(target, dra
     assert out.sequences[0].tolist() == want
     assert {v.bucket for v in out.stats.verify} == {5}  # the chain's own size: no padding to 8
     assert {v.path for v in out.stats.verify if v.bucket == 5} == {"moespec", "plain"}  # both measured at N=5
-    assert dec.exact_one.settled(5) and {v.path for v in out.stats.verify[-2:]} == {dec.exact_one.choices[5]}
+    assert dec.exact_one.settled(5) and {v.path for v in out.stats.verify[-2:]} == {dec.exact_one.choices[(1, 5)]}
     again = dec.generate(prompt, max_new_tokens=24, eos_token_id=None)
-    assert again.sequences[0].tolist() == want and {v.path for v in again.stats.verify} == {dec.exact_one.choices[5]}
+    assert again.sequences[0].tolist() == want
+    assert {v.path for v in again.stats.verify} == {dec.exact_one.choices[(1, 5)]}
     budgeted = dec.generate(prompt, max_new_tokens=8, eos_token_id=None, budget=3).stats.verify
     assert budgeted and all(v.path == "moespec" and v.budget == 3 for v in budgeted)
     counting = msc.SpeculativeDecoder(target, drafter=msc.ModelDrafter(draft), tree=4, compile=True,
@@ -258,7 +264,7 @@ def test_exact_speculation_takes_the_faster_exact_path_per_pass_size(target, dra
     with pytest.raises(ValueError, match="collect_expert_stats must be"):
         msc.SpeculativeDecoder(target, tree=4, collect_expert_stats="yes")
     # settle_exact measures a pass size that has not been met yet, and runs nothing once it has
-    tree = DraftTree.from_lists([5, 6, 7], [-1, 0, 1], prompt.device)
+    tree = DraftTree.from_lists([([5, 6, 7], [-1, 0, 1])], prompt.device)
     assert not dec.exact_one.settled(4) and dec.settle_exact(tree) > 0 and dec.exact_one.settled(4)
     assert dec.settle_exact(tree) == 0 and counting.settle_exact(tree) == 0
     # an inner eager graph keeps the eager model as its plain path (one-token passes only)
@@ -275,23 +281,23 @@ def test_chain_drafting_path_equals_the_tree_path(draft):
     prompt = PROMPTS[0]
     fast, general = msc.ModelDrafter(draft), msc.ModelDrafter(draft)
     for d in (fast, general):
-        d.start(prompt, 64)
+        d.start(prompt, [0], 64)
     root, spec = 7, TreeSpec(4, 4, 1)  # the prompt is fed by start(); the root is the token after it
     committed = prompt[0].tolist() + [root]
     for accepted in (0, 4, 2, 1, 3):
-        a = fast.draft(root, spec)
+        a = fast.draft([root], spec, [True])
         want = torch.log_softmax(draft(torch.tensor([committed])).logits[0, -1].float(), -1)  # the KV cache is right
-        assert int(a.tokens[1]) == int(want.argmax()) and abs(float(a.logprob[1]) - float(want.max())) < 1e-4
-        general._pending, pending = [], general._pending + [root]  # draft() minus the chain shortcut
-        logp = torch.log_softmax(general._feed_chain(pending)[-1].float(), -1)
+        assert int(a.tokens[0, 1]) == int(want.argmax()) and abs(float(a.logprob[0, 1]) - float(want.max())) < 1e-4
+        logp = general._first_feed([root], [True])  # draft() minus the chain shortcut
         b = general._draft_dynamic(torch.tensor([root]), logp, spec)
         for name in ("tokens", "parents", "depth", "payload"):
             assert getattr(a, name).tolist() == getattr(b, name).tolist(), name
         torch.testing.assert_close(a.logprob, b.logprob)
         path = list(range(accepted + 1))
-        tokens = a.tokens[: accepted + 1].tolist() + [11 + accepted]  # the path, then a bonus
-        fast.accept(path, tokens, a.payload[path].tolist())
-        general.accept(path, tokens, b.payload[path].tolist())
+        tokens = a.tokens[0, : accepted + 1].tolist() + [11 + accepted]  # the path, then a bonus
+        for d, t in ((fast, a), (general, b)):
+            d.accept(Acceptance(None, None, None, None, [path], [tokens[:-1]], [tokens[-1]],
+                                [t.payload[0, path].tolist()]), [True])
         assert fast.cache.length == general.cache.length
         committed += tokens[1:]
         root = tokens[-1]
@@ -306,18 +312,21 @@ def test_compiled_drafter_proposes_what_the_eager_one_does(target, draft):
     prompt = PROMPTS[0]
     trees = []
     for d in (eager, compiled):
-        d.start(prompt, 64)
-        tree = d.draft(int(prompt[0, -1]), TreeSpec(8, 3, 2))
+        d.start(prompt, [0], 64)
+        tree = d.draft([int(prompt[0, -1])], TreeSpec(8, 3, 2), [True])
         trees.append((tree.tokens.tolist(), tree.parents.tolist()))
     assert trees[0] == trees[1]
     dec = msc.SpeculativeDecoder(target, drafter=compiled, tree=TreeSpec(8, 3, 2))
     assert dec.generate(prompt, max_new_tokens=12, eos_token_id=None).sequences[0].tolist() == \
         reference(target, prompt, 12)
     late = msc.ModelDrafter(draft)  # compiled between start() and draft(): the next pass uses the compiled forward
-    late.start(prompt, 64)
+    late.start(prompt, [0], 64)
     late.compile()
-    tree = late.draft(int(prompt[0, -1]), TreeSpec(8, 3, 2))
+    tree = late.draft([int(prompt[0, -1])], TreeSpec(8, 3, 2), [True])
     assert (tree.tokens.tolist(), tree.parents.tolist()) == trees[0]
+    rows = torch.cat([prompt, prompt.flip(1)])  # batches draft through the compiled forward too
+    out = dec.generate(rows, attention_mask=torch.ones_like(rows), max_new_tokens=8, eos_token_id=None)
+    assert out.sequences.tolist() == [reference(target, r[None], 8) for r in rows]
     with pytest.raises(ValueError, match="compile must be a bool"):
         msc.ModelDrafter(draft, compile="yes")
     with pytest.raises(ValueError, match="cuda_graphs must be None or a bool"):
@@ -382,7 +391,7 @@ def test_pass_inputs_live_in_preallocated_buffers(monkeypatch, target, draft):
             who = "verify" if cache is dec.cache else "draft"
             ptrs = (mask.data_ptr(),) + ((tokens.data_ptr(), positions.data_ptr(), slots.data_ptr())
                                          if who == "verify" else ())
-            seen.setdefault((who, tokens.shape[0]), set()).add(ptrs)
+            seen.setdefault((who, *tokens.shape), set()).add(ptrs)
             return fwd(model, cache, tokens, positions, mask, slots, cache_position)
         return run
 
@@ -392,5 +401,9 @@ def test_pass_inputs_live_in_preallocated_buffers(monkeypatch, target, draft):
     out = dec.generate(prompt, max_new_tokens=16, eos_token_id=None)
     assert out.sequences[0].tolist() == reference(target, prompt, 16)
     assert out.stats.steps >= 3
-    assert any(k[0] == "verify" for k in seen) and any(k[0] == "draft" and k[1] == 2 for k in seen)
+    rows = torch.cat([prompt, prompt.flip(1)])  # a batch: buffers of its own pass shapes, allocated once too
+    out = dec.generate(rows, attention_mask=torch.ones_like(rows), max_new_tokens=16, eos_token_id=None)
+    assert out.sequences.tolist() == [reference(target, r[None], 16) for r in rows]
+    assert any(k[:2] == ("verify", 1) for k in seen) and any(k[:2] == ("verify", 2) for k in seen)
+    assert any(k[0] == "draft" and k[1:] == (1, 2) for k in seen) and any(k[:2] == ("draft", 2) for k in seen)
     assert all(len(v) == 1 for v in seen.values()), seen

@@ -15,10 +15,10 @@ from test_speculative_sampling import CHI2_TAIL, _tiny_pair, chi2
 
 import moe_spec_compile as msc
 from moe_spec_compile.speculative import Drafter, GenerateStats
-from moe_spec_compile.speculative.batch_accept import accept_greedy_batch
-from moe_spec_compile.speculative.batch_drafters import BatchTree
-from moe_spec_compile.speculative.batch_kv import BatchCache
-from moe_spec_compile.speculative.batched import BatchGenerateStats, BatchVerifyRunner
+from moe_spec_compile.speculative.accept import accept_greedy
+from moe_spec_compile.speculative.buckets import VerifyRunner
+from moe_spec_compile.speculative.kv import TreeCache
+from moe_spec_compile.speculative.tree import DraftTree
 
 from moe_models import build, tiny_draft
 
@@ -78,7 +78,7 @@ def test_greedy_equals_batched_generate(target, draft, batch, kind, tree):
     for e, want in ((None, free), (eos, stopped)):
         out = dec.generate(ids, attention_mask=mask, max_new_tokens=16, eos_token_id=e, pad_token_id=PAD_ID)
         assert out.sequences.tolist() == want.tolist(), (kind, tree, e)
-        assert isinstance(out.stats, BatchGenerateStats)
+        assert isinstance(out.stats, GenerateStats) and len(out.stats.rows) == 5
         assert [r.new_tokens for r in out.stats.rows] == [_new_tokens(row, e) for row in free[:, 10:].tolist()]
     if kind == "self":  # the draft is the target: whole paths get accepted
         assert out.stats.tokens_per_step > 2
@@ -113,16 +113,15 @@ def test_finished_rows_leave_the_pass(target, batch):
 
 def test_kv_compaction_matches_recompute(target, draft):
     """After generation each row of the compacted caches (target's and drafter's) holds the KV a fresh
-    forward of that row's unpadded sequence computes (rows still in the last pass; gen.row_of maps them)."""
+    forward of that row's unpadded sequence computes (rows still in the last pass; dec.row_of maps them)."""
     pads = [0, 3, 5]
     ids, mask = left_padded(pads, seed=3)
     dec = msc.SpeculativeDecoder(target, drafter=msc.ModelDrafter(draft), tree=msc.TreeSpec(10, 4, 3))
     out = dec.generate(ids, attention_mask=mask, max_new_tokens=14, eos_token_id=None)
-    gen = dec._batched
     checked = 0
-    for model, cache in ((target, gen.cache), (draft, gen.drafter.cache)):
-        assert isinstance(cache, BatchCache)
-        for i, b in enumerate(gen.row_of):
+    for model, cache in ((target, dec.cache), (draft, dec.drafter.cache)):
+        assert isinstance(cache, TreeCache)
+        for i, b in enumerate(dec.row_of):
             if b < 0:
                 continue
             p, end = pads[b], int(cache.lengths[i])
@@ -142,33 +141,54 @@ def test_padding_nodes_mirror_the_root(target):
     ids, mask = left_padded([0, 3, 1], seed=4)
     dec = msc.SpeculativeDecoder(target, drafter=msc.NgramDrafter(), tree=msc.TreeSpec(6, 3, 2))
     dec.generate(ids, attention_mask=mask, max_new_tokens=1, eos_token_id=None)  # prefill only: 4 rows stay
-    gen = dec._batched
-    r = gen.cache.rows
+    r = dec.cache.rows
     rows = lambda xs: torch.tensor([xs] * r)  # noqa: E731
-    tree = BatchTree(rows([7, 8, 9]), rows([-1, 0, 1]), rows([0, 1, 2]), rows([True] * 3))
-    live = torch.tensor([True, False] + [True] * (r - 2))
-    logits, anc, padded, _ = gen.verify(tree, live, None, msc.TreeSpec(2, 2, 1))
+    tree = DraftTree(rows([7, 8, 9]), rows([-1, 0, 1]), rows([0, 1, 2]), rows([True] * 3))
+    dec.live = [True, False] + [True] * (r - 2)
+    live = torch.tensor(dec.live)
+    logits, _ = dec.verify(tree, None)
+    padded, anc = dec._tree, dec._anc
     assert r == 4 and logits.shape[1] == 4 and not padded.valid[:, 3].any() and not padded.valid[1].any()
     assert torch.allclose(logits[:, 3], logits[:, 0], atol=1e-5)
     assert torch.allclose(logits[1], logits[1, :1].expand(4, -1), atol=1e-5)  # the dead row: all as its root
     assert not torch.allclose(logits[0, 1], logits[0, 0], atol=1e-3)
-    acc = accept_greedy_batch(padded, logits, anc, live)
+    acc = accept_greedy(padded, logits, anc, live)
     assert not acc.on_path[:, 3].any() and not acc.on_path[1].any()
 
 
-def test_batch_one_unchanged(target, draft):
-    """One row without padding takes the batch-1 path (GenerateStats, no batched state); one row with left
-    padding takes the batched path and equals generate."""
+def test_batch_of_one_is_batch_one(target, draft):
+    """One core: a batch of one through the batched entry (an attention mask, with or without padding) equals batch
+    1 token for token and step for step; a row decoded in a batch emits what it emits alone."""
     ids, mask = left_padded([0, 4], seed=5)
     dec = msc.SpeculativeDecoder(target, drafter=msc.ModelDrafter(draft), tree=3)
-    out = dec.generate(ids[:1], max_new_tokens=9, eos_token_id=None)
-    assert type(out.stats) is GenerateStats and getattr(dec, "_batched", None) is None
-    assert out.sequences.tolist() == reference(target, ids[:1], mask[:1], 9).tolist()
-    out = dec.generate(ids[:1], attention_mask=mask[:1], max_new_tokens=9, eos_token_id=None)
-    assert type(out.stats) is GenerateStats
-    out = dec.generate(ids[1:], attention_mask=mask[1:], max_new_tokens=9, eos_token_id=None)
-    assert isinstance(out.stats, BatchGenerateStats)
-    assert out.sequences.tolist() == reference(target, ids[1:], mask[1:], 9).tolist()
+    alone = dec.generate(ids[:1], max_new_tokens=9, eos_token_id=None)
+    assert alone.sequences.tolist() == reference(target, ids[:1], mask[:1], 9).tolist()
+    entry = dec.generate(ids[:1], attention_mask=mask[:1], max_new_tokens=9, eos_token_id=None)
+    assert entry.sequences.tolist() == alone.sequences.tolist()
+    assert entry.stats.accepted_per_step == alone.stats.accepted_per_step and len(entry.stats.rows) == 1
+    assert entry.stats.rows[0].accepted_per_step == alone.stats.accepted_per_step
+    padded = dec.generate(ids[1:], attention_mask=mask[1:], max_new_tokens=9, eos_token_id=None)
+    assert padded.sequences.tolist() == reference(target, ids[1:], mask[1:], 9).tolist()
+    both = dec.generate(ids, attention_mask=mask, max_new_tokens=9, eos_token_id=None)
+    assert both.sequences[0].tolist() == alone.sequences[0].tolist()
+    assert both.sequences[1].tolist() == padded.sequences[0].tolist()
+
+
+def test_auto_on_a_batch_with_a_drafter_always_wrong(target):
+    """tree="auto" on a batch whose drafter is always wrong (an oracle at acceptance 0): the controller measures the
+    batch's utility, falls back to autoregressive steps (every set phase), and the tokens stay the target's greedy
+    output; the drafter catches up on the rows' tokens committed without a draft."""
+    ids, mask = left_padded([0, 3, 1], seed=6)
+    want = reference(target, ids, mask, 40).tolist()
+    oracle = msc.OracleDrafter(target, acceptance=0.0, seed=1)
+    dec = msc.SpeculativeDecoder(target, drafter=oracle, tree="auto")
+    out = dec.generate(ids, attention_mask=mask, max_new_tokens=40, eos_token_id=None)
+    assert out.sequences.tolist() == want
+    d = out.stats.decisions
+    assert d and all(x.tree == "ar" for x in d if x.phase == "set") and any(x.phase == "set" for x in d)
+    speculative = [x for x in d if x.tree != "ar"]
+    assert all(x.tokens == 3 for x in speculative)  # never accepted: one bonus per row and step
+    assert len(speculative) <= len(d) // 2
 
 
 def test_bad_input(target):
@@ -187,14 +207,14 @@ def test_bad_input(target):
     class Custom(Drafter):
         pass
 
-    with pytest.raises(ValueError, match="ModelDrafter and NgramDrafter"):
+    with pytest.raises(NotImplementedError, match="Custom does not implement Drafter.start"):
         msc.SpeculativeDecoder(target, drafter=Custom(), tree=2).generate(ids, attention_mask=mask,
                                                                          max_new_tokens=2)
 
 
 def test_budget_over_the_batch(target, monkeypatch):
     """Compiled target: budget None equals generate; with C, every verify pass of the batch records at most
-    C experts per MoE layer, and only live rows' real tree nodes vote (weight 1), everything else weight 0."""
+    C experts per MoE layer, and only live rows' real tree nodes vote (weight > 0), everything else weight 0."""
     torch._dynamo.reset()
     ids, mask = left_padded([0, 4, 2], seed=7)
     dec = msc.SpeculativeDecoder(target, drafter=msc.ModelDrafter(target), tree=msc.TreeSpec(6, 3, 2), compile=True,
@@ -202,13 +222,14 @@ def test_budget_over_the_batch(target, monkeypatch):
     out = dec.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=None)
     assert out.sequences.tolist() == reference(target, ids, mask, 10).tolist()
     seen = []
-    call = BatchVerifyRunner.__call__
+    call = VerifyRunner.__call__
 
-    def spy(self, cache, tokens, positions, m, slots, weights, c):
-        seen.append(weights.clone())
-        return call(self, cache, tokens, positions, m, slots, weights, c)
+    def spy(self, cache, tokens, positions, m, slots, c=None, weights=None):
+        if self.budgeted:  # the target's verify passes (a ModelDrafter's runner runs the draft's, unbudgeted)
+            seen.append(weights.clone())
+        return call(self, cache, tokens, positions, m, slots, c, weights)
 
-    monkeypatch.setattr(BatchVerifyRunner, "__call__", spy)
+    monkeypatch.setattr(VerifyRunner, "__call__", spy)
     for c in (4, 6):
         stats = dec.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=None, budget=c).stats
         assert stats.verify and all(v.budget == c for v in stats.verify)
@@ -217,7 +238,7 @@ def test_budget_over_the_batch(target, monkeypatch):
         assert any(v.budget_bound for v in stats.verify)
     for w, v in zip(seen, [*stats.verify, *stats.verify]):
         assert w.shape[0] == v.row_bucket * v.bucket
-    assert all(float(w.sum()) == v.tokens for w, v in zip(seen[-len(stats.verify):], stats.verify))
+    assert all(int((w > 0).sum()) == v.tokens for w, v in zip(seen[-len(stats.verify):], stats.verify))
     assert any(v.tokens < v.row_bucket * v.bucket for v in stats.verify)  # padding rows and nodes weigh 0
 
 
@@ -292,7 +313,7 @@ def test_cuda_graphs_batched():
         runs[graphs] = [dec.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=None, budget=c)
                         for c in (None, 4, 6)]
         if graphs:
-            assert dec._batched.runner.captures == len({b for out in runs[True] for b in out.stats.buckets})
+            assert dec.runner.captures == len({s for out in runs[True] for s in out.stats.pass_shapes})
     assert runs[True][0].sequences.tolist() == want.tolist()
     for replayed, eager in zip(runs[True], runs[False]):
         assert replayed.sequences.tolist() == eager.sequences.tolist()

@@ -41,8 +41,8 @@ def chi2(counts: list[int], probs: torch.Tensor) -> tuple[float, int]:
 def _synthetic():
     """Root with children tokens 2, 0, 2 (a duplicate), node 1 (token 2) with children 1, 3."""
     g = torch.Generator().manual_seed(0)
-    logits = torch.randn(6, V, generator=g) * 1.5
-    tree = DraftTree.from_lists([4, 2, 0, 2, 1, 3], [-1, 0, 0, 0, 1, 1], "cpu")
+    logits = torch.randn(1, 6, V, generator=g) * 1.5  # one row
+    tree = DraftTree.from_lists([([4, 2, 0, 2, 1, 3], [-1, 0, 0, 0, 1, 1])], "cpu")
     return tree, logits
 
 
@@ -51,16 +51,17 @@ def _synthetic():
 def test_rejection_sampling_keeps_distribution(cfg):
     """First emitted token ~ p_root; given the first token is node 1's token, the second ~ p_node1."""
     tree, logits = _synthetic()
-    probs = process_logits(logits, cfg)
+    probs = process_logits(logits, cfg)[0]
+    live = torch.tensor([True])
     gen = torch.Generator().manual_seed(1)
     first, second = [0] * V, [0] * V
     trials = 12000
     for _ in range(trials):
-        acc = accept_sample(tree, logits, cfg, gen)
-        emitted = acc.tokens[1:] + [acc.bonus]
+        acc = accept_sample(tree, logits, cfg, live, gen)
+        emitted = acc.tokens[0][1:] + [acc.bonus[0]]
         first[emitted[0]] += 1
         if emitted[0] == 2:  # node 1 (the first child with token 2) was accepted
-            assert acc.path[:2] == [0, 1]
+            assert acc.paths[0][:2] == [0, 1]
             second[emitted[1]] += 1
     for counts, p in ((first, probs[0]), (second, probs[1])):
         stat, dof = chi2(counts, p)
@@ -70,7 +71,7 @@ def test_rejection_sampling_keeps_distribution(cfg):
 def test_a_wrong_rule_is_caught():
     """The test has power: accepting every drafted child whenever p > 0 skews the first token."""
     tree, logits = _synthetic()
-    probs = process_logits(logits, SamplingConfig(True))
+    probs = process_logits(logits, SamplingConfig(True))[0]
     counts = [0] * V
     gen = torch.Generator().manual_seed(2)
     for _ in range(3000):

@@ -57,26 +57,25 @@ class _Spy:
 @torch.no_grad()
 def _one_verify(dec, c):
     """Prefill PROMPT, draft one tree, verify it under c -> (logits [n, V], the runner's arguments, VerifyStats)."""
-    dec._allocate(PROMPT.shape[1] + 16, dec.tree)
-    root = dec.prefill(PROMPT, SamplingConfig())
-    dec.drafter.start(PROMPT, dec.cache.max_len)
-    tree = dec.draft(root, dec.tree)
+    dec.begin(PROMPT, None, 16, dec.tree, SamplingConfig(), drafting=True)
+    tree = dec.drafter.draft(dec.roots, dec.tree, dec.live)
     spy = dec.runner = _Spy(dec.runner)
     try:
         logits, stat = dec.verify(tree, c)
     finally:
         dec.runner = spy.runner
-    return logits, spy.calls[-1], stat
+    return logits[0, : stat.tree_size], spy.calls[-1], stat
 
 
 @torch.no_grad()
 def _reference(dec, call, c, weights, rows=None):
     """The same pass (its first `rows` tokens) through the eager target routed in plain PyTorch."""
-    tokens, pos, mask, slots = call[:4]
-    n = rows or tokens.shape[0]
+    tokens, pos, mask, slots = call[1:5]  # the runner's (cache, tokens, positions, mask, slots, c, weights)
+    n = rows or tokens.shape[1]
     mask = {k: v[..., :n, :] for k, v in mask.items()} if isinstance(mask, dict) else mask[..., :n, :]
     with reference_budget(dec.eager_target, c, dec.policy, weights=weights):
-        return forward(dec.eager_target, dec.cache, tokens[:n], pos[:n], mask, slots[:n], dec._cache_position)
+        return forward(dec.eager_target, dec.cache, tokens[:, :n], pos[:, :n], mask, slots[:, :n],
+                       dec._cache_position)[0]
 
 
 def _close(a, b, tol=1e-4):
@@ -105,7 +104,7 @@ def test_verify_equals_eager_reference_with_the_same_weights(decoder):
     """The compiled verify pass under C = 5 with path node weights equals the eager model routed under C = 5 with
     the same token weights (padding included, at weight 0)."""
     logits, call, stat = _one_verify(decoder, 5)
-    weights = call[5]
+    weights = call[6]
     n = stat.tree_size
     assert weights.shape[0] == stat.bucket > n  # padded, padding at 0, nodes by path probability
     assert (weights[n:] == 0).all() and weights[0] == 1 and (weights[1:n] < 1).all() and (weights[1:n] > 0).all()
@@ -121,7 +120,7 @@ def test_padding_rows_do_not_vote(target, draft):
                                  compile_options={"inner": "eager"}, node_weights="uniform", tree_buckets=(32,))
     c = experts_of(target)[1] + 1
     logits, call, stat = _one_verify(dec, c)
-    n, weights = stat.tree_size, call[5]
+    n, weights = stat.tree_size, call[6]
     assert stat.bucket == 32 and (weights[:n] == 1).all() and (weights[n:] == 0).all()
     unpadded = _reference(dec, call, c, weights[:n], rows=n)
     _close(logits, unpadded[:, : logits.shape[1]])
@@ -134,29 +133,31 @@ def test_model_drafter_path_probabilities(draft):
     """DraftTree.logprob of a chain and a static tree: the draft model's own cumulative log-probabilities."""
     for shape in (msc.TreeSpec(3, 3, 1), StaticTree([(0,), (1,), (0, 0), (1, 0)])):
         drafter = msc.ModelDrafter(draft)
-        drafter.start(PROMPT[:, :-1], 64)
-        tree = drafter.draft(int(PROMPT[0, -1]), shape)
-        assert tree.logprob is not None and tree.logprob[0] == 0
+        drafter.start(PROMPT[:, :-1], [0], 64)
+        tree = drafter.draft([int(PROMPT[0, -1])], shape, [True])
+        assert tree.logprob is not None and tree.logprob[0, 0] == 0
         for i in range(1, tree.size):
             path = [i]
             while path[-1] > 0:
-                path.append(int(tree.parents[path[-1]]))
-            toks = tree.tokens[list(reversed(path))]  # root .. node i
+                path.append(int(tree.parents[0, path[-1]]))
+            toks = tree.tokens[0, list(reversed(path))]  # root .. node i
             seq = torch.cat([PROMPT[0], toks[1:]])[None]
             logp = torch.log_softmax(draft(seq).logits[0].float(), -1)
             start = PROMPT.shape[1] - 1
             want = sum(logp[start + j, toks[j + 1]] for j in range(len(toks) - 1))
-            assert abs(float(tree.logprob[i]) - float(want)) < 1e-4
+            assert abs(float(tree.logprob[0, i]) - float(want)) < 1e-4
 
 
 def test_node_weight_options():
-    tree = DraftTree(torch.tensor([1, 2, 3, 4]), torch.tensor([-1, 0, 1, 0]), torch.tensor([0, 1, 2, 1]),
-                         torch.tensor([0.0, -0.5, -1.5, -2.0]))
-    assert node_weights(tree, "uniform", 6).tolist() == [1, 1, 1, 1, 0, 0]
-    assert node_weights(tree, "depth", 5).tolist() == [1, DEPTH_DECAY, DEPTH_DECAY**2, DEPTH_DECAY, 0]
-    torch.testing.assert_close(node_weights(tree, "path", 4), torch.tensor([0.0, -0.5, -1.5, -2.0]).exp())
+    tree = DraftTree(torch.tensor([[1, 2, 3, 4]]), torch.tensor([[-1, 0, 1, 0]]), torch.tensor([[0, 1, 2, 1]]),
+                     logprob=torch.tensor([[0.0, -0.5, -1.5, -2.0]]))
+    assert node_weights(tree.padded(6), "uniform").tolist() == [1, 1, 1, 1, 0, 0]
+    assert node_weights(tree.padded(5), "depth").tolist() == [1, DEPTH_DECAY, DEPTH_DECAY**2, DEPTH_DECAY, 0]
+    torch.testing.assert_close(node_weights(tree, "path"), torch.tensor([0.0, -0.5, -1.5, -2.0]).exp())
     tree.logprob = None  # a drafter without probabilities (NgramDrafter): uniform
-    assert node_weights(tree, "path", 5).tolist() == [1, 1, 1, 1, 0]
+    assert node_weights(tree.padded(5), "path").tolist() == [1, 1, 1, 1, 0]
+    two = DraftTree.from_lists([([1, 2, 3], [-1, 0, 1]), ([4], [-1])], "cpu").padded(4, torch.tensor([True, False]))
+    assert node_weights(two, "uniform").tolist() == [1, 1, 1, 0] + [0] * 4  # a dead row and padding: 0
 
 
 @pytest.mark.parametrize("key", ["budget", "policy", "max_budget_tokens"])

@@ -1,13 +1,14 @@
 """Acceptance: which drafted path the target agrees with, and the bonus token after it.
 
-target logits [n, V] at every tree node -> (accepted path of node ids from the root, bonus token)
+target logits [R, n, V] at every row's tree nodes -> per row (accepted path of node ids from the root, bonus token)
 
-Legend: n tree nodes (node 0 = root), V vocabulary.
+Legend: R rows, n tree nodes per row (node 0 = root, padding included), V vocabulary.
 
 Greedy (do_sample=False). Node i (i >= 1) is *correct* when its token is the target's argmax at its
 parent. The accepted path ends at the deepest node all of whose ancestors (itself included) are correct;
-the bonus token is the target's argmax there. This is exactly what plain greedy decoding emits, token
-for token. Computed on the device; the host learns the path in one read.
+the bonus token is the target's argmax there (a padding node is never correct). This is exactly what plain
+greedy decoding emits, token for token. Computed on the device for all rows; the host learns every row's path in
+one read. Rows that are not live accept nothing (path length 0, identity order).
 
 Sampling (do_sample=True): recursive rejection sampling over siblings, with every drafted child taken as
 a point-mass proposal. At node u let r = p_u, the target's distribution there after temperature and
@@ -49,15 +50,24 @@ class SamplingConfig:
 
 @dataclass
 class Acceptance:
-    path: list[int]  # accepted node ids, root first, in depth order
-    bonus: int  # the target's token after the path's last node
-    order: torch.Tensor  # [n] the path's nodes first, then the rest: the KV compaction permutation
-    tokens: list[int]  # the path's tokens, root first
-    payload: list[int] | None = None  # tree.payload of the path's nodes (read with the rest), when the tree has one
+    """What each row accepted. Device: on_path [R, n] bool, best [R] (the path's deepest node), order [R, n] (the
+    KV compaction permutation: the path's nodes first), length [R] (path nodes, root included; 0 for rows not live).
+    Host, per row: paths[b] (node ids, root first), tokens[b] (the path's tokens), bonus[b] (the next root) and
+    payload[b] (tree.payload at the path's nodes, when the tree has one); [] and 0 for rows not live."""
+
+    on_path: torch.Tensor
+    best: torch.Tensor
+    order: torch.Tensor
+    length: torch.Tensor
+    paths: list[list[int]]
+    tokens: list[list[int]]
+    bonus: list[int]
+    payload: list[list[int]] | None = None
+    nodes: int = 0  # valid nodes of the live rows: the tokens that voted in the pass
 
 
 def process_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
-    """logits [n, V] -> probabilities [n, V] after temperature, top-k and top-p (the nucleus: the
+    """logits [..., V] -> probabilities [..., V] after temperature, top-k and top-p (the nucleus: the
     smallest set of most likely tokens whose mass reaches top_p, as transformers' TopPLogitsWarper)."""
     x = logits.float() / cfg.temperature
     if cfg.top_k is not None and cfg.top_k < x.shape[-1]:
@@ -73,47 +83,102 @@ def process_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
 
 
 def _order(on_path: torch.Tensor) -> torch.Tensor:
-    """[n] bool -> the path's nodes first (index order = depth order), then the others."""
-    return torch.argsort((~on_path).to(torch.int8), stable=True)
+    """[R, n] bool -> per row the path's nodes first (index order = depth order), then the others."""
+    return torch.argsort((~on_path).to(torch.int8), dim=1, stable=True)
 
 
-def accept_greedy(tree: DraftTree, logits: torch.Tensor, anc: torch.Tensor) -> Acceptance:
-    """logits [n, V]; anc [n, n] from tree.ancestors. One host read: the path's tokens and the bonus."""
-    n = tree.size
-    target = logits.argmax(-1)  # [n]
-    correct = tree.tokens == target[tree.parents.clamp(min=0)]
-    correct[0] = True
-    ok = ~(anc & ~correct[None, :]).any(1)  # [n] every ancestor-or-self is correct
-    best = torch.argmax(torch.where(ok, tree.depth, -1))  # first deepest accepted node
-    on_path = anc[best]
+def _split(host: list, r: int, n: int, lengths: list[int]) -> list[list[int]]:
+    return [host[b * n : b * n + lengths[b]] for b in range(r)]
+
+
+def accept_greedy(tree: DraftTree, logits: torch.Tensor, anc: torch.Tensor, live: torch.Tensor | None) -> Acceptance:
+    """logits [R, n, V]; anc [R, n, n] (tree.ancestors); live [R] bool, or None when every row is live and the tree
+    has no padding nodes. One host read."""
+    r, n = tree.tokens.shape
+    valid = tree.valid if live is None else tree.valid & live[:, None]
+    if n == 1:  # roots only (an autoregressive step): each live row's bonus is the argmax at its root
+        parts = [logits[:, 0].argmax(-1), tree.tokens[:, 0], valid[:, 0].long(),
+                 tree.tokens[:, 0] * 0 - 1 if tree.payload is None else tree.payload[:, 0]]
+        bonus, roots, alive, fed = (lambda h: (h[:r], h[r : 2 * r], h[2 * r : 3 * r], h[3 * r :]))(
+            torch.cat(parts).tolist())
+        keep = lambda x: [[v] if a else [] for v, a in zip(x, alive)]  # noqa: E731
+        return Acceptance(valid, torch.zeros(r, dtype=torch.long, device=logits.device), torch.zeros_like(
+            tree.tokens), valid[:, 0].long(), keep([0] * r), keep(roots), bonus,
+            keep(fed) if tree.payload is not None else None, sum(alive))
+    target = logits.argmax(-1)  # [R, n]
+    correct = tree.tokens == target.gather(1, tree.parents.clamp(min=0))
+    if live is not None:
+        correct &= valid
+    correct[:, 0] = True
+    ok = ~(anc & ~correct[:, None, :]).any(2)  # [R, n] every ancestor-or-self is correct
+    best = torch.argmax(torch.where(ok, tree.depth, -1), dim=1)  # first deepest accepted node per row
+    on_path = anc.gather(1, best[:, None, None].expand(r, 1, n))[:, 0]
+    if live is not None:
+        best = torch.where(live, best, 0)
+        on_path = anc.gather(1, best[:, None, None].expand(r, 1, n))[:, 0] & live[:, None]
     order = _order(on_path)
-    parts = [order, tree.tokens[order], target[best].reshape(1), on_path.sum().reshape(1)]
+    length = on_path.sum(1)
+    bonus = target.gather(1, best[:, None])[:, 0]
+    parts = [order.reshape(-1), tree.tokens.gather(1, order).reshape(-1), bonus, length]
+    if live is not None:
+        parts.append(valid.sum().reshape(1))
     if tree.payload is not None:
-        parts.append(tree.payload[order].to(order.dtype))
+        parts.append(tree.payload.gather(1, order).reshape(-1))
     host = torch.cat(parts).tolist()
-    m = host[2 * n + 1]
-    payload = host[2 * n + 2 : 2 * n + 2 + m] if tree.payload is not None else None
-    return Acceptance(path=host[:m], bonus=host[2 * n], order=order, tokens=host[n : n + m], payload=payload)
+    m, t = r * n, 2 * r * n
+    lengths, rest = host[t + r : t + 2 * r], host[t + 2 * r :]
+    nodes = r * n if live is None else rest.pop(0)
+    payload = _split(rest, r, n, lengths) if tree.payload is not None else None
+    return Acceptance(on_path, best, order, length, _split(host, r, n, lengths), _split(host[m:], r, n, lengths),
+                      host[t : t + r], payload, nodes)
 
 
-def accept_sample(tree: DraftTree, logits: torch.Tensor, cfg: SamplingConfig,
+def accept_sample(tree: DraftTree, logits: torch.Tensor, cfg: SamplingConfig, live: torch.Tensor | None,
                   generator: torch.Generator | None = None) -> Acceptance:
-    """Recursive rejection sampling over siblings (module docstring). Two host reads: the tree with its children's
-    target probabilities (and payload), then the bonus token."""
-    probs = process_logits(logits, cfg)  # [n, V]
-    n = tree.size
-    uniforms = torch.rand(n, generator=generator).to(probs.device)  # drawn on the generator's device, as before
-    parts = [tree.parents.double(), tree.tokens.double(), probs[tree.parents.clamp(min=0), tree.tokens].double(),
-             uniforms.double()]
+    """Recursive rejection sampling over siblings (module docstring) on each live row's valid nodes. Two host
+    reads: every row's tree with its children's target probabilities (and payload), then the bonus tokens."""
+    probs = process_logits(logits, cfg)  # [R, n, V]
+    r, n = tree.tokens.shape
+    dev = logits.device
+    live = torch.ones(r, dtype=torch.bool, device=dev) if live is None else live
+    uniforms = torch.rand(r, n, generator=generator).to(dev)  # drawn on the generator's device
+    p_child = probs[torch.arange(r, device=dev)[:, None], tree.parents.clamp(min=0), tree.tokens]  # p_parent(token)
+    parts = [tree.parents, tree.tokens, p_child, uniforms, tree.valid, live[:, None].expand(r, n)]
     if tree.payload is not None:
-        parts.append(tree.payload.double())
-    host = torch.stack(parts).tolist()  # ids < 2**53 and fp32 values: exact in float64
-    parents, tokens = [int(v) for v in host[0]], [int(v) for v in host[1]]
-    p_child, uniforms = host[2], host[3]  # p_parent(token) per node; one uniform per node
-    children: list[list[int]] = [[] for _ in range(n)]
-    for i in range(1, n):
-        children[parents[i]].append(i)
+        parts.append(tree.payload)
+    host = torch.stack([p.double() for p in parts], 1).tolist()  # [R][parts][n]; ids < 2**53: exact in float64
+    paths, tokens, rejected_rows, payload, nodes = [], [], [], [], 0
+    for b in range(r):
+        parents, toks, p, u, valid, alive = host[b][:6]
+        size = int(sum(valid)) if alive[0] else 0
+        nodes += size
+        path, rejected = _sample_path([int(v) for v in parents[:size]], [int(v) for v in toks[:size]], p, u) \
+            if size else ([], [])
+        paths.append(path)
+        tokens.append([int(toks[i]) for i in path])
+        rejected_rows.append(rejected)
+        payload.append([int(host[b][6][i]) for i in path] if tree.payload is not None else None)
+    best = [path[-1] if path else 0 for path in paths]
+    rows = probs[torch.arange(r, device=dev), torch.tensor(best, device=dev)]  # [R, V]: each path end's distribution
+    cut = rows.clone()
+    for b, rejected in enumerate(rejected_rows):
+        if rejected:
+            cut[b, torch.tensor(rejected, device=dev)] = 0
+    rows = torch.where(cut.sum(-1, keepdim=True) > 0, cut, rows)  # rounding can leave no mass: the target's own row
+    bonus = torch.multinomial(rows.cpu() if generator is not None else rows, 1, generator=generator)[:, 0].tolist()
+    on_path = torch.zeros(r, n, dtype=torch.bool)
+    for b, path in enumerate(paths):
+        on_path[b, path] = True
+    on_path = on_path.to(dev)
+    return Acceptance(on_path, torch.tensor(best, device=dev), _order(on_path), on_path.sum(1), paths, tokens,
+                      bonus, payload if tree.payload is not None else None, nodes)
 
+
+def _sample_path(parents: list[int], tokens: list[int], p_child: list[float], uniforms: list[float]):
+    """One row's recursive rejection sampling -> (accepted path, tokens rejected at its last node)."""
+    children: list[list[int]] = [[] for _ in parents]
+    for i in range(1, len(parents)):
+        children[parents[i]].append(i)
     node, path = 0, [0]
     while True:
         rejected: list[int] = []
@@ -128,17 +193,6 @@ def accept_sample(tree: DraftTree, logits: torch.Tensor, cfg: SamplingConfig,
             rejected.append(tokens[c])
             residual -= p_child[c]
         if nxt is None:
-            break
+            return path, rejected
         node = nxt
         path.append(node)
-    row = probs[node]
-    if rejected:
-        cut = row.clone()
-        cut[torch.tensor(rejected, device=row.device)] = 0
-        row = torch.where(cut.sum() > 0, cut, row)  # rounding can leave no mass: the target's own row is the answer
-    bonus = int(torch.multinomial(row.cpu() if generator is not None else row, 1, generator=generator))
-    on_path = torch.zeros(n, dtype=torch.bool, device=logits.device)
-    on_path[torch.tensor(path, device=logits.device)] = True
-    payload = [int(host[4][i]) for i in path] if tree.payload is not None else None
-    return Acceptance(path=path, bonus=bonus, order=_order(on_path), tokens=[tokens[i] for i in path],
-                      payload=payload)

@@ -1,22 +1,16 @@
-"""Buckets and the verify runner: pad each verify pass to a tree-size bucket and run it eagerly or by
-replaying that bucket's CUDA graph, under exactly the caller's budget and token weights.
+"""Buckets and the verify runner: pad each pass to a (rows bucket R, tree bucket N) shape and run it eagerly or by
+replaying that shape's CUDA graph, under exactly the caller's budget and token weights.
 
-(tree size n, budget C, node weights w) -> bucket N >= n -> with msc.budget(C), msc.token_weights(w):
-eager forward | capture once per N, then replay
+(rows, tree size n, budget C, node weights w) -> shape (R, N) -> with msc.budget(C), msc.token_weights(w):
+eager forward | capture once per (R, N), then replay
 
-Legend: N padded pass size, S cache slots, V vocabulary.
-
-A compiled target (backend="moespec", dynamic=False) compiles once per pass size N. Budgets are device
-data: ``msc.budget(C)`` and ``msc.token_weights(w)`` write the moespec ops' tables in place, and the ops read
-them on the device, so one graph per N serves every budget (None included) and every weighting; a budget
-change never recompiles nor recaptures, and C is never rounded. On CUDA each N is captured once: warm-up on
-a side stream, capture into a pool shared by all buckets, static input buffers per N (tokens, positions,
-mask, write slots) that every call copies into. The budget and weight tables are written before the capture
-(and before each replay), never inside it: a capture may not record host-to-device copies. While a stream
-captures, the ops always take their budgeted path (reading C from the tables), so a graph captured under
-one budget replays correctly under any other. The policy is host-side and is the runner's own (fixed per
-decoder). Only the CPU path (no capture) has been exercised by this project's CPU tests; the CUDA graph
-path follows torch.cuda.CUDAGraph's rules and is covered by tests/test_speculative_gpu.py on a GPU.
+A compiled target (backend="moespec", dynamic=False) compiles once per pass shape. Budgets are device data (the
+moespec ops read their tables on the device), so one graph per shape serves every budget (None included) and every
+weighting; a budget change never recompiles nor recaptures, and C is never rounded. On CUDA each shape is captured
+once (warm-up on a side stream, a pool shared by all shapes, static input buffers every call copies into); the
+tables are written before the capture and each replay, never inside it. While a stream captures, the ops take their
+budgeted path (reading C from the tables), so a graph captured under one budget replays under any other. Only the
+CPU path has run in this project's CPU tests; the CUDA graph path is covered by tests/test_speculative_gpu.py.
 """
 
 from __future__ import annotations
@@ -60,39 +54,47 @@ def capture_graph(run, pool):
 
 
 class VerifyRunner:
-    """Runs padded verify passes of a target; one CUDA graph per pass size N when use_graphs."""
+    """Runs padded passes [R, N] of a model; on CUDA one captured graph per pass shape (rows bucket R, tree bucket N)
+    when use_graphs. Each rows bucket has its own cache (the decoder keeps them), so a graph always reads the same
+    buffers. budgeted=False (a draft model's passes): no budget scope; c and weights must be None."""
 
-    def __init__(self, model, cache: TreeCache, use_graphs: bool, cache_position: bool = False,
-                 policy: str = "substitute", budgeted: bool = True):
-        self.model = model
-        self.policy = policy
-        self.budgeted = budgeted  # False (a draft model's passes): no budget scope, c and weights must be None
-        self.cache = cache
-        self.use_graphs = use_graphs
-        self.cache_position = cache_position
-        self.static: dict[int, dict] = {}  # N -> static input buffers
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # N -> (graph, its logits)
+    def __init__(self, model, use_graphs: bool, cache_position: bool = False, policy: str = "substitute",
+                 budgeted: bool = True):
+        self.model, self.use_graphs, self.cache_position = model, use_graphs, cache_position
+        self.policy, self.budgeted = policy, budgeted
+        self.static: dict[tuple[int, int], dict] = {}  # (R, N) -> static input buffers
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # (R, N) -> graph, logits
         self.pool = None
         self.captures = 0
 
-    def __call__(self, tokens, positions, mask, slots, c=None, weights: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens, positions, slots [N]; mask [1, 1, N, S] (or a dict of them); c the budget (None: exact; any
-        budget msc.budget takes); weights [N] fp32 the tokens' weights in the expert scores (0: padding; None:
-        all 1) -> logits [N, V]."""
+    def __call__(self, cache: TreeCache, tokens, positions, mask, slots, c=None,
+                 weights: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens, positions, slots [R, N]; mask [R, 1, N, S] (or a dict of them); c the budget (None: exact; any
+        budget msc.budget takes); weights [R * N] fp32 the tokens' weights in the expert scores (0: padding; None:
+        all 1) -> logits [R, N, V]."""
         if not self.use_graphs:
             with self.scope(c, weights):
-                return forward(self.model, self.cache, tokens, positions, mask, slots, self.cache_position)
-        n = tokens.shape[0]
-        buf = self._buffers(n, mask)
-        buf["tokens"].copy_(tokens)
-        buf["positions"].copy_(positions)
-        buf["slots"].copy_(slots)
+                return forward(self.model, cache, tokens, positions, mask, slots, self.cache_position)
+        key = tuple(tokens.shape)
+        buf = self.static.get(key)
+        if buf is None:
+            buf = self.static[key] = {"tokens": tokens.clone(), "positions": positions.clone(),
+                                      "slots": slots.clone(), "mask": _clone_mask(mask),
+                                      "weights": None if weights is None else weights.clone()}
+        for name, value in (("tokens", tokens), ("positions", positions), ("slots", slots), ("weights", weights)):
+            if value is not None and buf[name] is not None:
+                buf[name].copy_(value)
         _copy_mask(buf["mask"], mask)
-        self.cache.slots = buf["slots"]
-        with self.scope(c, weights):  # tables written here, outside any capture
-            if n not in self.graphs:
-                self.graphs[n] = self._capture(buf)
-            graph, logits = self.graphs[n]
+        cache.slots = buf["slots"]  # forward() copies slots onto themselves: the graph reads this address
+        with self.scope(c, buf["weights"] if weights is not None else None):  # tables written here, not captured
+            if key not in self.graphs:
+                if self.pool is None:
+                    self.pool = torch.cuda.graph_pool_handle()
+                self.captures += 1
+                self.graphs[key] = capture_graph(lambda: forward(
+                    self.model, cache, buf["tokens"], buf["positions"], buf["mask"], buf["slots"],
+                    self.cache_position), self.pool)
+            graph, logits = self.graphs[key]
             graph.replay()
         return logits
 
@@ -109,33 +111,8 @@ class VerifyRunner:
             stack.enter_context(token_weights(weights))
         return stack
 
-    def _buffers(self, n: int, mask) -> dict:
-        if n not in self.static:
-            dev = self.cache.slots.device
-            self.static[n] = {
-                "tokens": torch.zeros(n, dtype=torch.long, device=dev),
-                "positions": torch.zeros(n, dtype=torch.long, device=dev),
-                "slots": torch.zeros(n, dtype=torch.long, device=dev),
-                "mask": _clone_mask(mask),
-            }
-        return self.static[n]
-
-    def _run_static(self, buf) -> torch.Tensor:
-        # forward() copies slots into cache.slots, which *is* buf["slots"] here (same address)
-        return forward(self.model, self.cache, buf["tokens"], buf["positions"], buf["mask"], buf["slots"],
-                       self.cache_position)
-
-    def _capture(self, buf):
-        """Warm up on a side stream (compiles, allocates workspaces), then capture one forward. Called inside
-        scope(): the budget and weight tables already hold this call's values, and the graph reads them
-        by address at every replay."""
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
-        self.captures += 1
-        return capture_graph(lambda: self._run_static(buf), self.pool)
-
     def reset(self) -> None:
-        """Drop captured graphs (their buffers belong to a cache that is being replaced)."""
+        """Drop captured graphs (their buffers belong to caches that are being replaced)."""
         self.static.clear()
         self.graphs.clear()
 
@@ -178,27 +155,28 @@ class FastestExact:
 
     @property
     def choice(self) -> str | None:
-        """The path kept for one-token passes (autoregressive steps), None while measuring."""
-        return self.choices.get(1)
+        """The path kept for one-token passes of one row (autoregressive steps), None while measuring."""
+        return self.choices.get((1, 1))
 
-    def __call__(self, tokens, positions, mask, slots) -> torch.Tensor:
-        n = tokens.shape[0]
+    def __call__(self, cache, tokens, positions, mask, slots) -> torch.Tensor:
+        n = tuple(tokens.shape)  # the pass shape (R, N)
         kept = self.choices.get(n)
         if kept is not None:
             self.last = kept
-            return self.paths[kept](tokens, positions, mask, slots)
+            return self.paths[kept](cache, tokens, positions, mask, slots)
         calls = self.calls.setdefault(n, {"moespec": 0, "plain": 0})
         times = self.times.setdefault(n, {"moespec": [], "plain": []})
         name = self.last = min(calls, key=lambda p: (calls[p], p))  # alternate, moespec first
         calls[name] += 1
         t0 = self.clock()
-        out = self.paths[name](tokens, positions, mask, slots)
+        out = self.paths[name](cache, tokens, positions, mask, slots)
         if calls[name] > self.WARM:
             times[name].append(self.clock() - t0)
         if all(len(t) >= self.TIMED for t in times.values()):
             self.choices[n] = min(times, key=lambda p: min(times[p]))
         return out
 
-    def settled(self, n: int) -> bool:
-        """Has pass size N been measured (its path chosen)?"""
+    def settled(self, n) -> bool:
+        """Has pass shape (R, N) been measured (its path chosen)? An int N means one row."""
+        n = (1, n) if isinstance(n, int) else tuple(n)
         return n in self.choices

@@ -2,7 +2,7 @@
 
 user arguments -> check_* -> the value (normalized) or ValueError("<argument> must be ..., got ...")
 
-Imported by decoder.py, drafters.py and tree.py; imports nothing of theirs (no cycle).
+Imported by decoder.py, drafters.py, accept.py and tree.py; imports nothing of theirs (no cycle).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import numbers
 import torch
 
 __all__ = ["check_compile_options", "check_int", "check_number", "check_sampling", "check_input_ids", "check_rank",
-           "check_tree_fits_vocab"]
+           "check_tree_fits_vocab", "check_batch"]
 
 # compile options the decoder sets itself for every verify pass: passing them to the backend would be overridden
 _DECODER_OWNS = {
@@ -94,6 +94,33 @@ def check_tree_fits_vocab(shape, vocab_size: int) -> None:
                              f"{vocab_size}")
     elif getattr(shape, "top_k", 0) > vocab_size:
         raise ValueError(f"tree top_k={shape.top_k} exceeds the target's vocabulary of {vocab_size} tokens")
+
+
+def check_batch(input_ids: torch.Tensor, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids [B, L], mask [B, L] int64) or ValueError: the mask must match input_ids' shape, hold 0/1 only,
+    pad on the left (every row's zeros before its ones) and leave every row at least one real token."""
+    ids = torch.as_tensor(input_ids)
+    if ids.dim() == 1:
+        ids = ids[None]
+    if ids.dim() != 2 or ids.shape[1] == 0 or ids.shape[0] == 0:
+        raise ValueError(f"input_ids must be [B, L] with B, L >= 1, got shape {tuple(ids.shape)}")
+    if attention_mask is None:
+        return ids, torch.ones_like(ids, dtype=torch.long)
+    mask = torch.as_tensor(attention_mask, device=ids.device)
+    if mask.dim() == 1:
+        mask = mask[None]
+    if mask.shape != ids.shape:
+        raise ValueError(f"attention_mask must have input_ids' shape {tuple(ids.shape)}, got {tuple(mask.shape)}")
+    mask = mask.long()
+    if bool(((mask != 0) & (mask != 1)).any()):
+        raise ValueError("attention_mask must hold 0 (padding) and 1 (tokens) only")
+    if bool((mask[:, 1:] < mask[:, :-1]).any()):
+        raise ValueError("attention_mask has right padding (a 0 after a 1 in some row); SpeculativeDecoder "
+                         "needs left padding, as transformers' generate does for decoder-only models "
+                         "(tokenizer.padding_side = 'left')")
+    if bool((mask.sum(1) == 0).any()):
+        raise ValueError("attention_mask leaves a row without any token")
+    return ids, mask
 
 
 _WARNED_ENV: set[str] = set()

@@ -33,7 +33,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 
-from ..cost import chain_tokens
+from ..cost import chain_acceptance, chain_tokens
 from .tree import StaticTree, TreeSpec, as_tree_shape
 
 __all__ = ["Controller", "Decision", "DEFAULT_TREES", "auto_budgets"]
@@ -49,9 +49,9 @@ class Decision:
     tree: str  # shape key ("ar", "chain4", "tree16-4-4", ...)
     budget: int | None
     phase: str  # "test", "probe" or "set"
-    tokens: int  # tokens the step emitted
+    tokens: int  # tokens the step emitted (all rows)
     seconds: float  # wall time of the step (draft + verify + accept)
-    utility: float | None  # tokens / (seconds / AR step estimate); None before the AR step is known
+    utility: float | None  # tokens per live row / (seconds / AR step estimate); None before the AR step is known
 
 
 def auto_budgets(min_budget: int | None, num_experts: int, top_k: int) -> tuple:
@@ -96,7 +96,8 @@ class Controller:
         self.max_climbs, self.max_streak = max_climbs, max_streak
         self.streak, self.last_set = 0, None  # consecutive set phases of the same speculative config
         self.alpha_prior: float | None = None  # acceptance per depth measured by earlier requests
-        self.times: dict = {}  # config -> the last `window` step times (across requests)
+        self._times_by_rows: dict = {}  # rows bucket -> {config -> the last `window` step times (across requests)}
+        self.times: dict = self._times_by_rows.setdefault(1, {})  # the current rows bucket's
         self.tokens: dict = {}  # config -> EMA tokens per step (across requests)
         self._runs: dict = {}  # verify bucket -> runs so far (the first two are not timed: compile, warm-up)
         self.has_ar = any(s.max_nodes == 0 for s, _ in self.configs)
@@ -203,14 +204,8 @@ class Controller:
         got = [(c, t / n, n) for c, (t, n) in self.req.items() if c[0].max_nodes and n]
         if not got:
             return None
-        alphas = []
-        for c, tokens, n in got:
-            depth, lo, hi = min(c[0].depth, c[0].max_nodes), 0.0, 1.0
-            for _ in range(30):
-                mid = (lo + hi) / 2
-                lo, hi = (mid, hi) if chain_tokens(mid, depth) < tokens else (lo, mid)
-            alphas += [lo] * n
-        return sum(alphas) / len(alphas)
+        alphas = [chain_acceptance(tokens, min(c[0].depth, c[0].max_nodes)) for c, tokens, _ in got]
+        return sum((1.0 if a is None else a) * n for a, (_, _, n) in zip(alphas, got)) / sum(n for *_, n in got)
 
     def utility(self, cfg) -> float:
         """tokens per step / step-time ratio, at most tokens per step (a pass of more tokens never costs less)."""
@@ -283,8 +278,9 @@ class Controller:
                 self._advance()
         return self.current
 
-    def observe(self, cfg, tokens: int, seconds: float, bucket) -> None:
-        """A step of cfg emitted tokens in seconds; bucket: the verify pass's (N, C) (its first run compiles)."""
+    def observe(self, cfg, tokens: float, seconds: float, bucket) -> None:
+        """A step of cfg emitted tokens (per live row) in seconds; bucket: the verify pass's (R, N, C) (its first run
+        compiles)."""
         got = self.req.setdefault(cfg, [0, 0])
         got[0] += tokens
         got[1] += 1
@@ -305,23 +301,25 @@ class Controller:
             self.streak, self.last_set = 0, None
 
     # --- the decoder's step ------------------------------------------------------------------------
-    def step(self, decoder, root: int, sampling, generator, stats) -> list[int]:
-        """One decode step under the chosen config; records the decision in stats.decisions."""
+    def step(self, decoder, sampling, generator, stats) -> int:
+        """One decode step of every live row under the chosen config; records the decision in stats.decisions.
+        Utility is per row (tokens each live row emitted); step times are kept per rows bucket (a pass of fewer rows
+        costs less, for every config alike)."""
         from ..cost import shape_key
 
+        self.times = self._times_by_rows.setdefault(decoder.cache.rows, {})
         cfg = self.next()
         shape, c = cfg
+        rows = max(sum(decoder.live), 1)
         t0 = decoder._clock()
-        emitted = decoder._step(root, shape, c, sampling, generator, shape.max_nodes > 0, stats)
+        emitted = decoder._step(shape, c, sampling, generator, stats)
         seconds = decoder._clock() - t0
-        if not shape.max_nodes and self.drafts:
-            decoder.drafter.skip(root)  # the drafter catches up on tokens committed without a draft
         v = stats.verify[-1]
         phase = self.phase
-        self.observe(cfg, len(emitted), seconds, (v.bucket, v.budget))
+        self.observe(cfg, emitted / rows, seconds, (v.row_bucket, v.bucket, v.budget))
         base = self.ar_time()
-        stats.decisions.append(Decision(stats.steps - 1, shape_key(shape), c, phase, len(emitted), seconds,
-                                        None if not base else len(emitted) / (seconds / base)))
+        stats.decisions.append(Decision(stats.steps - 1, shape_key(shape), c, phase, emitted, seconds,
+                                        None if not base else emitted / rows / (seconds / base)))
         return emitted
 
 

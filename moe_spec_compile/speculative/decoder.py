@@ -1,127 +1,63 @@
-"""The speculative decoding loop: prefill, then draft -> verify -> accept until done.
+"""The speculative decoding loop, one for every batch size: prefill, then draft -> verify -> accept until done.
 
-prompt --prefill (exact)--> root; loop: draft tree below root -> one verify pass of the padded tree
-(tree mask, exactly budget C, node weights; padding weighs 0) -> accept path + bonus -> compact the KV cache
--> next root
+prompts [B, L] (left padded) --prefill (exact)--> roots [R]; loop: pack live rows into a rows bucket R -> draft a
+tree per row -> pad the trees to a tree bucket N -> one verify pass of R x N tokens (tree masks, exactly budget C
+over the pass, node weights; padding weighs 0) -> accept a path + bonus per row -> compact the KV caches -> next roots
 
-Legend: L prompt length, n tree nodes (root included), N padded pass size, S cache slots, V vocabulary.
+Legend: B rows asked for, R rows of a pass (a rows bucket: live rows + dead padding rows; 1 for one sequence),
+L prompt length, n nodes of the widest tree (root included), N padded nodes per row, S cache slots, V vocabulary.
+
+Budgets over the batch. The experts a MoE layer loads in a verify pass are shared by every row of the pass, so the
+budget set A of a layer is chosen once per pass from all live rows' real tokens (budget.py, DESIGN.md); padding
+nodes of a narrower row's tree, and every token of a dead (finished) or padding row, weigh 0 through
+``msc.token_weights``: they do not vote, and under the "substitute" policy they are routed inside A like every other
+token, so no pass loads more than C experts per layer. A per-row budget set is not offered: it would load the union
+of the rows' sets, up to R * C experts, which is not the budget C a user asked for.
+
+Rows that finish (EOS or max_new_tokens) stop voting at once and leave the pass when the live rows fit a smaller rows
+bucket: the caches are packed on the device (kv.TreeCache.copy_rows); each rows bucket keeps its own cache, so CUDA
+graphs captured for it stay valid. Until then a dead row's nodes (like the padding nodes of a narrower tree) mirror
+its root: same token, position and view, so under exact routing they add at most k experts per layer to the pass.
 """
 
 from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from ..backend import allow_recompiles, is_moespec_compiled, moespec_options
+from ..budget import MAX_TOKENS, validate_budget, validate_policy
 from ..budget import budget as budget_ctx
-from ..budget import validate_budget, validate_policy
 from ..record import record_experts
-from .accept import Acceptance, SamplingConfig, accept_greedy, accept_sample
+from .accept import SamplingConfig, accept_greedy, accept_sample, process_logits
 from .buckets import DEFAULT_TREE_BUCKETS, FastestExact, VerifyRunner, pick_bucket
-from .checks import check_compile_options, check_input_ids, check_int, check_tree_fits_vocab, warn_slow_cpu_environment
+from .checks import (
+    check_batch,
+    check_compile_options,
+    check_input_ids,
+    check_int,
+    check_tree_fits_vocab,
+    warn_slow_cpu_environment,
+)
 from .controller import make_controller
 from .drafters import Drafter, ModelDrafter, NgramDrafter
 from .kv import Masks, TreeCache, forward, takes_cache_position
+from .stats import GenerateStats, RowStats, VerifyStats
 from .tree import DraftTree, StaticTree, TreeSpec, ancestors, as_tree_shape
 from .weights import DEFAULT_NODE_WEIGHTS, node_weights, validate_node_weights
 
-__all__ = ["SpeculativeDecoder", "GenerateOutput", "GenerateStats", "VerifyStats"]
+__all__ = ["SpeculativeDecoder", "GenerateOutput", "DEFAULT_ROW_BUCKETS"]
 
 _UNSET = object()
-
-
-@dataclass
-class VerifyStats:
-    tree_size: int  # nodes drafted + root
-    bucket: int  # the padded pass size N
-    budget: int | None  # the budget C this pass ran under, exactly as asked (None: exact)
-    accepted: int  # tokens this step emitted (accepted drafted tokens + the bonus)
-    experts_per_layer: dict[str, int] | None = None  # distinct experts each MoE block used (None: not recorded)
-    budget_bound: bool | None = None  # some block used all the experts its budget allowed
-    layer_budgets: dict[str, int | None] | None = None  # the C each block applied: C clamped to [k, E], None when
-    #                                                     C >= E (exact); None: not recorded
-    path: str = "moespec"  # the path that ran it: "moespec", or "plain" (an exact pass on the plain target)
-
-
-@dataclass
-class GenerateStats:
-    steps: int = 0  # verify passes
-    new_tokens: int = 0
-    accepted_per_step: list[int] = field(default_factory=list)  # tokens emitted per step (bonus included)
-    verify: list[VerifyStats] = field(default_factory=list)
-    time_prefill: float = 0.0
-    time_draft: float = 0.0
-    time_verify: float = 0.0
-    time_accept: float = 0.0
-    time_host: float = 0.0  # the loop's own work between the phases (stopping checks, bookkeeping, the controller)
-    decisions: list = field(default_factory=list)  # tree="auto" / budget="auto": one controller.Decision per step
-
-    @property
-    def tokens_per_step(self) -> float:
-        """Mean accepted length: tokens emitted per verify pass, bonus included."""
-        return sum(self.accepted_per_step) / max(len(self.accepted_per_step), 1)
-
-    @property
-    def buckets(self) -> list[tuple[int, int | None]]:
-        return sorted({(v.bucket, v.budget) for v in self.verify}, key=lambda b: (b[0], b[1] or 0))
-
-    @property
-    def time_total(self) -> float:
-        return self.time_prefill + self.time_draft + self.time_verify + self.time_accept + self.time_host
-
-    def experts_per_layer(self) -> float | None:
-        """Mean distinct experts per MoE layer per verify pass (None: not recorded)."""
-        counts = [n for v in self.verify if v.experts_per_layer for n in v.experts_per_layer.values()]
-        return sum(counts) / len(counts) if counts else None
-
-    def summary(self) -> dict:
-        """Named, rounded figures: counts, tokens per verify pass (bonus included), tokens/s over the
-        timed phases, experts per layer per verify pass, the share of passes where the budget bound,
-        and the time per phase in seconds (4 significant digits)."""
-        bound = [v.budget_bound for v in self.verify if v.budget_bound is not None]
-        experts = self.experts_per_layer()
-        total = self.time_total
-        return {
-            "steps": self.steps,
-            "new_tokens": self.new_tokens,
-            "tokens_per_step": round(self.tokens_per_step, 3),
-            "tokens_per_s": round(self.new_tokens / total, 2) if total > 0 else None,
-            "experts_per_layer": None if experts is None else round(experts, 2),
-            "budget_bound_fraction": round(sum(bound) / len(bound), 3) if bound else None,
-            "buckets": self.buckets,
-            "time_s": {name: _sig(value) for name, value in (
-                ("prefill", self.time_prefill), ("draft", self.time_draft), ("verify", self.time_verify),
-                ("accept", self.time_accept), ("host", self.time_host), ("total", total))},
-        }
-
-    def __str__(self) -> str:
-        s = self.summary()
-        t = s["time_s"]
-        rows = [
-            ("new tokens", f"{s['new_tokens']} in {s['steps']} verify passes"),
-            ("tokens per pass", f"{s['tokens_per_step']:.2f} (accepted drafts + 1 bonus)"),
-            ("tokens/s", "-" if s["tokens_per_s"] is None else f"{s['tokens_per_s']:.1f} (prefill included)"),
-            ("experts/layer", "not recorded" if s["experts_per_layer"] is None
-             else f"{s['experts_per_layer']:.1f} per verify pass"),
-            ("budget bound", "-" if s["budget_bound_fraction"] is None
-             else f"in {s['budget_bound_fraction']:.0%} of verify passes"),
-            ("time (s)", "  ".join(f"{k} {v:.3g}" for k, v in t.items())),
-            ("buckets", ", ".join(f"{n} tokens C={'exact' if c is None else c}" for n, c in s["buckets"]) or "-"),
-        ]
-        return "\n".join(f"{name:<16} {value}" for name, value in rows)
-
-
-def _sig(seconds: float) -> float:
-    """4 significant digits: readable, and a positive time never rounds to 0."""
-    return float(f"{seconds:.4g}")
+DEFAULT_ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256)
 
 
 @dataclass
 class GenerateOutput:
-    sequences: torch.Tensor  # [1, L + new tokens]
+    sequences: torch.Tensor  # [B, L + new tokens]
     stats: GenerateStats
 
 
@@ -155,13 +91,14 @@ class SpeculativeDecoder:
     use instead (its trees and budgets); out.stats.decisions holds the trace.
     tree_buckets: the pass sizes trees are padded to (default: 1, 2, 4, 8, 16, 24, ... plus the full size of every
     tree shape the decoder runs, so a chain of K verifies K + 1 tokens; fit_pass_size).
-    cuda_graphs: capture each tree-size bucket's verify pass once (default: on CUDA).
+    cuda_graphs: capture each pass shape's (rows bucket, tree bucket) verify pass once (default: on CUDA).
     collect_expert_stats: record experts per layer per verify pass (reads ids back to the host). None (default):
     record the passes that run in the moespec graph anyway (budgeted ones, exact ones where that path is the
     faster), never moving a pass off its faster path, and never while replaying graphs (Python does not run
     there; msc.expert_stats() reads device counters); True: every exact pass of N > 1 stays in the moespec graph,
     which counts it (slower where the plain graph is faster); False: nothing recorded.
-    Batches [B, L]: generate with attention_mask.
+    Batches: generate(input_ids [B, L], attention_mask) with left padding; every row drafts its own tree and one
+    verify pass of R rows x N nodes takes them all (R a rows bucket); batch 1 is the same code with B = 1.
     Exact passes (no budget) run on the faster of two exact paths, measured per pass size on this device
     (buckets.FastestExact; each pass's ``path`` in out.stats says which): the moespec graph and the plain target.
     The plain target is the unmodified model compiled by inductor where the moespec graph's inner compiler is
@@ -186,7 +123,6 @@ class SpeculativeDecoder:
         if compile:
             options = {"policy": validate_policy(policy), "max_budget_tokens": None, **compile_options}
             self.verify_model = torch.compile(self.eager_target, backend="moespec", dynamic=False, options=options)
-            _allow_recompiles(len(tree_buckets or DEFAULT_TREE_BUCKETS) + 8)
         self.drafter = drafter if drafter is not None else NgramDrafter()
         if compile and compile_options.get("inner", "inductor") == "inductor" and isinstance(self.drafter,
                                                                                            ModelDrafter):
@@ -217,8 +153,6 @@ class SpeculativeDecoder:
         self._exact_any_n = (options is not None and options.get("inner", "inductor") == "inductor"
                              and not self.cuda_graphs and self.verify_model is not self.eager_target)
         self.plain_target = plain_compiled(self.verify_model) if self._exact_any_n else self.eager_target
-        if self._exact_any_n:
-            _allow_recompiles(2 * len(self.tree_buckets) + 8)  # two compiled graphs per pass size
         self.timing = timing
         self.vocab_size = self.eager_target.config.get_text_config(decoder=True).vocab_size
         self.tree = self._tree_shape(0 if tree == "auto" else tree)
@@ -227,10 +161,14 @@ class SpeculativeDecoder:
         if hasattr(self.drafter, "vocab_size") and self.drafter.vocab_size is None:
             self.drafter.vocab_size = self.vocab_size
         self._cache_position = takes_cache_position(self.eager_target)
-        self.cache: TreeCache | None = None
-        self.runner: VerifyRunner | None = None
-        self.exact_one: FastestExact | None = None
-        self._buffers: dict[int, dict[str, torch.Tensor]] = {}  # pass size N -> its input buffers (_pass_buffers)
+        self.row_buckets = DEFAULT_ROW_BUCKETS
+        self.caches: dict[int, TreeCache] = {}  # rows bucket R -> its cache (CUDA graphs read fixed buffers)
+        self.cache: TreeCache | None = None  # the current pass's
+        self.max_len = 0
+        self.runner = VerifyRunner(self.verify_model, self.cuda_graphs, self._cache_position, self.policy)
+        self.exact_one = None if self.verify_model is self.eager_target else FastestExact(
+            lambda cache, *a: self.runner(cache, *a, None, None), self._plain_pass, self._clock)
+        self._buffers: dict[tuple, dict[str, torch.Tensor]] = {}  # (R, N) -> a pass's input buffers
 
     # --- the loop ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -238,14 +176,14 @@ class SpeculativeDecoder:
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int | None = None, eos_token_id=_UNSET,
                  generator: torch.Generator | None = None, tree=_UNSET, budget=_UNSET, attention_mask=None,
                  pad_token_id=_UNSET) -> GenerateOutput:
-        """Generate up to max_new_tokens after input_ids [1, L]; stops after the first EOS (included).
+        """Generate up to max_new_tokens after input_ids [B, L] (or [L]); each row stops after its first EOS
+        (included). attention_mask [B, L]: left padding (0s before each row's tokens).
 
         With do_sample=False the output equals the target's own greedy decoding when the budget is None.
-        Sampling keeps the target's distribution (after temperature, top_k, top_p) exactly.
-        A batch (input_ids [B, L], B > 1, or a mask with padding; attention_mask [B, L] left-padded) goes
-        to batched.BatchedGenerator: rows stop on their own, .sequences is [B, L + the longest row's new
-        tokens] padded with pad_token_id (default: generation_config's, else the first EOS) as
-        transformers returns it, and .stats is a batched.BatchGenerateStats (per row and overall)."""
+        Sampling keeps the target's distribution (after temperature, top_k, top_p) exactly. Rows stop on their own:
+        .sequences is [B, L + the longest row's new tokens], padded after a row's end with pad_token_id (default:
+        generation_config's, else the first EOS) as transformers returns it; .stats counts all rows, .stats.rows[b]
+        each."""
         max_new_tokens = check_int(max_new_tokens, "max_new_tokens", 1)
         sampling = SamplingConfig(do_sample, temperature, top_p, top_k)
         ctl = self._auto(tree, budget)
@@ -253,144 +191,205 @@ class SpeculativeDecoder:
         schedule = self.budget if budget is _UNSET or ctl else _refuse_unbound(_check_budget(budget),
                                                                               self._budgets_bind)
         eos = self._eos_set(eos_token_id)
-        if _is_batch(check_input_ids(torch.as_tensor(input_ids), self.vocab_size), attention_mask):
-            if ctl:
-                raise ValueError("tree='auto' / budget='auto' decode one row at a time; for a batch give the "
-                                 "decoder a tree and a budget")
-            return self._generate_batch(input_ids, attention_mask, max_new_tokens, sampling, shape, schedule, eos,
-                                        pad_token_id, generator)
-        ids = self._check_input(input_ids)
-        stats = GenerateStats()
-        self._allocate(ids.shape[1] + max_new_tokens, shape)
-
+        ids, mask = check_batch(check_input_ids(torch.as_tensor(input_ids), self.vocab_size), attention_mask)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        stats = GenerateStats(rows=[RowStats() for _ in range(ids.shape[0])])
         t = self._clock()
-        root = self.prefill(ids, sampling, generator)
         drafting = ctl.drafts if ctl else shape.max_nodes > 0  # tree=0: autoregressive, through the verify path
-        if drafting:
-            self.drafter.start(ids, self.cache.max_len)
+        self.begin(ids, mask, max_new_tokens, shape, sampling, generator, drafting, eos)
         stats.time_prefill = self._clock() - t
-        new = [root]
         t_loop = self._clock()
-        while len(new) < max_new_tokens and root not in eos:
+        while any(self.live):
+            self._pack()
             if ctl:
-                emitted = ctl.step(self, root, sampling, generator, stats)
+                ctl.step(self, sampling, generator, stats)
             else:
                 c = schedule(stats.steps) if callable(schedule) else schedule
-                emitted = self._step(root, shape, c, sampling, generator, drafting, stats)
-            new.extend(emitted)
-            root = emitted[-1]
-            if eos & set(emitted):
-                break
+                self._step(shape, c, sampling, generator, stats)
         stats.time_host = max(self._clock() - t_loop - stats.time_draft - stats.time_verify - stats.time_accept, 0.0)
-        new = _truncate(new, max_new_tokens, eos)
-        stats.new_tokens = len(new)
-        out = torch.cat([ids, torch.tensor([new], dtype=ids.dtype, device=ids.device)], dim=1)
-        return GenerateOutput(out, stats)
+        for rs, toks in zip(stats.rows, self.new):
+            rs.new_tokens = len(toks)
+        stats.new_tokens = sum(len(t) for t in self.new)
+        return GenerateOutput(self._sequences(ids, pad_token_id, eos), stats)
 
-    def _step(self, root: int, shape, c, sampling, generator, drafting: bool, stats: GenerateStats) -> list[int]:
-        """draft -> verify -> accept; returns the tokens emitted (accepted drafted tokens, then the bonus)."""
+    def begin(self, ids: torch.Tensor, mask: torch.Tensor | None, max_new_tokens: int, shape, sampling,
+              generator=None, drafting: bool = False, eos=frozenset()) -> None:
+        """A new request: caches sized for it, the prompts' exact prefill (-> each row's first token), the drafter
+        started on the prompts when drafting. ids [B, L]; mask [B, L] (None: no padding)."""
+        b, length = ids.shape
+        mask = torch.ones_like(ids) if mask is None else mask
+        r = pick_bucket(b, self.row_buckets)
+        rows_ids = torch.cat([ids, ids[:1].expand(r - b, length)])  # padding rows repeat row 0
+        pad = (length - torch.cat([mask, mask[:1].expand(r - b, length)]).sum(1)).tolist()
+        self._allocate(length + max_new_tokens, shape)
+        self.row_of = list(range(b)) + [-1] * (r - b)  # cache row -> batch row (-1: padding or finished)
+        self.live = [row >= 0 for row in self.row_of]
+        self.new: list[list[int]] = [[] for _ in range(b)]
+        self.eos, self.max_new, self._drafts = eos, max_new_tokens, drafting
+        self.cache = self._cache_for(r)
+        self.roots = self.prefill(rows_ids, pad, sampling, generator)
+        if drafting:
+            self.drafter.start(rows_ids, pad, self.max_len)
+        self._emit(self.roots)
+
+    def _step(self, shape, c, sampling, generator, stats: GenerateStats) -> int:
+        """draft -> verify -> accept for every live row -> tokens emitted by all rows (accepted drafts + bonus)."""
+        live, roots = list(self.live), self.roots
+        drafting = self._drafts and shape.max_nodes > 0
         t0 = self._clock()
-        tree = self.draft(root, shape) if drafting else DraftTree.root_only(torch.tensor(root, device=self.device))
+        tree = self.drafter.draft(roots, shape, live) if drafting else \
+            DraftTree.root_only(torch.tensor(roots, device=self.device))
         t1 = self._clock()
         logits, vstat = self.verify(tree, c)
         t2 = self._clock()
-        acc = self.accept(tree, logits, sampling, generator, drafting)
+        acc = self.accept(self._tree, logits, sampling, generator, drafting)
+        if self._drafts and not drafting:
+            self.drafter.skip(roots, live)  # the drafter catches up on tokens committed without a draft
         t3 = self._clock()
-        emitted = acc.tokens[1:] + [acc.bonus]
-        vstat.accepted = len(emitted)
+        emitted = 0
+        for i, alive in enumerate(live):
+            if alive:
+                rs = stats.rows[self.row_of[i]]
+                rs.steps += 1
+                rs.accepted_per_step.append(len(acc.tokens[i]))
+                emitted += len(acc.tokens[i])
+        self._emit(acc.bonus, acc.tokens)
+        vstat.accepted, vstat.tokens = emitted, acc.nodes
         stats.steps += 1
-        stats.accepted_per_step.append(len(emitted))
+        stats.accepted_per_step.append(emitted)
         stats.verify.append(vstat)
         stats.time_draft += t1 - t0
         stats.time_verify += t2 - t1
         stats.time_accept += t3 - t2
         return emitted
 
-    def prefill(self, ids: torch.Tensor, sampling: SamplingConfig, generator=None) -> int:
-        """Exact (never budgeted) forward of the prompt through the uncompiled target -> first token."""
-        n = ids.shape[1]
-        pos = torch.arange(n, device=self.device)
+    def prefill(self, rows_ids: torch.Tensor, pad: list[int], sampling: SamplingConfig, generator=None):
+        """Exact (never budgeted) forward of the left-padded prompts [R, L] through the uncompiled target -> the
+        first token of every row (host list)."""
+        r, length = rows_ids.shape
+        cache = self.cache
+        cache.set_pad(pad)
+        slots = torch.arange(length, device=self.device).expand(r, length)
+        pos = (slots - cache.pad_t[:, None]).clamp(min=0)
         with budget_ctx(None):
-            logits = forward(self.eager_target, self.cache, ids[0], pos, self.masks.causal(n, 0, self.device), pos,
-                             self._cache_position)
-        self.cache.length = n
-        root = DraftTree.root_only(ids[0, -1])
+            logits = forward(self.eager_target, cache, rows_ids, pos, self.masks.prompt(cache.pad, length), slots,
+                             self._cache_position)[:, -1, : self.vocab_size]
+        cache.lengths = [length] * r
         if not sampling.do_sample:
-            return int(logits[-1].argmax())
-        return accept_sample(root, logits[-1:], sampling, generator).bonus
+            return logits.argmax(-1).tolist()
+        probs = process_logits(logits, sampling)
+        return torch.multinomial(probs.cpu() if generator is not None else probs, 1, generator=generator)[:, 0].tolist()
 
-    def draft(self, root: int, shape) -> DraftTree:
-        return self.drafter.draft(root, shape)
+    def verify(self, tree: DraftTree, c) -> tuple[torch.Tensor, VerifyStats]:
+        """One forward of every row's padded tree through the target under exactly budget C -> logits [R, N, V].
 
-    def verify(self, tree: DraftTree, c: int | None) -> tuple[torch.Tensor, VerifyStats]:
-        """One forward of the padded tree through the target under exactly budget C -> logits [n, V].
-
-        Padding repeats the root (same token, position and mask row), so a padded row computes exactly
-        the root's output; it weighs 0 in the budget's expert scores (msc.token_weights), as it must not
-        vote. The nodes weigh as self.node_weights says."""
-        n = tree.size
+        Row b's nodes sit after its prefix (slots lengths[b] ..), at positions lengths[b] - pad_b + depth. Padding
+        nodes (a narrower row's, and every node of a row not live) repeat the root (same token, position and mask
+        row), so they compute exactly the root's output; they weigh 0 in the budget's expert scores
+        (msc.token_weights), as they must not vote. The nodes weigh as self.node_weights says. The padded tree is
+        kept in self._tree for the acceptance."""
+        cache, dev = self.cache, self.device
+        r, n = tree.tokens.shape
         big_n = pick_bucket(n, self.tree_buckets)
-        prefix = self.cache.length
-        if prefix + big_n > self.cache.max_len:
-            raise RuntimeError(f"KV cache of {self.cache.max_len} slots is full ({prefix} + {big_n})")
-        buf = self._pass_buffers(big_n)
-        tokens, pos, slots, anc = buf["tokens"], buf["pos"], buf["slots"], buf["anc"]
-        tokens[:n] = tree.tokens
-        tokens[n:] = tree.tokens[:1]  # padding repeats the root
-        pos[:n] = tree.depth
-        pos[n:] = 0
-        pos += prefix
-        torch.add(buf["arange"], prefix, out=slots)
-        anc.zero_()
-        self._anc = ancestors(tree.parents, int(self._max_depth), out=anc[:n, :n])  # a view: acceptance reads it
-        anc[n:, 0] = True  # padding rows see what the root sees
-        mask = self.masks.tree(anc, prefix, pos, pos)
-        weights = None if c is None else node_weights(tree, self.node_weights, big_n)  # exact: nothing to rank
-        stat = VerifyStats(tree_size=n, bucket=big_n, budget=c, accepted=0)
+        if r * big_n > MAX_TOKENS:
+            raise ValueError(f"a verify pass of {r} rows x {big_n} tree tokens exceeds the {MAX_TOKENS} tokens "
+                             "msc.token_weights covers; use fewer rows or a smaller tree")
+        if cache.length + big_n > cache.max_len:
+            raise RuntimeError(f"KV cache of {cache.max_len} slots is full ({cache.length} + {big_n})")
+        live = self.live if len(self.live) == r else [True] * r
+        tree = self._tree = tree.padded(big_n, None if all(live) else torch.tensor(live, device=dev))
+        buf = self._pass_buffers(r, big_n)
+        anc = ancestors(tree.parents, self._max_depth, out=buf["anc"])
+        self._has_padding = big_n > n or r > 1 or not all(live)  # padding nodes (one row's own tree has none)
+        if self._has_padding:
+            anc &= tree.valid[..., None]
+            anc[..., 0] |= ~tree.valid  # padding nodes see what the root sees
+        self._anc = anc
+        start = torch.tensor(cache.lengths, device=dev)
+        tokens, pos, slots = buf["tokens"], buf["pos"], buf["slots"]
+        tokens.copy_(tree.tokens)
+        torch.add((start - cache.pad_t)[:, None], tree.depth, out=pos)
+        torch.add(start[:, None], buf["arange"], out=slots)
+        mask = self.masks.tree(anc, cache.lengths, cache.pad, pos, pos)
+        weights = None if c is None else node_weights(tree, self.node_weights)  # exact: nothing to rank
+        stat = VerifyStats(tree_size=n, bucket=big_n, budget=c, rows=sum(live), row_bucket=r)
         if c is None and self.exact_choice(big_n):  # an exact pass (an AR step, exact speculation): the faster path
-            logits = self.exact_one(tokens, pos, mask, slots)
+            logits = self.exact_one(cache, tokens, pos, mask, slots)
             stat.path = self.exact_one.last
         elif self.records_experts():
             with record_experts() as rec:
-                logits = self.runner(tokens, pos, mask, slots, c, weights)
+                logits = self.runner(cache, tokens, pos, mask, slots, c, weights)
             _expert_stats(stat, rec.events)
         else:
-            logits = self.runner(tokens, pos, mask, slots, c, weights)
-        return logits[:n, : self.vocab_size], stat
+            logits = self.runner(cache, tokens, pos, mask, slots, c, weights)
+        self._start = start
+        return logits[..., : self.vocab_size], stat
 
     def accept(self, tree: DraftTree, logits: torch.Tensor, sampling: SamplingConfig, generator=None,
-               tell_drafter: bool = True) -> Acceptance:
-        """Pick the path and the bonus (accept.py), then move the path's KV into place after the prefix."""
+               tell_drafter: bool = True):
+        """Pick each live row's path and bonus (accept.py), then move the paths' KV into place after the prefixes
+        (nothing to move where every path's nodes are already in place, as in a chain)."""
+        padded = self._has_padding or len(self.live) != tree.rows
+        live = torch.tensor(self.live, device=self.device) if len(self.live) == tree.rows else None
         if sampling.do_sample:
-            acc = accept_sample(tree, logits, sampling, generator)
+            acc = accept_sample(tree, logits, sampling, live, generator)
         else:
-            acc = accept_greedy(tree, logits, self._anc)
-        self.cache.compact(acc.order, self.cache.length)
-        self.cache.length += len(acc.path)
+            acc = accept_greedy(tree, logits, self._anc, live if padded else None)
+        if any(p != list(range(len(p))) for p in acc.paths):
+            self.cache.compact(acc.order, self._start)
+        self.cache.lengths = [n + len(p) for n, p in zip(self.cache.lengths, acc.paths)]
         if tell_drafter:
-            if acc.payload is None:
-                self.drafter.accept(acc.path, acc.tokens + [acc.bonus])
-            else:  # the drafter's per-node data for the path, read with the acceptance (DraftTree.payload)
-                self.drafter.accept(acc.path, acc.tokens + [acc.bonus], acc.payload)
+            self.drafter.accept(acc, self.live)
         return acc
 
-    def _generate_batch(self, input_ids, attention_mask, max_new_tokens, sampling, shape, schedule, eos,
-                        pad_token_id, generator) -> GenerateOutput:
-        """Batched generation (batched.py); one BatchedGenerator per decoder keeps its caches and graphs."""
-        from .batched import BatchedGenerator
+    # --- rows: emitted tokens, finishing, packing -----------------------------------------------------
+    def _emit(self, bonus: list[int], paths: list[list[int]] | None = None) -> None:
+        """Append each live row's accepted drafted tokens and bonus; a row finishes at EOS or max_new_tokens; the
+        bonus tokens become the next roots."""
+        for i, row in enumerate(self.row_of):
+            if not self.live[i]:
+                continue
+            out = self.new[row]
+            for tok in (paths[i][1:] if paths else []) + [bonus[i]]:
+                out.append(tok)
+                if tok in self.eos or len(out) >= self.max_new:
+                    self.live[i] = False
+                    break
+        self.roots = list(bonus)
 
-        if getattr(self, "_batched", None) is None:
-            self._batched = BatchedGenerator(self)
-        if pad_token_id is _UNSET:
-            pad_token_id = getattr(getattr(self.eager_target, "generation_config", None), "pad_token_id", None)
-            if pad_token_id is None and eos:
-                pad_token_id = (self._eos_list() or sorted(eos))[0]
-        return self._batched.generate(input_ids, attention_mask, max_new_tokens, sampling, shape, schedule, eos,
-                                      pad_token_id, generator)
+    def _pack(self) -> None:
+        """Move the live rows into the smallest rows bucket that holds them (device copies, no host loop over the
+        cache); the bucket's spare rows repeat a live row and stay dead."""
+        live = [i for i, alive in enumerate(self.live) if alive]
+        r = pick_bucket(len(live), self.row_buckets)
+        if r >= len(self.row_of):
+            return
+        keep = live + [live[0]] * (r - len(live))
+        cache = self._cache_for(r)
+        cache.copy_rows(self.cache, keep)
+        self.cache = cache
+        if self._drafts:
+            self.drafter.select(keep)
+        self.roots = [self.roots[i] for i in keep]
+        self.row_of = [self.row_of[i] for i in live] + [-1] * (r - len(live))
+        self.live = [True] * len(live) + [False] * (r - len(live))
 
-    def _eos_list(self) -> list[int]:
-        eos = getattr(getattr(self.eager_target, "generation_config", None), "eos_token_id", None)
-        return list(eos) if isinstance(eos, (list, tuple)) else [] if eos is None else [eos]
+    def _sequences(self, ids: torch.Tensor, pad_token_id, eos: set[int]) -> torch.Tensor:
+        """[B, L + longest row's new tokens]: prompts as given, new tokens, then the pad token (transformers'
+        layout; a row that stopped at EOS is padded after it)."""
+        width = max(len(t) for t in self.new)
+        if any(len(t) < width for t in self.new):
+            if pad_token_id is _UNSET:
+                pad_token_id = getattr(getattr(self.eager_target, "generation_config", None), "pad_token_id", None)
+                if pad_token_id is None and eos:
+                    first = self._eos_set(_UNSET, first=True)
+                    pad_token_id = sorted(eos)[0] if first is None else first
+            if pad_token_id is None:
+                raise ValueError("rows finished at different lengths and there is no pad token: pass pad_token_id "
+                                 "(or set generation_config.pad_token_id or eos_token_id)")
+        fill = 0 if pad_token_id in (None, _UNSET) else pad_token_id
+        out = torch.tensor([t + [fill] * (width - len(t)) for t in self.new], dtype=ids.dtype)
+        return torch.cat([ids, out.to(ids.device)], dim=1)
 
     # --- helpers -----------------------------------------------------------------------------------
     def _tree_shape(self, tree):
@@ -408,7 +407,6 @@ class SpeculativeDecoder:
         n = shape.max_nodes + 1
         if self._fit_sizes and n not in self.tree_buckets:
             self.tree_buckets = tuple(sorted((*self.tree_buckets, n)))
-            _allow_recompiles(2 * len(self.tree_buckets) + 8)  # two compiled graphs (moespec, plain) per size
         return n
 
     def _auto(self, tree, budget):
@@ -425,57 +423,49 @@ class SpeculativeDecoder:
         self.controller.start()
         return self.controller
 
-    def _check_input(self, input_ids) -> torch.Tensor:
-        ids = check_input_ids(torch.as_tensor(input_ids), self.vocab_size)
-        if ids.dim() == 1:
-            ids = ids[None]
-        if ids.dim() != 2 or ids.shape[1] == 0:
-            raise ValueError(f"input_ids must be [1, L] with L >= 1, got shape {tuple(ids.shape)}")
-        if ids.shape[0] != 1:
-            raise ValueError(f"SpeculativeDecoder supports batch size 1 only, got a batch of {ids.shape[0]}; "
-                             "loop over the rows (acceptance lengths differ per row)")
-        return ids.to(self.device)
-
-    def _eos_set(self, eos_token_id) -> set[int]:
+    def _eos_set(self, eos_token_id, first: bool = False):
+        """The EOS ids (default: generation_config's); first=True: the first of generation_config's, or None."""
         if eos_token_id is _UNSET:
             eos_token_id = getattr(getattr(self.eager_target, "generation_config", None), "eos_token_id", None)
-        if eos_token_id is None:
-            return set()
-        return {int(e) for e in (eos_token_id if isinstance(eos_token_id, (list, tuple, set)) else [eos_token_id])}
+        ids = [] if eos_token_id is None else list(eos_token_id) if isinstance(eos_token_id, (list, tuple, set)) \
+            else [eos_token_id]
+        return (int(ids[0]) if ids else None) if first else {int(e) for e in ids}
 
     def _allocate(self, seq_len: int, shape) -> None:
-        """(Re)allocate the target's cache when the sequence may not fit; keep it (and its graphs) if it does."""
-        nodes = shape.max_nodes + 1
-        self._max_depth = shape.depth
-        extra = pick_bucket(nodes, self.tree_buckets) + 1
-        need = seq_len + extra
+        """Caches of max_len slots: the sequence, a verify pass past an overshooting path, the drafter's fed nodes.
+        Reallocated (and captured graphs dropped) only when a longer sequence comes; the recompile limit covers one
+        graph per pass shape (R, N), two where exact passes choose between two compiled paths."""
+        nodes = pick_bucket(shape.max_nodes + 1, self.tree_buckets)
+        self._max_depth = max(shape.depth, 1)
+        need = seq_len + 2 * nodes + shape.depth + 4
         if isinstance(shape, TreeSpec):
             need += shape.top_k * max(shape.depth - 1, 0)  # the drafter's fed nodes
         elif isinstance(shape, StaticTree):
             need += nodes
-        if self.cache is None or self.cache.max_len < need:
-            max_len = -(-need // 64) * 64
-            self.cache = TreeCache.for_model(self.eager_target, max_len, self.device)
-            self.masks = Masks(self.eager_target, max_len)
-            self.runner = VerifyRunner(self.verify_model, self.cache, self.cuda_graphs, self._cache_position,
-                                       self.policy)
-            self.exact_one = None if self.verify_model is self.eager_target else FastestExact(
-                lambda *a: self.runner(*a, None, None), self._plain_pass, self._clock)
-        self.cache.length = 0
+        if need > self.max_len:
+            self.max_len = -(-need // 64) * 64
+            self.caches.clear()
+            self.runner.reset()
+            self.masks = Masks(self.eager_target, self.max_len)
+        allow_recompiles((2 if self._exact_any_n else 1) * len(self.tree_buckets) * len(self.row_buckets) + 8)
 
-    def _pass_buffers(self, big_n: int) -> dict[str, torch.Tensor]:
-        """A verify pass's inputs, allocated once per pass size N and rewritten in place every step: tokens,
-        positions, write slots [N] and the padded ancestor matrix [N, N] (its top-left n x n block is the tree's own,
-        which acceptance reads)."""
-        buf = self._buffers.get(big_n)
+    def _cache_for(self, r: int) -> TreeCache:
+        if r not in self.caches:
+            self.caches[r] = TreeCache.for_model(self.eager_target, self.max_len, self.device, rows=r)
+        return self.caches[r]
+
+    def _pass_buffers(self, r: int, big_n: int) -> dict[str, torch.Tensor]:
+        """A verify pass's inputs, allocated once per pass shape (R, N) and rewritten in place every step: tokens,
+        positions, write slots [R, N] and the ancestor matrices [R, N, N] (which acceptance reads)."""
+        buf = self._buffers.get((r, big_n))
         if buf is None:
             dev = self.device
-            buf = self._buffers[big_n] = {
-                "tokens": torch.zeros(big_n, dtype=torch.long, device=dev),
-                "pos": torch.zeros(big_n, dtype=torch.long, device=dev),
-                "slots": torch.zeros(big_n, dtype=torch.long, device=dev),
+            buf = self._buffers[(r, big_n)] = {
+                "tokens": torch.zeros(r, big_n, dtype=torch.long, device=dev),
+                "pos": torch.zeros(r, big_n, dtype=torch.long, device=dev),
+                "slots": torch.zeros(r, big_n, dtype=torch.long, device=dev),
                 "arange": torch.arange(big_n, device=dev),
-                "anc": torch.zeros(big_n, big_n, dtype=torch.bool, device=dev),
+                "anc": torch.zeros(r, big_n, big_n, dtype=torch.bool, device=dev),
             }
         return buf
 
@@ -492,18 +482,18 @@ class SpeculativeDecoder:
 
     def settle_exact(self, tree: DraftTree) -> int:
         """Run exact verify passes of `tree` until the decoder has kept its faster exact path for the tree's pass
-        size (nothing where that size does not choose) -> passes run. For timing exact passes as decoding runs them
+        shape (nothing where that size does not choose) -> passes run. For timing exact passes as decoding runs them
         (msc.profile, benchmarks); the cache is not advanced."""
         big_n = pick_bucket(tree.size, self.tree_buckets)
         runs = 0
-        while self.exact_choice(big_n) and not self.exact_one.settled(big_n):
+        while self.exact_choice(big_n) and not self.exact_one.settled((tree.rows, big_n)):
             self.verify(tree, None)
             runs += 1
         return runs
 
-    def _plain_pass(self, tokens, positions, mask, slots) -> torch.Tensor:
+    def _plain_pass(self, cache, tokens, positions, mask, slots) -> torch.Tensor:
         with budget_ctx(None):
-            return forward(self.plain_target, self.cache, tokens, positions, mask, slots, self._cache_position)
+            return forward(self.plain_target, cache, tokens, positions, mask, slots, self._cache_position)
 
     def _clock(self) -> float:
         if self.timing and self.device.type == "cuda":
@@ -513,7 +503,7 @@ class SpeculativeDecoder:
 
 def plain_compiled(verify_model):
     """The unmodified model under `verify_model` (a moespec-compiled model) compiled by inductor (dynamic=False: one
-    graph per pass size). One per moespec compilation, kept on it and shared by every decoder that verifies through
+    graph per pass shape). One per moespec compilation, kept on it and shared by every decoder that verifies through
     it (each torch.compile of a model adds cache entries to the same code); it lives as long as that compilation."""
     plain = verify_model.__dict__.get("_moespec_plain")
     if plain is None:  # set through __dict__: not a submodule (state_dict and named_modules stay the model's)
@@ -522,16 +512,7 @@ def plain_compiled(verify_model):
     return plain
 
 
-def _allow_recompiles(n: int) -> None:
-    """One graph per tree-size bucket: dynamo's per-function limit (8 by default, shared by every
-    torch.compile of the same model class) would otherwise fall back to eager without a word."""
-    allow_recompiles(n)
-
-
 def _check_budget(budget):
-    if budget == "auto":
-        raise NotImplementedError("budget='auto' needs a cost model that picks C per step, which this package does "
-                                  "not have yet; pass None, an int C, or a callable step -> C")
     return budget if callable(budget) else validate_budget(budget)
 
 
@@ -551,22 +532,3 @@ def _expert_stats(stat: VerifyStats, events) -> None:
     stat.experts_per_layer = {ev.block: len(ev.experts) for ev in events}
     stat.layer_budgets = {ev.block: ev.budget for ev in events}
     stat.budget_bound = any(ev.budget is not None and len(ev.experts) >= ev.budget for ev in events)
-
-
-def _is_batch(input_ids, attention_mask) -> bool:
-    """Several rows, or one row with padding in its mask (shape errors are raised by batched.check_batch)."""
-    from .batched import check_batch
-
-    ids = torch.as_tensor(input_ids)
-    if attention_mask is None:
-        return ids.dim() == 2 and ids.shape[0] > 1
-    _, mask = check_batch(ids, attention_mask)
-    return mask.shape[0] > 1 or bool((mask == 0).any())
-
-
-def _truncate(tokens: list[int], max_new_tokens: int, eos: set[int]) -> list[int]:
-    tokens = tokens[:max_new_tokens]
-    for i, t in enumerate(tokens):
-        if t in eos:
-            return tokens[: i + 1]
-    return tokens

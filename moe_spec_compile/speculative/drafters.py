@@ -1,24 +1,30 @@
-"""Drafters: propose a token tree below the root for the target to verify.
+"""Drafters: propose a token tree below each row's root for the target to verify.
 
-start(prompt) -> [draft(root, shape) -> DraftTree -> accept(path, tokens)] per step
+start(prompts [R, L], pad) -> [draft(roots, shape, live) -> DraftTree [R, n] -> accept(acceptance, live)] per step;
+select(rows) keeps the rows still live (packing into a smaller rows bucket)
 
-The interface (duck-typed; subclass :class:`Drafter` for the docstrings):
+The interface (subclass :class:`Drafter`, or :class:`RowDrafter` for host-side drafters written per sequence):
 
-    start(input_ids [1, L], max_len)   a new sequence: the prompt; at most max_len tokens in all
-    draft(root: int, shape) -> DraftTree
-        root is the newest token (emitted by the target, in no KV cache yet); shape is a TreeSpec or a
-        StaticTree; return at most shape.max_nodes drafted nodes (fewer, even none, is fine)
-    accept(path: list[int], tokens: list[int][, payload: list[int]])
-        path: the accepted node ids of the last DraftTree, root first; tokens: their tokens followed
-        by the bonus token, which will be the next root; payload: only when the DraftTree carried a
-        payload (DraftTree.payload), its values at the path's nodes, read in the acceptance's host read
-    skip(root: int)   (optional) a step ran without drafting (autoregressive, chosen by the controller):
-        root was committed by the target without a draft; catch up lazily (default: nothing to do)
+    start(input_ids [R, L], pad: list[int], max_len)
+        new sequences: R left-padded prompts (row b's first pad[b] tokens are padding); at most max_len slots
+    draft(roots: list[int], shape, live: list[bool]) -> DraftTree [R, n]
+        roots: each row's newest token (emitted by the target, in no KV cache yet); shape: a TreeSpec or a
+        StaticTree; at most shape.max_nodes drafted nodes per row (fewer, even none, is fine: DraftTree.valid);
+        rows not live are ignored (their nodes are never verified)
+    accept(acc: Acceptance, live: list[bool])
+        what each live row accepted: acc.paths[b] (node ids, root first), acc.tokens[b] (their tokens),
+        acc.bonus[b] (the next root), acc.payload[b] (DraftTree.payload at the path, when the tree carried one)
+    skip(roots: list[int], live: list[bool])
+        a step ran without drafting (autoregressive, chosen by the controller): the roots were committed by the
+        target without a draft; catch up lazily (default: nothing to do)
+    select(rows: list[int])
+        keep rows `rows` (in that order; a row may repeat) for the next steps
 
-An EAGLE head would keep the target's hidden states from verification (not passed here today) and
-otherwise follow ModelDrafter: draft level by level, keep its own cache in step in accept().
+All rows share the tree *shape* but not the tree: a ModelDrafter row expands its own best nodes, an n-gram row
+looks up its own history.
 
-Legend: V vocabulary, K top_k, D depth, F drafted nodes fed through the draft model in one step.
+Legend: R rows, V vocabulary, K top_k, D depth, F drafted nodes fed through the draft model in one step, W tokens
+fed per row at a step's first feed, G candidate nodes (gids).
 """
 
 from __future__ import annotations
@@ -28,56 +34,95 @@ import time
 
 import torch
 
+from .accept import Acceptance
 from .buckets import VerifyRunner
 from .checks import check_int
 from .kv import Masks, TreeCache, forward, takes_cache_position
 from .tree import DraftTree, StaticTree, TreeSpec
 
-__all__ = ["Drafter", "ModelDrafter", "NgramDrafter", "OracleDrafter"]
+__all__ = ["Drafter", "RowDrafter", "ModelDrafter", "NgramDrafter", "OracleDrafter"]
 
 
 class Drafter:
     """Base class documenting the drafter interface (see the module docstring)."""
 
-    def start(self, input_ids: torch.Tensor, max_len: int) -> None:
-        raise NotImplementedError
+    def start(self, input_ids: torch.Tensor, pad: list[int], max_len: int) -> None:
+        raise NotImplementedError(f"{type(self).__name__} does not implement Drafter.start")
 
-    def draft(self, root: int, shape: TreeSpec | StaticTree) -> DraftTree:
-        raise NotImplementedError
+    def draft(self, roots: list[int], shape: TreeSpec | StaticTree, live: list[bool]) -> DraftTree:
+        raise NotImplementedError(f"{type(self).__name__} does not implement Drafter.draft")
 
-    def accept(self, path: list[int], tokens: list[int]) -> None:
-        raise NotImplementedError
+    def accept(self, acc: Acceptance, live: list[bool]) -> None:
+        raise NotImplementedError(f"{type(self).__name__} does not implement Drafter.accept")
 
-    def skip(self, root: int) -> None:
-        """A step without a draft committed root (the controller chose autoregressive decoding)."""
+    def skip(self, roots: list[int], live: list[bool]) -> None:
+        """A step without a draft committed the roots (the controller chose autoregressive decoding)."""
+
+    def select(self, rows: list[int]) -> None:
+        raise NotImplementedError(f"{type(self).__name__} does not implement Drafter.select")
+
+
+class RowDrafter(Drafter):
+    """A host-side drafter written for one sequence, run row by row: subclasses implement start_row(tokens) ->
+    state, draft_row(state, root, shape) -> (tokens, parents) root first, accept_row(state, tokens) (the accepted
+    path's tokens, root first, then the bonus) and skip_row(state, root)."""
+
+    device = torch.device("cpu")
+
+    def start(self, input_ids: torch.Tensor, pad: list[int], max_len: int) -> None:
+        self.device = input_ids.device
+        self.rows = [self.start_row(row[p:]) for row, p in zip(input_ids.tolist(), pad)]
+
+    def draft(self, roots: list[int], shape: TreeSpec | StaticTree, live: list[bool]) -> DraftTree:
+        return DraftTree.from_lists([self.draft_row(s, root, shape) if alive else ([root], [-1])
+                                     for s, root, alive in zip(self.rows, roots, live)], self.device)
+
+    def accept(self, acc: Acceptance, live: list[bool]) -> None:
+        for s, tokens, bonus, alive in zip(self.rows, acc.tokens, acc.bonus, live):
+            if alive:
+                self.accept_row(s, tokens + [bonus])
+
+    def skip(self, roots: list[int], live: list[bool]) -> None:
+        for s, root, alive in zip(self.rows, roots, live):
+            if alive:
+                self.skip_row(s, root)
+
+    def select(self, rows: list[int]) -> None:
+        self.rows = [self.rows[i] for i in rows]
 
 
 class ModelDrafter(Drafter):
-    """A small causal LM sharing the target's vocabulary drafts the tree, one tree level per forward.
+    """A small causal LM sharing the target's vocabulary drafts every row's tree, one tree level per forward for
+    all rows.
 
-    Its KV cache is pre-allocated and kept in step with the accepted tokens: tree nodes it fed while
-    drafting sit after its prefix; accept() moves the accepted ones into place (device-side index
-    copies) and queues the rest (at most the path's last node, plus the bonus) for the next draft's
-    first forward. Drafting is greedy on the draft's log-probabilities whatever the target samples
-    with; sampling acceptance keeps the target's distribution exact regardless (accept.py).
+    Its [R, ...] KV cache (kv.TreeCache, one per rows bucket) holds each row's committed tokens at the slots the
+    target uses (left padding included) and is kept in step with the accepted tokens: tree nodes it fed while
+    drafting sit after each row's prefix; accept() moves the accepted ones into place (one device compaction for all
+    rows, none when they already are, as in a chain) and queues the rest (at most the path's last node, plus the
+    bonus) for the next draft's first feed. That feed gives every row W tokens: its queued tokens and root, after a
+    re-feed of its last committed tokens when it has fewer queued (their KV is recomputed in place), so no row needs a
+    host branch of its own. Drafting is greedy on the draft's log-probabilities whatever the target samples with;
+    sampling acceptance keeps the target's distribution exact regardless (accept.py).
 
     compile: run the draft model's forward through ``torch.compile`` (inductor, dynamic shapes: one graph serves
     every feed length; the first drafts compile, tens of seconds on a small CPU). False by default;
     ``SpeculativeDecoder(compile=True)`` turns it on when its target compiles through inductor. A compiled draft
     only changes what is proposed, never what is emitted (verification decides).
-    cuda_graphs: on a CUDA device, each drafting pass size (the first feed of a step, each tree level) is captured
-    once into a CUDA graph and replayed (buckets.VerifyRunner without a budget: static input buffers per size, the
-    cache written in place); None (the default) turns it on for a compiled drafter on CUDA. The prompt's feed runs
-    without a graph. Never on the CPU."""
+    cuda_graphs: on a CUDA device, each drafting pass shape (rows, tokens) is captured once into a CUDA graph and
+    replayed (buckets.VerifyRunner without a budget: static input buffers per shape, the cache written in place);
+    None (the default) turns it on for a compiled drafter on CUDA. The prompts' feed runs without a graph. Never on
+    the CPU."""
 
     def __init__(self, model, vocab_size: int | None = None, compile: bool = False, cuda_graphs: bool | None = None):
         self.model = model.eval()
         self.vocab_size = vocab_size
         self.cache: TreeCache | None = None
+        self.caches: dict[int, TreeCache] = {}  # rows bucket -> its cache (CUDA graphs read fixed buffers)
+        self.max_len = 0
         self._cache_position = takes_cache_position(model)
         self._run_model = self.model
-        self._fed_anc: torch.Tensor | None = None  # per-tree buffers (_begin_tree)
-        self._runner = None  # the drafting passes' runner (CUDA graphs per pass size), made with the cache
+        self._runner = None  # the drafting passes' runner (CUDA graphs per pass shape), made with the caches
+        self._fed_buffers: dict = {}  # (R, F) -> the fed nodes' ancestors [R, F, F] and positions [R, F]
         self._chains: dict = {}  # (depth, device) -> a chain's parents, depths, fed ids (_draft_chain)
         if not isinstance(compile, bool):
             raise ValueError(f"compile must be a bool, got {compile!r}")
@@ -110,216 +155,256 @@ class ModelDrafter(Drafter):
 
     # --- interface ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def start(self, input_ids: torch.Tensor, max_len: int) -> None:
-        if self.cache is None or self.cache.max_len < max_len:
-            self.cache = TreeCache.for_model(self.model, max_len, self.device)
-            self.masks = Masks(self.model, max_len)
+    def start(self, input_ids: torch.Tensor, pad: list[int] | None = None, max_len: int | None = None) -> None:
+        r, length = input_ids.shape
+        pad = [0] * r if pad is None else list(pad)
+        max_len = max_len or length + 64
+        if max_len > self.max_len:
+            self.max_len = -(-max_len // 64) * 64
+            self.caches.clear()
             self._runner = None
-        self.cache.length = 0
-        self._feed_chain(input_ids[0].tolist(), graph=False)
-        self._pending: list[int] = []
+            self.masks = Masks(self.model, self.max_len)
+        dev = self.device
+        self.cache = self._cache_for(r)
+        self.cache.set_pad(pad)
+        slots = torch.arange(length, device=dev).expand(r, length)
+        pos = (slots - self.cache.pad_t[:, None]).clamp(min=0)
+        forward(self._run_model, self.cache, input_ids.to(dev), pos, self.masks.prompt(pad, length), slots,
+                self._cache_position)
+        self.cache.lengths = [length] * r
+        self.committed = input_ids.tolist()  # per row: the token at each slot of its prefix
+        self.pending: list[list[int]] = [[] for _ in range(r)]  # accepted but never fed (next feed's first tokens)
 
     @torch.no_grad()
-    def draft(self, root: int, shape: TreeSpec | StaticTree) -> DraftTree:
-        logits = self._feed_chain(self._pending + [root])  # commits the pending tokens and the root
-        self._pending = []
-        root_logp = torch.log_softmax(logits[-1].float(), -1)  # [V]
-        root_t = torch.tensor([root], dtype=torch.long, device=self.device)
+    def draft(self, roots: list[int], shape: TreeSpec | StaticTree, live: list[bool] | None = None) -> DraftTree:
+        live = [True] * len(roots) if live is None else live
+        root_logp = self._first_feed(roots, live)  # commits the pending tokens and the roots
+        roots_t = torch.tensor(roots, dtype=torch.long, device=self.device)
         if shape.max_nodes == 0:
-            self._fed, self._num_fed = torch.full((1,), -1, dtype=torch.long, device=self.device), 0
-            tree = DraftTree.root_only(root_t)
-            tree.payload = self._fed
+            self._num_fed = 0
+            tree = DraftTree.root_only(roots_t)
+            tree.payload = torch.full_like(tree.tokens, -1)
             return tree
         if isinstance(shape, TreeSpec) and shape.top_k == 1 and shape.total_tokens == shape.depth:
-            return self._draft_chain(root_t, root_logp, shape.depth)
+            return self._draft_chain(roots_t, root_logp, shape.depth)
         if isinstance(shape, TreeSpec):
-            return self._draft_dynamic(root_t, root_logp, shape)
-        return self._draft_static(root_t, root_logp, shape)
+            return self._draft_dynamic(roots_t, root_logp, shape)
+        return self._draft_static(roots_t, root_logp, shape)
 
-    def accept(self, path: list[int], tokens: list[int], payload: list[int] | None = None) -> None:
-        """payload: each path node's fed id (-1: never fed), as DraftTree.payload carried it; read here when not
-        given (a caller driving the drafter by hand)."""
-        if payload is None:
-            payload = self._fed[torch.tensor(path, dtype=torch.long, device=self._fed.device)].tolist()
-        used = [f for f in payload[1:] if f >= 0]
-        if used:  # the fed nodes of the path are a prefix of it: every inner node was expanded
-            if used != list(range(len(used))):  # else already in place (a chain, or a tree's first branch)
-                order = torch.tensor(used + [f for f in range(self._num_fed) if f not in used], device=self.device)
-                self.cache.compact(order, self.cache.length)
-            self.cache.length += len(used)
-        self._pending = tokens[1 + len(used) : -1]  # accepted but never fed (at most the last node)
+    def accept(self, acc: Acceptance, live: list[bool] | None = None) -> None:
+        """acc.payload: each path node's fed id (-1: never fed), as DraftTree.payload carried it. The fed nodes of a
+        path are a prefix of it (every inner node was expanded)."""
+        c = self.cache
+        live = [True] * c.rows if live is None else live
+        used = [[f for f in fed[1:] if f >= 0] if alive else [] for fed, alive in zip(acc.payload, live)]
+        if any(u != list(range(len(u))) for u in used):  # else already in place (a chain, a tree's first branch)
+            order = [u + [f for f in range(self._num_fed) if f not in u] for u in used]
+            c.compact(torch.tensor(order, device=self.device), self._base_t)
+        for b, (u, alive) in enumerate(zip(used, live)):
+            if alive:
+                tokens = acc.tokens[b]
+                c.lengths[b] = self._base[b] + len(u)
+                self.committed[b] += tokens[1 : 1 + len(u)]
+                self.pending[b] = tokens[1 + len(u) :]
 
-    def skip(self, root: int) -> None:
-        self._pending.append(root)  # fed, with the others, at the next draft's first forward
+    def skip(self, roots: list[int], live: list[bool] | None = None) -> None:
+        for b, (root, alive) in enumerate(zip(roots, live or [True] * len(roots))):
+            if alive:
+                self.pending[b].append(root)  # fed, with the others, at the next draft's first feed
+
+    def select(self, rows: list[int]) -> None:
+        cache = self._cache_for(len(rows))
+        cache.copy_rows(self.cache, rows)
+        self.cache = cache
+        self.committed = [list(self.committed[i]) for i in rows]
+        self.pending = [list(self.pending[i]) for i in rows]
 
     # --- helpers -----------------------------------------------------------------------------------
+    def _cache_for(self, r: int) -> TreeCache:
+        if r not in self.caches:
+            self.caches[r] = TreeCache.for_model(self.model, self.max_len, self.device, rows=r)
+        return self.caches[r]
+
     def _passes(self) -> VerifyRunner:
-        """The drafting passes' runner, (re)made around the current forward and cache when either changed."""
+        """The drafting passes' runner, (re)made around the current forward when it changed."""
         if self._runner is None:
-            self._runner = VerifyRunner(self._run_model, self.cache, self.cuda_graphs, self._cache_position,
-                                        budgeted=False)
+            self._runner = VerifyRunner(self._run_model, self.cuda_graphs, self._cache_position, budgeted=False)
         return self._runner
 
-    def _feed_chain(self, tokens: list[int], graph: bool = True) -> torch.Tensor:
-        """Commit tokens (causal, after the prefix) -> logits [len, V]. graph=False: never a CUDA graph (the
-        prompt: one feed per request, of any length)."""
-        n, start = len(tokens), self.cache.length
-        dev = self.device
-        pos = start + torch.arange(n, device=dev)
-        mask = self.masks.causal(n, start, dev)
-        tokens = torch.tensor(tokens, device=dev)
-        if graph:
-            logits = self._passes()(tokens, pos, mask, pos)
-        else:
-            logits = forward(self._run_model, self.cache, tokens, pos, mask, pos, self._cache_position)
-        self.cache.length += n
-        return logits[:, : self.vocab_size] if self.vocab_size else logits
-
-    def _begin_tree(self, max_fed: int) -> None:
-        """The fed nodes' ancestors [F, F] and positions [F]: buffers allocated once per F, cleared per tree."""
-        dev = self.device
-        self._num_fed = 0
-        if self._fed_anc is None or self._fed_anc.shape[0] != max_fed or self._fed_anc.device != dev:
-            self._fed_anc = torch.zeros(max_fed, max_fed, dtype=torch.bool, device=dev)  # [F, F]
-            self._fed_pos = torch.zeros(max_fed, dtype=torch.long, device=dev)  # [F]
-        else:
-            self._fed_anc.zero_()
-            self._fed_pos.zero_()
-
-    def _feed_level(self, tokens: torch.Tensor, fed_parent: torch.Tensor, depth: int) -> torch.Tensor:
-        """Feed one tree level: tokens [m] whose parents are fed nodes fed_parent [m] (-1: the root,
-        which is committed) -> log-probs [m, V]. The level's nodes get fed ids num_fed .. +m-1."""
-        dev = self.device
-        m, prefix = tokens.shape[0], self.cache.length
-        f = self._num_fed + torch.arange(m, device=dev)
-        rows = self._fed_anc[fed_parent.clamp(min=0)] & (fed_parent >= 0)[:, None]  # [m, F]
-        rows[torch.arange(m, device=dev), f] = True
-        self._fed_anc[f] = rows
-        pos = torch.full((m,), prefix - 1 + depth, dtype=torch.long, device=dev)  # the root sits at prefix-1
-        self._fed_pos[f] = pos
-        mask = self.masks.tree(rows, prefix, pos, self._fed_pos)
-        logits = self._passes()(tokens, pos, mask, prefix + f)
-        self._num_fed += m
+    def _logp(self, logits: torch.Tensor) -> torch.Tensor:
         if self.vocab_size:
-            logits = logits[:, : self.vocab_size]
+            logits = logits[..., : self.vocab_size]
         return torch.log_softmax(logits.float(), -1)
 
-    def _draft_chain(self, root: torch.Tensor, root_logp: torch.Tensor, depth: int) -> DraftTree:
+    def _first_feed(self, roots: list[int], live: list[bool]) -> torch.Tensor:
+        """Feed each row its queued tokens and root (W per row, re-feeding committed tokens where a row has fewer
+        queued) causally after its prefix -> the roots' log-probs [R, V]."""
+        c, dev = self.cache, self.device
+        w = 1 + max((len(p) for p, alive in zip(self.pending, live) if alive), default=0)
+        start, tokens = [], []
+        for b, root in enumerate(roots):
+            again = max(w - 1 - len(self.pending[b]), 0)
+            s = max(c.lengths[b] - again, 0)
+            feed = (self.committed[b][s : c.lengths[b]] + self.pending[b] + [root])[-w:]
+            start.append(s)
+            tokens.append([root] * (w - len(feed)) + feed)
+            if live[b]:
+                self.committed[b] = self.committed[b][:s] + feed
+                self.pending[b] = []
+        start_t = torch.tensor(start, device=dev)
+        slots = start_t[:, None] + torch.arange(w, device=dev)
+        logits = self._passes()(c, torch.tensor(tokens, device=dev), slots - c.pad_t[:, None],
+                                self.masks.causal(w, start, c.pad), slots)
+        c.lengths = [s + w if alive else n for s, n, alive in zip(start, c.lengths, live)]
+        self._base = list(c.lengths)  # drafted nodes are fed after here (fed id f at slot base + f)
+        self._base_t = start_t + w
+        self._root_pos = (self._base_t - 1 - c.pad_t)[:, None]  # [R, 1] the roots' positions (slot base - 1)
+        return self._logp(logits[:, -1])
+
+    def _begin_tree(self, rows: int, max_fed: int) -> None:
+        """The fed nodes' ancestors [R, F, F] and positions [R, F]: buffers allocated once per (R, F), cleared per
+        tree."""
+        self._num_fed = 0
+        key = (rows, max_fed, self.device)
+        if key not in self._fed_buffers:
+            self._fed_buffers[key] = (torch.zeros(rows, max_fed, max_fed, dtype=torch.bool, device=self.device),
+                                      torch.zeros(rows, max_fed, dtype=torch.long, device=self.device))
+        self._fed_anc, self._fed_pos = self._fed_buffers[key]
+        self._fed_anc.zero_()
+        self._fed_pos.zero_()
+
+    def _feed_level(self, tokens: torch.Tensor, fed_parent: torch.Tensor, depth: int) -> torch.Tensor:
+        """Feed one tree level: tokens [R, m] whose parents are fed nodes fed_parent [R, m] (-1: the root, which is
+        committed) -> log-probs [R, m, V]. The level's nodes get fed ids num_fed .. num_fed+m-1."""
+        c, dev = self.cache, self.device
+        r, m = tokens.shape
+        cap = self._fed_anc.shape[1]
+        f = self._num_fed + torch.arange(m, device=dev)  # [m]
+        rows = self._fed_anc.gather(1, fed_parent.clamp(min=0)[..., None].expand(r, m, cap))
+        rows &= (fed_parent >= 0)[..., None]  # [R, m, F]
+        rows[:, torch.arange(m, device=dev), f] = True
+        self._fed_anc[:, f] = rows
+        pos = (self._root_pos + depth).expand(r, m).contiguous()
+        self._fed_pos[:, f] = pos
+        mask = self.masks.tree(rows, self._base, c.pad, pos, self._fed_pos)
+        logits = self._passes()(c, tokens, pos, mask, self._base_t[:, None] + f)
+        self._num_fed += m
+        return self._logp(logits)
+
+    def _draft_chain(self, roots: torch.Tensor, root_logp: torch.Tensor, depth: int) -> DraftTree:
         """A chain (TreeSpec(K, K, 1)): each drafted token is the argmax after the one before, fed as a plain causal
         one-token step at the next slot (a chain's tree mask is the causal mask), so a level costs one forward and a
         few small ops. The same tree as _draft_dynamic with top_k=1 (ties: the lowest id)."""
-        dev, prefix = self.device, self.cache.length
-        lp, tok = root_logp.max(-1)  # 0-d each
+        c, dev, r = self.cache, self.device, roots.shape[0]
+        lp, tok = root_logp.max(-1)  # [R] each
         lps, toks = [lp], [tok]
-        for f in range(depth - 1):  # drafted node f + 1 is fed at slot prefix + f, its position
-            pos = torch.tensor([prefix + f], device=dev)
-            logits = self._passes()(tok.reshape(1), pos, self.masks.causal(1, prefix + f, dev), pos)
-            logits = logits[0, : self.vocab_size] if self.vocab_size else logits[0]
-            lp, tok = torch.log_softmax(logits.float(), -1).max(-1)
+        # drafted node f + 1 goes to slot base + f at position root + f + 1, both fresh contiguous tensors (a strided
+        # view of one tensor for all levels would compile a graph variant of its own)
+        for f in range(depth - 1):
+            logits = self._passes()(c, tok[:, None], self._root_pos + (f + 1),
+                                    self.masks.causal(1, [b + f for b in self._base], c.pad), self._base_t[:, None] + f)
+            lp, tok = self._logp(logits[:, 0]).max(-1)
             lps.append(lp)
             toks.append(tok)
         self._num_fed = depth - 1
         meta = self._chains.get((depth, dev))
         if meta is None:  # parents, depths and fed ids of a chain of this depth (root -1, last node never fed)
-            fed = [-1, *range(depth - 1), -1]
-            meta = self._chains[(depth, dev)] = (torch.arange(-1, depth, device=dev),
-                                                 torch.arange(depth + 1, device=dev),
-                                                 torch.tensor(fed, dtype=torch.long, device=dev))
-        parents, depths, self._fed = meta
-        logprob = torch.cat([root_logp.new_zeros(1), torch.stack(lps).cumsum(0)])
-        return DraftTree(torch.cat([root, torch.stack(toks)]), parents, depths, logprob, payload=self._fed)
+            meta = self._chains[(depth, dev)] = (torch.arange(-1, depth, device=dev)[None],
+                                                 torch.arange(depth + 1, device=dev)[None],
+                                                 torch.tensor([[-1, *range(depth - 1), -1]], device=dev))
+        parents, depths, fed = (t.expand(r, depth + 1) for t in meta)
+        logprob = torch.cat([root_logp.new_zeros(r, 1), torch.stack(lps, 1).cumsum(1)], 1)
+        return DraftTree(torch.cat([roots[:, None], torch.stack(toks, 1)], 1), parents, depths, logprob=logprob,
+                         payload=fed)
 
-    def _draft_dynamic(self, root: torch.Tensor, root_logp: torch.Tensor, spec: TreeSpec) -> DraftTree:
-        """EAGLE-2: expand the top_k children of the top_k best frontier nodes per level (scores are
-        cumulative draft log-probs), then keep the total_tokens best candidates. Candidate ids (gid):
-        0 is the root; a parent always has a lower gid than its children and a score >= theirs, so a
-        stable sort by score keeps every kept node's parent."""
-        k, dev = spec.top_k, self.device
-        self._begin_tree(k * (spec.depth - 1))
-        score, tok = root_logp.topk(k)  # [K]
-        scores, toks, parents, depths, fed_of = [score], [tok], [torch.zeros(k, dtype=torch.long, device=dev)], [1], []
-        front_gid = torch.arange(1, k + 1, device=dev)
-        front_score, front_tok, front_fed_parent = score, tok, torch.full((k,), -1, device=dev)
+    def _draft_dynamic(self, roots: torch.Tensor, root_logp: torch.Tensor, spec: TreeSpec) -> DraftTree:
+        """EAGLE-2 per row: expand the top_k children of the row's top_k best frontier nodes per level (scores are
+        cumulative draft log-probs), then keep the row's total_tokens best candidates. Candidate ids (gid): 0 is the
+        root; a parent always has a lower gid than its children and a score >= theirs, so a stable sort by score
+        keeps every kept node's parent."""
+        k, dev, r = spec.top_k, self.device, roots.shape[0]
+        self._begin_tree(r, k * (spec.depth - 1))
+        score, tok = root_logp.topk(k)  # [R, K]
+        scores, toks, parents, depths = [score], [tok], [torch.zeros(r, k, dtype=torch.long, device=dev)], [1]
+        fed_of = []
+        front_gid = torch.arange(1, k + 1, device=dev).expand(r, k)
+        front_score, front_tok = score, tok
+        front_fed_parent = torch.full((r, k), -1, dtype=torch.long, device=dev)
         next_gid = k + 1
         for d in range(1, spec.depth):
-            fed_ids = self._num_fed + torch.arange(k, device=dev)
+            fed_ids = self._num_fed + torch.arange(k, device=dev)  # [K]
             fed_of.append((front_gid, fed_ids))
-            logp = self._feed_level(front_tok, front_fed_parent, d)  # [K, V]
-            top_lp, top_tok = logp.topk(k, dim=-1)  # [K, K]
-            child_score = (front_score[:, None] + top_lp).reshape(-1)  # [K*K]
+            top_lp, top_tok = self._feed_level(front_tok, front_fed_parent, d).topk(k, dim=-1)  # [R, K, K]
+            child_score = (front_score[..., None] + top_lp).reshape(r, k * k)
             child_gid = next_gid + torch.arange(k * k, device=dev)
             scores.append(child_score)
-            toks.append(top_tok.reshape(-1))
-            parents.append(front_gid.repeat_interleave(k))
+            toks.append(top_tok.reshape(r, k * k))
+            parents.append(front_gid.repeat_interleave(k, dim=1))
             depths.append(d + 1)
-            best = torch.sort(child_score, descending=True, stable=True).indices[:k]
-            front_gid, front_score, front_tok = child_gid[best], child_score[best], top_tok.reshape(-1)[best]
+            best = torch.sort(child_score, dim=1, descending=True, stable=True).indices[:, :k]  # [R, K]
+            front_gid, front_score = child_gid[best], child_score.gather(1, best)
+            front_tok = toks[-1].gather(1, best)
             front_fed_parent = fed_ids.repeat_interleave(k)[best]
             next_gid += k * k
-        all_score = torch.cat(scores)  # [G-1], gids 1..G-1
-        keep = torch.sort(all_score, descending=True, stable=True).indices[: spec.total_tokens]
-        sel = torch.sort(keep).values + 1  # kept gids in gid order (parents first)
-        all_tok = torch.cat([root, *toks])
-        all_parent = torch.cat([torch.full((1,), -1, device=dev), *parents])
+        all_score = torch.cat(scores, 1)  # [R, G-1], gids 1..G-1
+        keep = torch.sort(all_score, dim=1, descending=True, stable=True).indices[:, : spec.total_tokens]
+        gid = torch.cat([torch.zeros(r, 1, dtype=torch.long, device=dev), torch.sort(keep, 1).values + 1], 1)
+        n = gid.shape[1]
+        all_tok = torch.cat([roots[:, None], *toks], 1)  # [R, G]
+        all_parent = torch.cat([torch.full((r, 1), -1, dtype=torch.long, device=dev), *parents], 1)
         all_depth = torch.cat([torch.zeros(1, dtype=torch.long, device=dev)]
-                              + [torch.full((t.shape[0],), d, dtype=torch.long, device=dev)
-                                 for t, d in zip(toks, depths)])
-        gid = torch.cat([torch.zeros(1, dtype=torch.long, device=dev), sel])  # local node -> gid
-        local = torch.full((next_gid,), -1, dtype=torch.long, device=dev)
-        local[gid] = torch.arange(gid.shape[0], device=dev)
-        tree_parents = torch.where(all_parent[gid] >= 0, local[all_parent[gid].clamp(min=0)], -1)
-        self._remember(gid, next_gid, fed_of)
-        all_logprob = torch.cat([root_logp.new_zeros(1), all_score])
-        return DraftTree(all_tok[gid], tree_parents, all_depth[gid], all_logprob[gid], payload=self._fed)
+                              + [torch.full((t.shape[1],), d, dtype=torch.long, device=dev)
+                                 for t, d in zip(toks, depths)])  # [G]
+        local = torch.full((r, next_gid), -1, dtype=torch.long, device=dev)
+        local.scatter_(1, gid, torch.arange(n, device=dev).expand(r, n))
+        par = all_parent.gather(1, gid)
+        tree_parents = torch.where(par >= 0, local.gather(1, par.clamp(min=0)), -1)
+        gid_fed = torch.full((r, next_gid), -1, dtype=torch.long, device=dev)
+        for gids, fed in fed_of:
+            gid_fed.scatter_(1, gids, fed.expand(r, k))
+        logprob = torch.cat([root_logp.new_zeros(r, 1), all_score], 1).gather(1, gid)
+        return DraftTree(all_tok.gather(1, gid), tree_parents, all_depth[gid], logprob=logprob,
+                         payload=gid_fed.gather(1, gid))
 
-    def _draft_static(self, root: torch.Tensor, root_logp: torch.Tensor, shape: StaticTree) -> DraftTree:
-        """Fixed tree: node (r_1, .., r_d) takes the r_d-th best token at its parent. Feed every
-        level's inner nodes in one forward."""
-        dev = self.device
+    def _draft_static(self, roots: torch.Tensor, root_logp: torch.Tensor, shape: StaticTree) -> DraftTree:
+        """Fixed tree, the same for every row: node (r_1, .., r_d) takes the r_d-th best token at its parent in its
+        row. Every level's inner nodes are fed in one forward for all rows."""
+        dev, r = self.device, roots.shape[0]
         parents = shape.parents()  # host, root first
         n = len(parents)
         paths = ((),) + shape.paths
         inner = sorted({p for p in parents[1:]})
-        self._begin_tree(max(len(inner) - 1, 1))
-        tokens = torch.zeros(n, dtype=torch.long, device=dev)
-        tokens[0] = root[0]
-        logprob = torch.zeros(n, dtype=torch.float32, device=dev)  # cumulative draft log-prob of each path
+        self._begin_tree(r, max(len(inner) - 1, 1))
+        tokens = torch.zeros(r, n, dtype=torch.long, device=dev)
+        tokens[:, 0] = roots
+        logprob = torch.zeros(r, n, dtype=torch.float32, device=dev)  # cumulative draft log-prob of each path
         fed_id = {0: -1}
-        logp_of = {0: root_logp[None]}  # node -> [1, V] log-probs (per level batch, row picked below)
-        row_of = {0: 0}
+        logp_of = {0: root_logp}  # node -> [R, V]
         for d in range(1, shape.depth + 1):
             level = [i for i in range(1, n) if len(paths[i]) == d]
             need = max(paths[i][-1] for i in level) + 1
+            top = {p: logp_of[p].topk(need, dim=-1) for p in {parents[i] for i in level}}  # [R, need] each
             for i in level:
-                p = parents[i]
-                top_lp, top = logp_of[p][row_of[p]].topk(need)
-                tokens[i] = top[paths[i][-1]]
-                logprob[i] = logprob[p] + top_lp[paths[i][-1]]
+                lp, idx = top[parents[i]]
+                tokens[:, i] = idx[:, paths[i][-1]]
+                logprob[:, i] = logprob[:, parents[i]] + lp[:, paths[i][-1]]
             feed = [i for i in level if i in inner]
             if feed:
-                fp = torch.tensor([fed_id[parents[i]] for i in feed], device=dev)
+                fp = torch.tensor([fed_id[parents[i]] for i in feed], device=dev).expand(r, len(feed))
                 base = self._num_fed
-                logp = self._feed_level(tokens[torch.tensor(feed, device=dev)], fp, d)
-                for r, i in enumerate(feed):
-                    fed_id[i], logp_of[i], row_of[i] = base + r, logp, r
-        tree = DraftTree.from_lists([0] * n, parents, dev)
-        self._fed = torch.tensor([fed_id.get(i, -1) for i in range(n)], dtype=torch.long, device=dev)
-        tree.tokens, tree.logprob, tree.payload = tokens, logprob, self._fed
-        return tree
-
-    def _remember(self, gid: torch.Tensor, num_gids: int, fed_of) -> None:
-        """Each tree node's fed id (-1: never fed), on the device: the tree's payload, read back with the
-        acceptance and given to accept()."""
-        gid_fed = torch.full((num_gids,), -1, dtype=torch.long, device=gid.device)
-        for gids, fed in fed_of:
-            gid_fed[gids] = fed
-        self._fed = gid_fed[gid]
+                logp = self._feed_level(tokens[:, feed], fp, d)
+                for j, i in enumerate(feed):
+                    fed_id[i], logp_of[i] = base + j, logp[:, j]
+        tree = DraftTree.from_lists([([0] * n, parents)], dev)
+        fed = torch.tensor([[fed_id.get(i, -1) for i in range(n)]], device=dev).expand(r, n)
+        return DraftTree(tokens, tree.parents.expand(r, n), tree.depth.expand(r, n), logprob=logprob, payload=fed)
 
 
-class NgramDrafter(Drafter):
+class NgramDrafter(RowDrafter):
     """Prompt lookup: find the longest n-gram (max_ngram down to min_ngram) ending the context that
     occurred before, and propose what followed it. With a TreeSpec of top_k > 1 (or a StaticTree),
     several earlier occurrences are merged into a trie; no model runs. Host-side Python."""
+
 
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1, max_matches: int = 16):
         check_int(max_ngram, "max_ngram", 1)
@@ -328,38 +413,36 @@ class NgramDrafter(Drafter):
         if not min_ngram <= max_ngram:
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
         self.max_ngram, self.min_ngram, self.max_matches = max_ngram, min_ngram, max_matches
-        self.device = torch.device("cpu")
 
-    def start(self, input_ids: torch.Tensor, max_len: int) -> None:
-        self.device = input_ids.device
-        self.history: list[int] = []
-        self.index: dict[tuple[int, ...], list[int]] = {}  # n-gram -> positions just after it
-        self._extend(input_ids[0].tolist())
+    def start_row(self, tokens: list[int]) -> dict:
+        state = {"history": [], "index": {}}  # index: n-gram -> positions just after it
+        self._extend(state, tokens)
+        return state
 
-    def _extend(self, tokens: list[int]) -> None:
+    def _extend(self, state: dict, tokens: list[int]) -> None:
+        history, index = state["history"], state["index"]
         for t in tokens:
-            self.history.append(t)
-            end = len(self.history)
+            history.append(t)
+            end = len(history)
             for n in range(self.min_ngram, self.max_ngram + 1):
                 if end >= n:
-                    self.index.setdefault(tuple(self.history[end - n :]), []).append(end)
+                    index.setdefault(tuple(history[end - n :]), []).append(end)
 
-    def _continuations(self, ctx: list[int], depth: int) -> list[list[int]]:
+    def _continuations(self, state: dict, ctx: list[int], depth: int) -> list[list[int]]:
         for n in range(self.max_ngram, self.min_ngram - 1, -1):
             if len(ctx) < n:
                 continue
-            key = tuple(ctx[-n:])
-            ends = [e for e in self.index.get(key, []) if e < len(ctx)]
+            ends = [e for e in state["index"].get(tuple(ctx[-n:]), []) if e < len(ctx)]
             if ends:
                 return [ctx[e : e + depth] for e in reversed(ends[-self.max_matches :])]
         return []
 
-    def draft(self, root: int, shape: TreeSpec | StaticTree) -> DraftTree:
-        ctx = self.history + [root]
+    def draft_row(self, state: dict, root: int, shape) -> tuple[list[int], list[int]]:
+        ctx = state["history"] + [root]
         depth, total = shape.depth, shape.max_nodes
         branch = shape.top_k if isinstance(shape, TreeSpec) else 1 + max((p[-1] for p in shape.paths), default=0)
         tokens, parents, children = [root], [-1], [{}]
-        for cont in self._continuations(ctx, depth):
+        for cont in self._continuations(state, ctx, depth):
             node = 0
             for t in cont:
                 if t in children[node]:
@@ -372,16 +455,16 @@ class NgramDrafter(Drafter):
                 parents.append(node)
                 children.append({})
                 node = len(tokens) - 1
-        return DraftTree.from_lists(tokens, parents, self.device)
+        return tokens, parents
 
-    def accept(self, path: list[int], tokens: list[int]) -> None:
-        self._extend(tokens[:-1])
+    def accept_row(self, state: dict, tokens: list[int]) -> None:
+        self._extend(state, tokens[:-1])
 
-    def skip(self, root: int) -> None:
-        self._extend([root])
+    def skip_row(self, state: dict, root: int) -> None:
+        self._extend(state, [root])
 
 
-class OracleDrafter(Drafter):
+class OracleDrafter(RowDrafter):
     """For benchmarks: proposes the target's own greedy continuation, each drafted token replaced by a wrong
     one with probability 1 - acceptance (independently per position), so the target-side cost of
     speculation can be measured at a chosen acceptance without a trained draft.
@@ -406,7 +489,6 @@ class OracleDrafter(Drafter):
         self.target = getattr(target, "_orig_mod", target)
         self.acceptance, self.seed, self.horizon = float(acceptance), seed, horizon
         self.vocab_size = vocab_size
-        self.device = torch.device("cpu")
         self.reference_seconds = 0.0
         self._refs: dict[tuple[int, ...], list[int]] = {}  # prompt -> prompt + greedy continuation
 
@@ -427,44 +509,40 @@ class OracleDrafter(Drafter):
             ctx = torch.as_tensor(p).reshape(-1).tolist()
             self._refs[tuple(ctx)] = self.greedy(ctx, max_new_tokens + 1)  # the last steps draft shorter chains
 
-    def start(self, input_ids: torch.Tensor, max_len: int) -> None:
-        self.device = input_ids.device
-        self.history = input_ids[0].tolist()
-        self.ref = self._refs.get(tuple(self.history), self.history)
-        self.rng = random.Random(self.seed)
+    def start_row(self, tokens: list[int]) -> dict:
+        return {"history": tokens, "ref": self._refs.get(tuple(tokens), tokens), "rng": random.Random(self.seed)}
 
-    def _reference(self, ctx: list[int], depth: int) -> list[int]:
+    def _reference(self, state: dict, ctx: list[int], depth: int) -> list[int]:
         """The reference tokens after ctx (depth of them), recomputed where ctx left the reference."""
         n = len(ctx)
-        if self.ref[:n] != ctx or len(self.ref) <= n:  # left the reference, or at its end: extend from here
-            self.ref = self.greedy(ctx, max(self.horizon, depth))
-        return self.ref[n : n + depth]  # near a precomputed end: a shorter chain
+        if state["ref"][:n] != ctx or len(state["ref"]) <= n:  # left the reference, or at its end: extend from here
+            state["ref"] = self.greedy(ctx, max(self.horizon, depth))
+        return state["ref"][n : n + depth]  # near a precomputed end: a shorter chain
 
-    def _wrong(self, right: int, vocab: int) -> int:
-        return (right + 1 + self.rng.randrange(vocab - 1)) % vocab
-
-    def draft(self, root: int, shape: TreeSpec | StaticTree) -> DraftTree:
-        ctx = self.history + [root]
+    def draft_row(self, state: dict, root: int, shape) -> tuple[list[int], list[int]]:
+        ctx = state["history"] + [root]
         total, depth = shape.max_nodes, min(shape.depth, shape.max_nodes)
         if total == 0 or depth == 0:
-            return DraftTree.from_lists([root], [-1], self.device)
+            return [root], [-1]
         vocab = self.vocab_size or self.target.config.get_text_config(decoder=True).vocab_size
-        right = self._reference(ctx, depth)
-        chain = [t if self.rng.random() < self.acceptance else self._wrong(t, vocab) for t in right]
+        rng = state["rng"]
+        wrong = lambda right: (right + 1 + rng.randrange(vocab - 1)) % vocab  # noqa: E731
+        right = self._reference(state, ctx, depth)
+        chain = [t if rng.random() < self.acceptance else wrong(t) for t in right]
         tokens, parents = [root] + chain, [-1] + list(range(len(chain)))
         d = 0
         while len(tokens) - 1 < total and d < 16 * total:  # fill: wrong siblings of the chain's nodes
             node = 1 + d % len(chain)
             taken = {tokens[i] for i in range(1, len(tokens)) if parents[i] == parents[node]}
-            t = self._wrong(right[node - 1], vocab)
+            t = wrong(right[node - 1])
             if t not in taken:
                 tokens.append(t)
                 parents.append(parents[node])
             d += 1
-        return DraftTree.from_lists(tokens, parents, self.device)
+        return tokens, parents
 
-    def accept(self, path: list[int], tokens: list[int]) -> None:
-        self.history.extend(tokens[:-1])
+    def accept_row(self, state: dict, tokens: list[int]) -> None:
+        state["history"] = state["history"] + tokens[:-1]
 
-    def skip(self, root: int) -> None:
-        self.history.append(root)
+    def skip_row(self, state: dict, root: int) -> None:
+        state["history"] = state["history"] + [root]

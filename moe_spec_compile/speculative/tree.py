@@ -2,7 +2,7 @@
 
 tree= int K | TreeSpec(total_tokens, depth, top_k) | list of paths -> a shape -> drafter -> DraftTree
 
-Legend: n tree nodes (node 0 is the root, the last accepted token, not yet in any KV cache),
+Legend: R rows (sequences), n tree nodes per row (node 0 is the root, the last accepted token, not yet in any KV cache),
 V vocabulary, D depth. Nodes are ordered so that a parent always comes before its children.
 """
 
@@ -100,55 +100,93 @@ def as_tree_shape(tree) -> TreeSpec | StaticTree:
 
 @dataclass
 class DraftTree:
-    """What a drafter proposes below the root; all tensors live on the model's device.
+    """What a drafter proposes below each row's root; all tensors live on the model's device, one row per sequence.
 
-    tokens [n] int64: node tokens, tokens[0] = the root.  parents [n] int64: parents[0] = -1 and
-    parents[i] < i.  depth [n] int64: depth[0] = 0.  Siblings are listed in the drafter's order of
-    preference (sampling acceptance tries them in that order).  logprob [n] fp32 or None: the drafter's
-    cumulative log-probability of each node's path from the root (logprob[0] = 0), when it has one; the
-    decoder's node_weights="path" weighs the nodes' tokens by its exp in the budget's expert scores.
-    payload [n] int64 or None: the drafter's own per-node data (ModelDrafter: where it fed each node into its KV
-    cache); the acceptance reads it back for the accepted path in the step's one host read and hands it to the
-    drafter's accept() as a third argument, so the drafter needs no read of its own."""
+    tokens [R, n] int64: node tokens, tokens[:, 0] = the roots.  parents [R, n] int64: parents[:, 0] = -1 and
+    parents[b, i] < i.  depth [R, n] int64: depth[:, 0] = 0.  valid [R, n] bool: False for padding nodes (a row
+    with fewer nodes than the widest; valid nodes come first).  Siblings are listed in the drafter's order of
+    preference (sampling acceptance tries them in that order).  logprob [R, n] fp32 or None: the drafter's
+    cumulative log-probability of each node's path from the root (0 at the root), when it has one; the decoder's
+    node_weights="path" weighs the nodes' tokens by its exp in the budget's expert scores.  payload [R, n] int64 or
+    None: the drafter's own per-node data (ModelDrafter: where it fed each node into its KV cache); the acceptance
+    reads it back for the accepted paths in the step's one host read (Acceptance.payload)."""
 
     tokens: torch.Tensor
     parents: torch.Tensor
     depth: torch.Tensor
+    valid: torch.Tensor | None = None
     logprob: torch.Tensor | None = None
     payload: torch.Tensor | None = None
 
+    def __post_init__(self):
+        if self.valid is None:
+            self.valid = torch.ones(self.tokens.shape, dtype=torch.bool, device=self.tokens.device)
+
     @property
     def size(self) -> int:
+        """n: nodes per row, root and padding included."""
+        return int(self.tokens.shape[1])
+
+    @property
+    def rows(self) -> int:
         return int(self.tokens.shape[0])
 
     @classmethod
-    def root_only(cls, root: torch.Tensor) -> DraftTree:
-        dev = root.device
-        zero = torch.zeros(1, dtype=torch.long, device=dev)
-        return cls(root.reshape(1).long(), zero - 1, zero)
+    def root_only(cls, roots: torch.Tensor) -> DraftTree:
+        """Each row's root alone (an autoregressive step): roots [R]."""
+        roots = roots.reshape(-1, 1).long()
+        zero = torch.zeros_like(roots)
+        return cls(roots, zero - 1, zero)
 
     @classmethod
-    def from_lists(cls, tokens: list[int], parents: list[int], device) -> DraftTree:
-        depth = [0] * len(tokens)
-        for i in range(1, len(tokens)):
-            if not 0 <= parents[i] < i:
-                raise ValueError(f"node {i}: parent {parents[i]} must come before it")
-            depth[i] = depth[parents[i]] + 1
-        as_t = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)
-        return cls(as_t(tokens), as_t(parents), as_t(depth))
+    def from_lists(cls, rows: list[tuple[list[int], list[int]]], device) -> DraftTree:
+        """Per row (tokens, parents) lists, root first (parents[0] = -1, parents[i] < i) -> a tree padded to the
+        widest row (padding: the root's token at depth 0, valid False)."""
+        n = max(len(t) for t, _ in rows)
+        cols = {"tokens": [], "parents": [], "depth": [], "valid": []}
+        for tokens, parents in rows:
+            depth = [0] * len(tokens)
+            for i in range(1, len(tokens)):
+                if not 0 <= parents[i] < i:
+                    raise ValueError(f"node {i}: parent {parents[i]} must come before it")
+                depth[i] = depth[parents[i]] + 1
+            extra = n - len(tokens)
+            cols["tokens"].append(tokens + tokens[:1] * extra)
+            cols["parents"].append(parents + [0] * extra)
+            cols["depth"].append(depth + [0] * extra)
+            cols["valid"].append([True] * len(tokens) + [False] * extra)
+        as_t = lambda xs, dt=torch.long: torch.tensor(xs, dtype=dt, device=device)  # noqa: E731
+        return cls(as_t(cols["tokens"]), as_t(cols["parents"]), as_t(cols["depth"]), as_t(cols["valid"], torch.bool))
+
+    def padded(self, n: int, live: torch.Tensor | None = None) -> DraftTree:
+        """Every row padded to n >= size nodes, and every node of a row not live (live [R] False) made padding. A
+        padding node mirrors its row's root: the root's token at depth 0 (the root's position); the decoder lets it
+        see what the root sees, so it computes the root's output and, under exact routing, picks the root's experts."""
+        r, extra = self.rows, n - self.size
+        if extra <= 0 and live is None:
+            return self
+        valid = self.valid if live is None else self.valid & live[:, None]
+        pad = lambda x, fill: x if extra <= 0 else torch.cat([x, fill.expand(r, extra)], 1)  # noqa: E731
+        zero = self.tokens.new_zeros(1, 1)
+        valid = pad(valid, torch.zeros(1, 1, dtype=torch.bool, device=valid.device))
+        tokens = pad(self.tokens, self.tokens[:, :1])
+        return DraftTree(torch.where(valid, tokens, tokens[:, :1]), pad(self.parents, zero),
+                         torch.where(valid, pad(self.depth, zero), 0), valid,
+                         None if self.logprob is None else pad(self.logprob, self.logprob.new_zeros(1, 1)),
+                         None if self.payload is None else pad(self.payload, zero - 1))
 
 
 def ancestors(parents: torch.Tensor, max_depth: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """anc [n, n] bool: anc[i, j] is True when node j is node i itself or one of its ancestors.
+    """anc [R, n, n] bool: anc[b, i, j] is True when node j is node i itself or one of its ancestors in row b's tree.
 
-    Device-side, no host sync: climb the parent pointers max_depth times. out: an [n, n] bool buffer to write."""
-    n = parents.shape[0]
-    rows = torch.arange(n, device=parents.device)
+    Device-side, no host sync: climb the parent pointers max_depth times. out: an [R, n, n] bool buffer to write."""
+    r, n = parents.shape
+    dev = parents.device
+    anc = torch.zeros(r, n, n, dtype=torch.bool, device=dev) if out is None else out.zero_()
+    cur = torch.arange(n, device=dev).expand(r, n).contiguous()
+    anc.scatter_(2, cur[..., None], True)
     up = parents.clamp(min=0)  # the root is its own parent
-    anc = torch.zeros(n, n, dtype=torch.bool, device=parents.device) if out is None else out.zero_()
-    anc[rows, rows] = True
-    cur = rows
     for _ in range(max_depth):
-        cur = up[cur]
-        anc[rows, cur] = True
+        cur = up.gather(1, cur)
+        anc.scatter_(2, cur[..., None], True)
     return anc

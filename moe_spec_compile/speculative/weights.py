@@ -1,8 +1,8 @@
 """Node weights: how much each token of a verify pass counts when the budget picks its C experts.
 
-DraftTree (+ the drafter's path log-probabilities) -> w [N] fp32 -> msc.token_weights(w) around the pass
+DraftTree (+ the drafter's path log-probabilities) -> w [R * N] fp32 -> msc.token_weights(w) around the pass
 
-Legend: n tree nodes (root included), N padded pass size (>= n).
+Legend: R rows, n tree nodes per row (root included), N padded nodes per row (>= n).
 
 The budget ranks experts by s_e = sum_t w_t p_t,e over the pass's tokens (moe_spec_compile/budget.py).
 A verify pass holds the root (certain to be used: its logits give at least the bonus token) and drafted
@@ -14,9 +14,9 @@ alike spends the budget on branches that are unlikely to survive. The options:
                that gives no probabilities (NgramDrafter) falls back to "uniform"
     "depth"    DEPTH_DECAY ** depth, the root 1
 
-Padding rows (N - n of them, repeating the root to fill the bucket) always weigh 0: they change nothing in
-the expert choice. Scaling all weights by a constant changes nothing either (ranks and coverage shares
-are relative).
+Padding nodes (N - n per row, repeating the root to fill the bucket, and every node of a finished row) weigh 0:
+they change nothing in the expert choice. Scaling all weights by a constant changes nothing either (ranks and
+coverage shares are relative).
 """
 
 from __future__ import annotations
@@ -42,13 +42,13 @@ def validate_node_weights(value) -> str:
     return value
 
 
-def node_weights(tree: DraftTree, kind: str, padded: int) -> torch.Tensor:
-    """w [padded] fp32 on the tree's device: the first tree.size entries weigh the nodes, the rest are 0."""
-    n = tree.size
+def node_weights(tree: DraftTree, kind: str) -> torch.Tensor:
+    """w [R * n] fp32 on the tree's device (rows flattened, row-major, as the pass's tokens): valid nodes weigh as
+    `kind` says, padding nodes (tree.valid False: a narrower row's padding, every node of a finished row) 0."""
     if kind == "path" and tree.logprob is not None:
         w = tree.logprob.float().exp()
     elif kind == "depth":
-        w = torch.full((n,), DEPTH_DECAY, dtype=torch.float32, device=tree.tokens.device) ** tree.depth.float()
+        w = torch.full(tree.depth.shape, DEPTH_DECAY, dtype=torch.float32, device=tree.depth.device) ** tree.depth
     else:
-        w = torch.ones(n, dtype=torch.float32, device=tree.tokens.device)
-    return torch.cat([w, w.new_zeros(padded - n)])
+        w = torch.ones(tree.depth.shape, dtype=torch.float32, device=tree.depth.device)
+    return (w * tree.valid).reshape(-1)
