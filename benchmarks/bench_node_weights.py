@@ -162,7 +162,8 @@ def _markdown(meta, rows) -> list[str]:
         bound = "-" if r["budget_bound"] is None else f"{100 * r['budget_bound']:.0f}%"
         lines.append(f"| {r['tree']} | {r['budget'] or 'exact'} | {r['node_weights']} | {r['mean_accepted']:.3f} "
                      f"| {100 * r['agreement']:.1f}% | {r['forced_accepted']:.3f} "
-                     f"| {100 * r['forced_agreement']:.1f}% | {r['verify_experts_per_layer']:.2f} | {bound} |")
+                     f"| {100 * r['forced_agreement']:.1f}% | {r['verify_experts_per_layer'] or float('nan'):.2f} "
+                     f"| {bound} |")
     lines += ["", f"Best (teacher-forced agreement over the budgeted rows, then teacher-forced accepted length): "
               f"**{meta['best']}** (the package default when this ran: {meta['default']})."]
     return lines

@@ -89,7 +89,7 @@ def main(argv=None) -> int:
         ref = decode[0]["mean_accepted"]
         for r in decode:
             lines.append(f"| {r['score']} | {r['mean_accepted']:.3f} | {100 * (r['mean_accepted'] / ref - 1):+.1f}% "
-                         f"| {100 * r['agreement']:.1f}% | {r['verify_experts_per_layer']:.2f} |")
+                         f"| {100 * r['agreement']:.1f}% | {r['verify_experts_per_layer'] or float('nan'):.2f} |")
     with open(args.out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

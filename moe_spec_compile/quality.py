@@ -39,7 +39,7 @@ class QualityRow:
     agreement: float  # (a) fraction of new tokens equal to the unbudgeted greedy output, position by position
     mean_accepted: float  # (b) tokens emitted per verify pass (bonus included)
     tokens_per_s: float
-    verify_experts_per_layer: float  # mean distinct experts per block per verify pass
+    verify_experts_per_layer: float | None  # mean distinct experts per block per verify pass (None: none recorded)
     budget_bound: float | None  # fraction of verify passes where some block used all C experts
     heldout_loss: float  # (c)
     heldout_accuracy: float  # (c)
@@ -122,7 +122,7 @@ def speculative_run(decoder, prompts: Sequence[torch.Tensor], budget: int | None
     summary = {
         "mean_accepted": emitted / max(steps, 1),
         "tokens_per_s": sum(o.numel() for o in outs) / max(seconds, 1e-9),
-        "verify_experts_per_layer": sum(experts) / max(len(experts), 1),
+        "verify_experts_per_layer": sum(experts) / len(experts) if experts else None,  # None: nothing recorded
         "budget_bound": sum(bound) / len(bound) if bound and budget is not None else None,
     }
     return outs, summary
