@@ -14,7 +14,7 @@ import torch
 from test_speculative_sampling import CHI2_TAIL, _tiny_pair, chi2
 
 import moe_spec_compile as msc
-from moe_spec_compile.speculative import Drafter, GenerateStats
+from moe_spec_compile.speculative import Drafter, GenerateStats, RowDrafter
 from moe_spec_compile.speculative.accept import accept_greedy
 from moe_spec_compile.speculative.buckets import VerifyRunner
 from moe_spec_compile.speculative.kv import TreeCache
@@ -189,6 +189,38 @@ def test_auto_on_a_batch_with_a_drafter_always_wrong(target):
     speculative = [x for x in d if x.tree != "ar"]
     assert all(x.tokens == 3 for x in speculative)  # never accepted: one bonus per row and step
     assert len(speculative) <= len(d) // 2
+
+
+def test_a_drafter_written_per_sequence(target, batch):
+    """A user's drafter written for one sequence (RowDrafter: start_row, draft_row, accept_row, skip_row) serves
+    batches: greedy output equals generate's, each row's drafter state sees exactly that row's tokens."""
+    ids, mask, free, _, _ = batch
+
+    class Repeat(RowDrafter):  # proposes the row's last two tokens again, as a chain
+        def start_row(self, tokens):
+            return list(tokens)
+
+        def draft_row(self, state, root, shape):
+            chain = (state[-2:] + [root])[: shape.max_nodes]
+            return [root] + chain, list(range(-1, len(chain)))
+
+        def accept_row(self, state, tokens):
+            state.extend(tokens[:-1])
+
+        def skip_row(self, state, root):
+            state.append(root)
+
+    drafter = Repeat()
+    dec = msc.SpeculativeDecoder(target, drafter=drafter, tree=3)
+    out = dec.generate(ids, attention_mask=mask, max_new_tokens=16, eos_token_id=None)
+    assert out.sequences.tolist() == free.tolist() and out.stats.tokens_per_step > 1
+    checked = 0
+    for i, b in enumerate(dec.row_of):  # rows of the last pass: each state holds its own row's tokens, no padding
+        if b >= 0:
+            state = drafter.rows[i]
+            assert state == out.sequences[b, PADS[b] :].tolist()[: len(state)] and len(state) >= 10 - PADS[b] + 12
+            checked += 1
+    assert checked >= 1
 
 
 def test_bad_input(target):
