@@ -99,8 +99,8 @@ def accept_greedy(tree: DraftTree, logits: torch.Tensor, anc: torch.Tensor, live
     if n == 1:  # roots only (an autoregressive step): each live row's bonus is the argmax at its root
         parts = [logits[:, 0].argmax(-1), tree.tokens[:, 0], valid[:, 0].long(),
                  tree.tokens[:, 0] * 0 - 1 if tree.payload is None else tree.payload[:, 0]]
-        bonus, roots, alive, fed = (lambda h: (h[:r], h[r : 2 * r], h[2 * r : 3 * r], h[3 * r :]))(
-            torch.cat(parts).tolist())
+        host = torch.cat(parts).tolist()
+        bonus, roots, alive, fed = host[:r], host[r : 2 * r], host[2 * r : 3 * r], host[3 * r :]
         keep = lambda x: [[v] if a else [] for v, a in zip(x, alive)]  # noqa: E731
         return Acceptance(valid, torch.zeros(r, dtype=torch.long, device=logits.device), torch.zeros_like(
             tree.tokens), valid[:, 0].long(), keep([0] * r), keep(roots), bonus,

@@ -194,16 +194,28 @@ def main(argv=None) -> int:
         log(f"{name}: held-out loss {stats[f'{name}_heldout_loss']:.3f} "
             f"(unigram {stats['unigram_heldout_loss']:.3f}) in {stats[f'{name}_train_seconds']} s")
     stats["total_seconds"] = round(time.time() - t_start, 1)
-    if load_start is not None:  # other work on the same cores slows the run down: record how busy they were
-        stats["load_average_1min_start_end"] = [round(load_start, 2), round(os.getloadavg()[0], 2)]
     stats["command"] = "python -m moe_spec_compile.tiny.train " + " ".join(sys.argv[1:] if argv is None else argv)
-    (out / "train_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    write_stats(out, stats, load_start)
     log("done")
     return 0
 
 
-if __name__ == "__main__":
-    if "OMP_WAIT_POLICY" not in os.environ:  # read when torch loads OpenMP, so start again with it set
+def write_stats(out: Path, stats: dict, load_start: float | None) -> None:
+    """out/train_stats.json, with the 1-minute load average at the start and end when it was read at the start
+    (other work on the same cores slows a run down: record how busy they were)."""
+    if load_start is not None:
+        stats["load_average_1min_start_end"] = [round(load_start, 2), round(os.getloadavg()[0], 2)]
+    (out / "train_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+
+
+def run_script(main) -> None:
+    """Run a training script's main() with OMP_WAIT_POLICY=PASSIVE (unless set): the policy is read when torch loads
+    OpenMP, so the process starts again with it set."""
+    if "OMP_WAIT_POLICY" not in os.environ:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
         os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
     raise SystemExit(main())
+
+
+if __name__ == "__main__":
+    run_script(main)

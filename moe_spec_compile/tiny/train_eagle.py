@@ -54,7 +54,7 @@ from tokenizers import Tokenizer
 from ..eagle3 import Eagle3Config, Eagle3Head, target_features
 from . import HERE, load_tiny
 from .corpus import read, split
-from .train import SEQ, batches, encode
+from .train import SEQ, batches, encode, run_script, write_stats
 
 DRAFT_VOCAB = 1536
 INTERMEDIATE = 512
@@ -269,15 +269,10 @@ def main(argv=None) -> int:
         "cpu_count": os.cpu_count(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "total_seconds": round(time.time() - t_start, 1),
     }
-    if load_start is not None:  # other work on the same cores slows the run down: record how busy they were
-        stats["load_average_1min_start_end"] = [round(load_start, 2), round(os.getloadavg()[0], 2)]
-    (out / "train_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    write_stats(out, stats, load_start)
     log("done")
     return 0
 
 
 if __name__ == "__main__":
-    if "OMP_WAIT_POLICY" not in os.environ:  # read when torch loads OpenMP, so start again with it set
-        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-        os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
-    raise SystemExit(main())
+    run_script(main)
