@@ -335,18 +335,17 @@ def part_d(sw: Sweeps, box: Box) -> dict:
     out = box.partial = dict(rows=[], skipped=[], errors=[])
     rows = out["rows"]
     before = dict(_pass_counters())
-    for n in sw.sizes:
-        for name, dec, cs in (("moespec", moespec, budgets), (f"plain {sw.baseline}", plain, [None])):
-            for c in cs:
-                if box.expired():
-                    out["skipped"].append(f"{name} N={n} C={c}")
-                    continue
-                try:
-                    rows.append(dict(compiled=name, N=n, C=c, **_verify_point(dec, prompt, n, c, sw)))
-                except Exception as err:
-                    _error(out, f"{name} N={n} C={c}", err)
+    points = [(name, dec, n, c) for n in sw.sizes
+              for name, dec, cs in (("moespec", moespec, budgets), (f"plain {sw.baseline}", plain, [None]))
+              for c in cs]
+    _measure(points, "", _verify_point, rows, box, prompt, sw)
     _ratios_to_plain(rows)
     passes = {key: n - before.get(key, 0) for key, n in _pass_counters().items()}
+    big = 16 if 16 in sw.sizes else max(sw.sizes)
+    profiles = out["profiles"] = []
+    _measure([("moespec", moespec, 1, None), ("moespec", moespec, 1, 2 * k), ("moespec", moespec, big, 2 * k),
+              (f"plain {sw.baseline}", plain, 1, None), (f"plain {sw.baseline}", plain, big, None)],
+             "profile ", _profile_point, profiles, box, prompt, sw)
     if not passes.get("experts_fused"):
         out["errors"].append(f"moespec fused no experts block in this model (pass counters: {passes})")
     cfg = model.config
@@ -359,7 +358,49 @@ def part_d(sw: Sweeps, box: Box) -> dict:
                           "|---|---|---|---|---|---|---|---|"] + [
                     f"| {r['compiled']} | {r['N']} | {r['C']} | {r['verify_median_ms']:.2f} "
                     f"[{r['verify_p10_ms']:.2f}, {r['verify_p90_ms']:.2f}] | {r.get('x_plain', '-')} | "
-                    f"{r['step_median_ms']:.2f} | {r['tokens_per_step']:.2f} | {r['buckets']} |" for r in rows])
+                    f"{r['step_median_ms']:.2f} | {r['tokens_per_step']:.2f} | {r['buckets']} |" for r in rows]
+                + [line for p in profiles for line in _profile_markdown(p)])
+
+
+def _measure(points, label: str, measure, into: list, box: Box, prompt, sw: Sweeps) -> None:
+    """measure(dec, prompt, n, c, sw) per (name, decoder, N, C) point into `into`, while the box lasts; a failing
+    point goes to the part's errors and the next one runs."""
+    out = box.partial
+    for name, dec, n, c in points:
+        if box.expired():
+            out["skipped"].append(f"{label}{name} N={n} C={c}")
+            continue
+        try:
+            into.append(dict(compiled=name, N=n, C=c, **measure(dec, prompt, n, c, sw)))
+        except Exception as err:
+            _error(out, f"{label}{name} N={n} C={c}", err)
+
+
+def _profile_point(dec, prompt, n: int, c, sw: Sweeps, top: int = 10) -> dict:
+    """Where a warm decoder's time goes over one generate call: the ops with the most self device time (CUDA
+    kernels, those of graph replays included; on the CPU self CPU time), per decoding step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = sw.device.type == "cuda"
+    run = lambda: dec.generate(prompt, max_new_tokens=sw.new_tokens, eos_token_id=None, tree=n - 1, budget=c)
+    run()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        steps = run().stats.steps
+        if cuda:
+            torch.cuda.synchronize()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = sorted((e for e in prof.key_averages() if getattr(e, key) > 0), key=lambda e: getattr(e, key),
+                    reverse=True)
+    per_step = lambda x: x / max(steps, 1)  # noqa: E731
+    return dict(timed=key, steps=steps, total_us_per_step=per_step(sum(getattr(e, key) for e in events)),
+                top=[dict(op=e.key[:90], us_per_step=per_step(getattr(e, key)), calls_per_step=per_step(e.count))
+                     for e in events[:top]])
+
+
+def _profile_markdown(p: dict) -> list[str]:
+    return ["", f"{p['compiled']}, N = {p['N']}, C = {p['C']}: {p['total_us_per_step']:.0f} us of {p['timed']} per "
+            f"step over {p['steps']} steps; the top ops:", "", "| op | us / step | calls / step |", "|---|---|---|"] + [
+        f"| `{t['op']}` | {t['us_per_step']:.1f} | {t['calls_per_step']:.1f} |" for t in p["top"]]
 
 
 def _pass_counters() -> dict:

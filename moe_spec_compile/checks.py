@@ -51,9 +51,13 @@ def check_fused_experts_args(hidden, topk_ids, topk_weights, w_gate_up, w_down, 
 
 
 def check_ids_in_range(topk_ids: torch.Tensor, num_experts: int) -> None:
-    """Every id in [-1, E). Reads one bool back to the host, so it is skipped while a CUDA graph is being
-    captured (a replay cannot raise; the kernels skip ids outside the range there)."""
-    if topk_ids.is_cuda and torch.cuda.is_current_stream_capturing():
+    """Every id in [-1, E). On the CPU a ValueError; on CUDA a device-side assert that fails the next
+    synchronising call (no host read: the experts run once per layer per pass), and nothing while a CUDA
+    graph is being captured (a replay cannot raise; the kernels skip ids outside the range there)."""
+    if topk_ids.is_cuda:
+        if topk_ids.numel() and not torch.cuda.is_current_stream_capturing():
+            torch._assert_async(((topk_ids >= -1) & (topk_ids < num_experts)).all(),
+                                f"topk_ids must lie in [-1, {num_experts}) (-1 marks an empty slot)")
         return
     if topk_ids.numel() and bool(((topk_ids < -1) | (topk_ids >= num_experts)).any()):
         bad = topk_ids[(topk_ids < -1) | (topk_ids >= num_experts)][0].item()

@@ -242,7 +242,9 @@ def _synthetic(experts: Experts, ids_node, w_node, inputs, tensor_of, e: int, k:
                 x = torch.rand(dims, generator=gen) + 0.1
             else:
                 x = torch.randn(dims, generator=gen)
-            values.append(x)
+            # on the device the graph was traced for: the region may branch on it at trace time (transformers'
+            # grouped_mm experts histc int ids on CUDA, float ids on the CPU, which has no int histc)
+            values.append(x.to(v.device))
         elif isinstance(v, torch.Tensor):
             t = tensor_of(a)
             if t is None:
@@ -269,6 +271,23 @@ def _candidate_out(layout: Layout, x2, ids2, w2, tensor_of):
                                layout.limit, f(layout.up))
 
 
+def _run_region(module, inputs, values) -> tuple[torch.Tensor, float]:
+    """(the region's output in fp32, the relative tolerance to match it with). In fp32 where the region runs
+    in fp32; else (a kernel traced in that takes only the model's dtype, as torch._grouped_mm may on a GPU)
+    in the dtypes it was traced with, matched at 16-bit precision: a wrong layout is off by O(1) either way."""
+    try:
+        return module(*values).float(), 1e-4
+    except RuntimeError as fp32_err:
+        traced = [v.to(meta_val(a).dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                  for a, v in zip(inputs, values)]
+        if all(t is v for t, v in zip(traced, values)):
+            raise Declined(f"the experts region does not run on synthetic tokens ({fp32_err})") from fp32_err
+        try:
+            return module(*traced).float(), 2e-2
+        except RuntimeError as err:
+            raise Declined(f"the experts region does not run on synthetic tokens ({err})") from err
+
+
 def identify(experts: Experts, ids_node: fx.Node, w_node: fx.Node, tensor_of, num_experts: int, k: int) -> Layout:
     """The one candidate layout whose fused_experts equals the region run alone (fp32, synthetic tokens)."""
     layouts = candidates(experts, tensor_of, num_experts)
@@ -278,13 +297,13 @@ def identify(experts: Experts, ids_node: fx.Node, w_node: fx.Node, tensor_of, nu
     gen = torch.Generator().manual_seed(0)
     values = _synthetic(experts, ids_node, w_node, inputs, tensor_of, num_experts, k, gen)
     with torch.no_grad():
-        expected = module(*values).float()
+        expected, rel_tol = _run_region(module, inputs, values)
         by = dict(zip(inputs, values))
         h = by[experts.hidden].shape[-1]
         x2, ids2, w2 = by[experts.hidden].reshape(-1, h), by[ids_node].reshape(-1, k), by[w_node].reshape(-1, k)
         if ids2.shape[0] != x2.shape[0] or expected.numel() != x2.numel():
             raise Declined("the experts' inputs and output do not line up token by token")
-        tol = 1e-4 * max(1.0, expected.abs().max().item())
+        tol = rel_tol * max(1.0, expected.abs().max().item())
         errors = [(_candidate_out(lay, x2, ids2, w2, tensor_of).reshape(-1) - expected.reshape(-1)).abs().max().item()
                   for lay in layouts]
     fits = [lay for lay, err in zip(layouts, errors) if err <= tol]

@@ -146,3 +146,37 @@ def test_backend_found_by_entry_point_without_import():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "ok (2, 4)" in res.stdout
+
+
+def test_experts_region_that_refuses_fp32_is_matched_in_its_traced_dtype():
+    """identify runs the experts region on synthetic fp32 tokens; a region holding a kernel that takes only
+    the model's dtype (torch._grouped_mm on some GPUs) runs in the dtypes it was traced with instead, and
+    a region that runs in neither is declined with the reason, never a crash."""
+    import torch.fx as fx
+
+    from moe_spec_compile.passes.experts import _run_region
+    from moe_spec_compile.passes.graph_utils import Declined
+
+    graph = fx.Graph()
+    x, w = graph.placeholder("x"), graph.placeholder("w")
+    x.meta["val"] = torch.empty(3, 4, dtype=torch.bfloat16)
+    w.meta["val"] = torch.empty(4, 5, dtype=torch.bfloat16)
+    gen = torch.Generator().manual_seed(0)
+    xv, wv = torch.randn(3, 4, generator=gen), torch.randn(4, 5, generator=gen)
+
+    def bf16_only(a, b):
+        if a.dtype != torch.bfloat16:
+            raise RuntimeError("expected bf16 operands")
+        return a @ b
+
+    out, tol = _run_region(bf16_only, [x, w], [xv, wv])
+    assert tol == 2e-2 and out.dtype == torch.float32
+    assert torch.allclose(out, xv @ wv, rtol=2e-2, atol=2e-2 * (xv @ wv).abs().max().item())
+    out, tol = _run_region(lambda a, b: a @ b, [x, w], [xv, wv])  # runs in fp32: matched at fp32 precision
+    assert tol == 1e-4 and torch.equal(out, xv @ wv)
+
+    def broken(a, b):
+        raise RuntimeError("no kernel for this device")
+
+    with pytest.raises(Declined, match="no kernel for this device"):
+        _run_region(broken, [x, w], [xv, wv])

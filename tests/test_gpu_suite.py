@@ -55,6 +55,11 @@ def test_dry_run_every_part_ok(tmp_path):
     assert d == {("moespec", 1, None), ("moespec", 1, 2), ("plain eager", 1, None),
                  ("moespec", 4, None), ("moespec", 4, 2), ("plain eager", 4, None)}
     assert all(r["buckets"] == [[r["N"], r["C"]]] for r in parts["d"]["rows"])  # every pass had exactly N tokens
+    profiles = parts["d"]["profiles"]  # where the time goes, per op, for the next device session
+    assert [(p["compiled"], p["N"], p["C"]) for p in profiles] == [
+        ("moespec", 1, None), ("moespec", 1, 4), ("moespec", 4, 4), ("plain eager", 1, None), ("plain eager", 4, None)]
+    assert all(p["steps"] > 0 and p["top"] and p["total_us_per_step"] >= p["top"][0]["us_per_step"] > 0
+               for p in profiles)
     e = parts["e"]["rows"]
     # the dry run does not compile the bundled target, so no budgeted row (a budget needs a moespec target)
     assert [(r["tree"], r["budget"]) for r in e] == [("-", None), ("4", None), ("0", None)]
@@ -102,6 +107,15 @@ def test_hard_limit_stops_a_part(suite, monkeypatch):
     assert result["status"] == "timeout" and "PartTimeout" in result["traceback"]
     assert result["rows"] == ["measured before the stop"]
     assert time.monotonic() - t0 < 10
+
+
+def test_budgets_shorten_named_parts_only(suite):
+    """--budgets a=60,d=130: those parts' boxes, the rest keep BUDGET_S; anything else is refused by name."""
+    budgets = suite._budgets("a=60, d=130.5")
+    assert budgets == {**suite.BUDGET_S, "a": 60.0, "d": 130.5}
+    for bad in ("z=10", "a=", "a=-5", "a=0", "a"):
+        with pytest.raises(ValueError, match="--budgets"):
+            suite._budgets(bad)
 
 
 def test_quick_halves_the_sweeps(suite):

@@ -109,10 +109,10 @@ def test_deterministic():
 def test_op_uses_triton_on_cuda(monkeypatch):
     """impl="auto" on CUDA tensors runs these kernels."""
     import moe_spec_compile.kernels as kernels
-    from moe_spec_compile import ops
+    from moe_spec_compile import experts_op
 
     calls = []
-    monkeypatch.setattr(ops, "_triton_launcher", lambda: lambda *a: calls.append(1) or kernels.fused_experts(*a))
+    monkeypatch.setattr(experts_op, "_triton_launcher", lambda: lambda *a: calls.append(1) or kernels.fused_experts(*a))
     x, ids, tw, wgu, wd, act, bgu, bd, inter = _case("olmoe-1b-7b", 4, 16, torch.bfloat16)
     torch.ops.moespec.fused_experts(x, ids, tw, wgu, wd, act)
     assert calls

@@ -346,6 +346,7 @@ def test_cuda_graphs_batched():
                         for c in (None, 4, 6)]
         if graphs:
             assert dec.runner.captures == len({s for out in runs[True] for s in out.stats.pass_shapes})
-    assert runs[True][0].sequences.tolist() == want.tolist()
+    # eager passes against generate first: a mismatch there is the batched path on this device, not the graphs
+    assert runs[False][0].sequences.tolist() == want.tolist()
     for replayed, eager in zip(runs[True], runs[False]):
         assert replayed.sequences.tolist() == eager.sequences.tolist()

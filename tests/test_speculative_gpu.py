@@ -34,8 +34,9 @@ def test_budgeted_graph_replay_equals_eager(policy):
             msc.reset_expert_stats()
             runs[graphs].append(dec.generate(prompt, max_new_tokens=12, eos_token_id=None, budget=c))
             stats = msc.expert_stats()  # device counters: they count during graph replay too
-            assert stats and all(s["passes"] >= len(runs[graphs][-1].stats.verify) for s in stats.values())
-            assert c is None or all(s["experts_per_pass"] <= c for s in stats.values())
+            if c is not None:  # exact passes may run on the plain target (FastestExact), which counts nothing
+                assert stats and all(s["passes"] >= len(runs[graphs][-1].stats.verify) for s in stats.values())
+                assert all(s["experts_per_pass"] <= c for s in stats.values())
         if graphs:
             # one graph per tree-size bucket, whatever the budget (budgets are device data)
             assert dec.runner.captures == len({n for out in runs[graphs] for n, _ in out.stats.buckets})

@@ -59,31 +59,36 @@ class VerifyRunner:
     buffers. budgeted=False (a draft model's passes): no budget scope; c and weights must be None."""
 
     def __init__(self, model, use_graphs: bool, cache_position: bool = False, policy: str = "substitute",
-                 budgeted: bool = True):
+                 budgeted: bool = True, hidden: tuple[int, ...] | None = None):
         self.model, self.use_graphs, self.cache_position = model, use_graphs, cache_position
-        self.policy, self.budgeted = policy, budgeted
+        self.policy, self.budgeted, self.hidden = policy, budgeted, hidden
         self.static: dict[tuple[int, int], dict] = {}  # (R, N) -> static input buffers
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # (R, N) -> graph, logits
         self.pool = None
         self.captures = 0
 
     def __call__(self, cache: TreeCache, tokens, positions, mask, slots, c=None,
-                 weights: torch.Tensor | None = None) -> torch.Tensor:
+                 weights: torch.Tensor | None = None, inputs: dict | None = None):
         """tokens, positions, slots [R, N]; mask [R, 1, N, S] (or a dict of them); c the budget (None: exact; any
         budget msc.budget takes); weights [R * N] fp32 the tokens' weights in the expert scores (0: padding; None:
-        all 1) -> logits [R, N, V]."""
+        all 1); inputs: more tensors the model takes (the same names every call) -> logits [R, N, V], or (logits,
+        hidden states [R, N, F]) when the runner was made with hidden (kv.forward)."""
         if not self.use_graphs:
             with self.scope(c, weights):
-                return forward(self.model, cache, tokens, positions, mask, slots, self.cache_position)
+                return forward(self.model, cache, tokens, positions, mask, slots, self.cache_position, self.hidden,
+                               inputs)
         key = tuple(tokens.shape)
         buf = self.static.get(key)
         if buf is None:
             buf = self.static[key] = {"tokens": tokens.clone(), "positions": positions.clone(),
                                       "slots": slots.clone(), "mask": _clone_mask(mask),
-                                      "weights": None if weights is None else weights.clone()}
+                                      "weights": None if weights is None else weights.clone(),
+                                      "inputs": {k: v.clone() for k, v in (inputs or {}).items()}}
         for name, value in (("tokens", tokens), ("positions", positions), ("slots", slots), ("weights", weights)):
             if value is not None and buf[name] is not None:
                 buf[name].copy_(value)
+        for name, value in (inputs or {}).items():
+            buf["inputs"][name].copy_(value)
         _copy_mask(buf["mask"], mask)
         cache.slots = buf["slots"]  # forward() copies slots onto themselves: the graph reads this address
         with self.scope(c, buf["weights"] if weights is not None else None):  # tables written here, not captured
@@ -93,10 +98,10 @@ class VerifyRunner:
                 self.captures += 1
                 self.graphs[key] = capture_graph(lambda: forward(
                     self.model, cache, buf["tokens"], buf["positions"], buf["mask"], buf["slots"],
-                    self.cache_position), self.pool)
-            graph, logits = self.graphs[key]
+                    self.cache_position, self.hidden, buf["inputs"]), self.pool)
+            graph, out = self.graphs[key]
             graph.replay()
-        return logits
+        return out
 
     def scope(self, c, weights: torch.Tensor | None = None):
         """``msc.budget(c)`` (exactly C, whatever the pass size: max_budget_tokens only keeps prefills exact)
@@ -112,9 +117,12 @@ class VerifyRunner:
         return stack
 
     def reset(self) -> None:
-        """Drop captured graphs (their buffers belong to caches that are being replaced)."""
+        """Drop captured graphs (their buffers belong to caches that are being replaced) and their pool: a pool
+        whose graphs are all gone can still hold blocks (cuBLAS workspaces made during capture), and capturing
+        into it again fails an allocator assert (use_count > 0), seen on an H200 with torch 2.11."""
         self.static.clear()
         self.graphs.clear()
+        self.pool = None
 
 
 def _clone_mask(mask):
