@@ -1,11 +1,15 @@
 """Routing metadata for the grouped GEMMs, built on the device in one Triton program (no host sync).
 
-topk_ids [T, k] -> count per expert -> pad each count to BLOCK_M -> stable scatter of (token, slot) pairs
-                -> sorted pairs [P] (T*k marks padding) + one expert id per M tile (-1 past the end)
+topk_ids [T, k] -> count per expert (a histogram) -> pad each count to BLOCK_M -> per chunk of pairs: sort
+(expert, position) keys, each pair's row = its expert's next free row + its rank in the chunk
+-> sorted pairs [P] (T*k marks padding) + one expert id per M tile (-1 past the end)
 
 Legend: T tokens, E experts, k top-k, P padded rows (a static bound, so shapes never depend on data).
 Slots with id -1 are dropped; ids outside [0, E) are dropped too (the kernels cannot raise without a
 sync). Experts that received no pair own no tile, so the GEMMs never read their weights.
+Cost: O(T*k log^2 CHUNK) for the pairs (a bitonic sort per chunk) and O(E x P / BLOCK_M) for the tile labels;
+the first version held a one-hot [E, chunk] per chunk, O(E x T*k): 438 us at E = 256, T*k = 4096 on an H200
+(benchmarks/results/gpu/README.md), 17x torch's argsort.
 """
 
 from __future__ import annotations
@@ -16,9 +20,8 @@ import triton.language as tl
 
 __all__ = ["RoutingMeta", "align_by_expert", "padded_rows"]
 
-# Rows of the one-hot [BLOCK_E, CHUNK] block the kernel holds at once: 16K int32 values spread over
-# 8 warps keep it in registers; larger blocks spill.
-_ONEHOT_ELEMS = 16384
+_MAX_CHUNK = 1024  # pairs sorted at once: 4 keys per thread over 8 warps
+_TILE_ELEMS = 16384  # the [BINS, TILE_CHUNK] compare block of the tile labels, kept in registers
 _NUM_WARPS = 8
 
 
@@ -32,25 +35,27 @@ def _align_kernel(
     num_experts,  # E
     num_tiles,  # P // BLOCK_M
     BLOCK_M: tl.constexpr,  # the M tile of the GEMMs; every expert's group is padded to it
-    BLOCK_E: tl.constexpr,  # next power of two >= E
-    CHUNK: tl.constexpr,  # pairs handled per step
+    BINS: tl.constexpr,  # next power of two > E: bin E collects the dropped slots
+    CHUNK: tl.constexpr,  # pairs handled per step (a power of two)
     TILE_CHUNK: tl.constexpr,  # tiles labelled per step
     FILL: tl.constexpr,  # rows marked as padding per step
 ):
-    """Grid (1,). Pass 1 counts pairs per expert; pass 2 marks every row padding, then scatters each
-    pair to its padded row, keeping the (token, slot) order inside an expert (stable); pass 3 labels
-    each M tile with its expert."""
-    experts = tl.arange(0, BLOCK_E)
-    real = experts < num_experts
+    """Grid (1,). Pass 1 counts pairs per expert; pass 2 marks every row padding, then per chunk sorts the
+    keys expert * CHUNK + lane (stable: the (token, slot) order stays inside an expert) and writes each pair
+    to its expert's next free row plus its rank among the chunk's pairs of that expert; pass 3 labels each
+    M tile with its expert."""
+    bins = tl.arange(0, BINS)
+    lane = tl.arange(0, CHUNK)
 
-    counts = tl.zeros([BLOCK_E], dtype=tl.int32)
+    counts = tl.zeros([BINS], dtype=tl.int32)
     for start in range(0, num_pairs, CHUNK):
-        offs = start + tl.arange(0, CHUNK)
+        offs = start + lane
         ids = tl.load(ids_ptr + offs, mask=offs < num_pairs, other=-1).to(tl.int32)
-        hit = ((ids[None, :] == experts[:, None]) & real[:, None]).to(tl.int32)  # (BLOCK_E, CHUNK)
-        counts += tl.sum(hit, axis=1)
+        ids = tl.where((ids >= 0) & (ids < num_experts), ids, num_experts)  # dropped -> bin E
+        counts += tl.histogram(ids, BINS)
+    counts = tl.where(bins < num_experts, counts, 0)
 
-    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M  # (BLOCK_E,)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M  # (BINS,)
     ends = tl.cumsum(padded, axis=0)
     total = tl.sum(padded, axis=0)
     tl.store(num_padded_ptr, total)
@@ -62,20 +67,23 @@ def _align_kernel(
 
     running = ends - padded  # next free row of each expert's group
     for start in range(0, num_pairs, CHUNK):
-        offs = start + tl.arange(0, CHUNK)
+        offs = start + lane
         ids = tl.load(ids_ptr + offs, mask=offs < num_pairs, other=-1).to(tl.int32)
-        hit = ((ids[None, :] == experts[:, None]) & real[:, None]).to(tl.int32)  # (BLOCK_E, CHUNK)
-        before = tl.cumsum(hit, axis=1) - hit  # same-expert pairs earlier in this chunk
-        row = tl.sum(hit * (before + running[:, None]), axis=0)  # (CHUNK,)
-        kept = tl.sum(hit, axis=0) > 0
-        tl.store(sorted_ptr + row, offs.to(tl.int32), mask=kept)
-        running += tl.sum(hit, axis=1)
+        ids = tl.where((ids >= 0) & (ids < num_experts), ids, num_experts)
+        here = tl.histogram(ids, BINS)  # this chunk's pairs per expert
+        first = tl.cumsum(here, axis=0) - here  # sorted position of each expert's first pair in the chunk
+        key = tl.sort(ids * CHUNK + lane)
+        expert = key // CHUNK
+        # sorted position p holds the (p - first[e])-th pair of expert e in this chunk
+        row = tl.gather(running - first, expert, 0) + lane
+        tl.store(sorted_ptr + row, (start + key - expert * CHUNK).to(tl.int32), mask=expert < num_experts)
+        running += here
 
     for start in range(0, num_tiles, TILE_CHUNK):
         tiles = start + tl.arange(0, TILE_CHUNK)
         first_row = tiles * BLOCK_M
         # groups are contiguous and in expert order: a tile's expert is the number of groups ending at or before it
-        expert = tl.sum((ends[:, None] <= first_row[None, :]).to(tl.int32), axis=0)
+        expert = tl.sum((ends[:, None] <= first_row[None, :]).to(tl.int32), axis=0)  # bins past E end at total
         expert = tl.where(first_row < total, expert, -1)
         tl.store(tile_expert_ptr + tiles, expert, mask=tiles < num_tiles)
 
@@ -110,12 +118,12 @@ def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> R
     sorted_pairs = torch.empty((rows,), dtype=torch.int32, device=ids.device)  # [P]
     tile_expert = torch.empty((rows // block_m,), dtype=torch.int32, device=ids.device)  # [P // BLOCK_M]
     num_padded = torch.empty((1,), dtype=torch.int32, device=ids.device)
-    block_e = triton.next_power_of_2(max(num_experts, 2))
-    chunk = max(16, min(triton.next_power_of_2(max(num_pairs, 1)), _ONEHOT_ELEMS // block_e))
-    tile_chunk = max(16, min(triton.next_power_of_2(tile_expert.shape[0]), _ONEHOT_ELEMS // block_e))
+    bins = triton.next_power_of_2(num_experts + 1)
+    chunk = max(16, min(triton.next_power_of_2(max(num_pairs, 1)), _MAX_CHUNK))
+    tile_chunk = max(16, min(triton.next_power_of_2(tile_expert.shape[0]), _TILE_ELEMS // bins))
     _align_kernel[(1,)](
         ids, sorted_pairs, tile_expert, num_padded, num_pairs, num_experts, tile_expert.shape[0],
-        BLOCK_M=block_m, BLOCK_E=block_e, CHUNK=chunk, TILE_CHUNK=tile_chunk, FILL=1024,
+        BLOCK_M=block_m, BINS=bins, CHUNK=chunk, TILE_CHUNK=tile_chunk, FILL=1024,
         num_warps=_NUM_WARPS,
     )
     return RoutingMeta(sorted_pairs, tile_expert, num_padded, block_m)

@@ -184,6 +184,8 @@ def test_rejects_bad_arguments():
     (37, 4, 31, 16, 6, 0.1),
     (64, 8, 64, 32, 16, 0.0),
     (3, 2, 4, 16, None, 1.0),
+    (300, 8, 256, 16, None, 0.05),  # 2400 pairs: three sorted chunks, the order kept across them
+    (200, 8, 128, 64, 16, 0.0),
 ])
 def test_routing_metadata_invariants(t, k, e, block_m, budget, empty):
     gen = torch.Generator().manual_seed(t + e)
@@ -282,7 +284,7 @@ assert down > 0, "down not pipelined"
 compile_(fused_moe._combine_kernel, dict(part_ptr="*fp32", ids_ptr="*i32", out_ptr="*bf16"),
          dict(SPLIT_K=2, BLOCK_H=256), [], num_warps=4)
 compile_(routing._align_kernel, dict(ids_ptr="*i64", sorted_ptr="*i32", tile_expert_ptr="*i32", num_padded_ptr="*i32"),
-         dict(BLOCK_M=16, BLOCK_E=256, CHUNK=64, TILE_CHUNK=64, FILL=1024), [], num_warps=8)
+         dict(BLOCK_M=16, BINS=512, CHUNK=1024, TILE_CHUNK=32, FILL=1024), [], num_warps=8)
 print("compiled")
 '''
 
