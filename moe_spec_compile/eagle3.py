@@ -56,8 +56,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import PretrainedConfig
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
-__all__ = ["Eagle3Config", "Eagle3Head", "default_aux_layer_ids", "target_features"]
+from .speculative.drafters import ModelDrafter
+from .speculative.kv import forward
+
+__all__ = ["Eagle3Config", "Eagle3Head", "Eagle3Drafter", "default_aux_layer_ids", "target_features"]
 
 SPECFORGE_ARCH = "LlamaForCausalLMEagle3"
 
@@ -428,3 +433,144 @@ def target_features(target, input_ids, layer_ids, attention_mask=None, position_
     aux = torch.cat([last["h"] if i == n_layers else hs[i] for i in layer_ids], dim=-1)
     return (aux, out.logits) if with_logits else aux
 
+
+
+# --- the drafter --------------------------------------------------------------------------------------------------
+class _HeadPass(nn.Module):
+    """The head as the drafting passes call a model (speculative.kv.forward): input_ids, position_ids,
+    attention_mask, past_key_values (the drafter's TreeCache, one layer) and features [R, n, H] -> logits over the
+    target's vocabulary (-inf off the draft vocabulary, so a top-k only ever picks draft tokens) and
+    hidden_states = (the head's output features [R, n, H],)."""
+
+    def __init__(self, head: Eagle3Head, vocab_size: int):
+        super().__init__()
+        self.head = head
+        self.vocab_size = vocab_size
+        self.config = PretrainedConfig(num_hidden_layers=1)  # the drafter's cache and masks read this
+        d = head.config.draft_vocab_size
+        self.register_buffer("target_ids", torch.arange(d, device=head.d2t.device) + head.d2t, persistent=False)
+
+    def forward(self, input_ids, position_ids, attention_mask, past_key_values, features, use_cache=True,
+                output_hidden_states=False):
+        logits, h = self.head(input_ids, features, position_ids, attention_mask, past_key_values)
+        full = logits.new_full((*logits.shape[:-1], self.vocab_size), float("-inf"))
+        return CausalLMOutputWithPast(logits=full.index_copy(-1, self.target_ids, logits), hidden_states=(h,))
+
+
+class Eagle3Drafter(ModelDrafter):
+    """Drafts with an EAGLE-3 head from the target's own features, which the decoder's verify passes return
+    (``feature_layers`` = the head's aux_layer_ids: no second target forward, in the moespec graph, under CUDA
+    graphs and under a budget).
+
+    target features by slot [R, S, 3Ht] (prefill, every accepted path) --fc--> the head's input beside the next
+    token's embedding; drafted levels take the head's own output feature of their parent.
+
+    Everything else is ModelDrafter's: chains, EAGLE-2 dynamic trees (cumulative log-probabilities, top-k per
+    level, rerank to the tree budget), static trees, batches (one head pass per level for all rows), compile and
+    CUDA graphs per drafting pass shape, the KV cache at the target's slots. One difference, as EAGLE's engines
+    do: the accepted drafts are fed again at the next step with the target's features (their keys while drafting
+    came from the head's own features), so accept() moves no KV.
+
+        head = msc.Eagle3Head.from_pretrained("path/to/eagle3", target)   # or Eagle3Drafter.from_pretrained
+        dec = msc.SpeculativeDecoder(target, drafter=msc.Eagle3Drafter(head, target), tree=msc.TreeSpec(16, 4, 4))
+    """
+
+    def __init__(self, head: Eagle3Head, target, compile: bool = False, cuda_graphs: bool | None = None):
+        if not isinstance(head, Eagle3Head):
+            raise ValueError(f"head must be an Eagle3Head, got {type(head).__name__}")
+        tcfg = _text_config(target)
+        c = head.config
+        for name, mine, theirs in (("vocab_size", c.vocab_size, tcfg.vocab_size),
+                                   ("target_hidden_size", c.target_hidden_size, tcfg.hidden_size)):
+            if mine != theirs:
+                raise ValueError(f"{name}: the head has {mine}, the target {theirs}")
+        n = int(tcfg.num_hidden_layers)
+        if any(not 0 <= i < n for i in c.aux_layer_ids):
+            raise ValueError(f"aux_layer_ids {c.aux_layer_ids}: a verify pass yields hidden_states indices in "
+                             f"[0, {n}) of this {n}-layer target (index {n}, the last layer's pre-norm output, "
+                             "is none of its outputs)")
+        self.head = head.eval()
+        self.feature_layers = tuple(c.aux_layer_ids)
+        self.feat: torch.Tensor | None = None  # [R, S, 3Ht] the target's features at each committed slot
+        self._root_h = self._fed_h = None  # the head's output features: the root's [R, H], fed nodes' [R, F, H]
+        super().__init__(_HeadPass(self.head, int(tcfg.vocab_size)), vocab_size=int(tcfg.vocab_size),
+                         compile=compile, cuda_graphs=cuda_graphs)
+
+    @classmethod
+    def from_pretrained(cls, path, target, aux_layer_ids=None, dtype: torch.dtype | None = None, device=None,
+                        **kwargs) -> Eagle3Drafter:
+        """A local EAGLE / SpecForge or speculators checkpoint (Eagle3Head.from_pretrained) as a drafter."""
+        return cls(Eagle3Head.from_pretrained(path, target, aux_layer_ids, dtype, device), target, **kwargs)
+
+    _pass_hidden = (0,)  # the drafting passes also return the head's output features (_HeadPass)
+
+    def start(self, input_ids, pad=None, max_len=None, features=None) -> None:
+        if features is None:
+            raise ValueError("Eagle3Drafter drafts from the target's features: run it through SpeculativeDecoder, "
+                             "whose verify passes provide them (features=[R, L, 3 x target hidden])")
+        r, length = input_ids.shape
+        size = max(self.max_len, -(-(max_len or length + 64) // 64) * 64)
+        self.feat = features.new_zeros(r, size, features.shape[-1])
+        self.feat[:, :length] = features
+        # each row's first token is padding to the head: its input at slot s pairs the token at s with the target's
+        # features of s - 1, and the first token has none (EAGLE trains on the sequence shifted by one, without it)
+        super().start(input_ids, [p + 1 for p in (pad or [0] * r)], max_len)
+
+    def accept(self, acc, live=None, features=None) -> None:
+        """features [R, n, 3Ht]: the target's, of each row's path nodes first (root first), stored at their slots
+        (the root's slot onwards); the accepted drafts are queued to be fed again with them."""
+        c, n = self.cache, features.shape[1]
+        live = [True] * c.rows if live is None else live
+        slots = ((self._base_t - 1)[:, None] + torch.arange(n, device=self.device)).clamp(max=self.feat.shape[1] - 1)
+        self.feat.scatter_(1, slots[..., None].expand(*slots.shape, self.feat.shape[-1]), features.to(self.feat))
+        for b, alive in enumerate(live):
+            if alive:
+                c.lengths[b] = self._base[b]  # up to the root, which the first feed fed with the target's feature
+                self.pending[b] = acc.tokens[b][1:]
+
+    def skip(self, roots, live=None, features=None) -> None:
+        """features [R, 1, 3Ht]: the roots' (verified alone), stored at the slot each root will be fed at."""
+        live = [True] * len(roots) if live is None else live
+        for b, alive in enumerate(live):
+            if alive:
+                self.feat[b, self.cache.lengths[b] + len(self.pending[b])] = features[b, 0].to(self.feat)
+        super().skip(roots, live)
+
+    def select(self, rows: list[int]) -> None:
+        super().select(rows)
+        self.feat = self.feat[torch.tensor(rows, device=self.feat.device)]
+
+    def _run(self, tokens, positions, mask, slots, fed_parent=None, first_fed: int = 0, graph: bool = True):
+        r, n = tokens.shape
+        if fed_parent is None:  # committed tokens: the target's features of the slot before each
+            prev = (slots - 1).clamp(min=0)  # slot 0: a first token, which no query attends (start)
+            features = self.head.project(self.feat.gather(1, prev[..., None].expand(r, n, self.feat.shape[-1])))
+        elif isinstance(fed_parent, int):  # a chain step: one parent for every row
+            features = (self._root_h if fed_parent < 0 else self._fed_h[:, fed_parent])[:, None]
+        else:
+            hsize = self._root_h.shape[-1]
+            fed = self._fed_h if self._fed_h is not None and self._fed_h.shape[0] == r else \
+                self._root_h.new_zeros(r, 1, hsize)  # a first level: every parent is the root
+            parent = fed.gather(1, fed_parent.clamp(min=0)[..., None].expand(r, n, hsize))
+            features = torch.where((fed_parent < 0)[..., None], self._root_h[:, None], parent)
+        inputs = {"features": features.contiguous()}
+        if graph:
+            logits, h = self._passes()(self.cache, tokens, positions, mask, slots, inputs=inputs)
+        else:
+            logits, h = forward(self._run_model, self.cache, tokens, positions, mask, slots, self._cache_position,
+                                self._pass_hidden, inputs)
+        if fed_parent is None:
+            self._root_h = h[:, -1].clone()  # the last token fed: the root (a replayed graph reuses h's storage)
+        else:
+            self._keep_fed(h, first_fed)
+        return logits
+
+    def _keep_fed(self, h: torch.Tensor, first: int) -> None:
+        """The head's output features of fed nodes first .. first + n - 1 (the next level's parents)."""
+        r, n, hsize = h.shape
+        if self._fed_h is None or self._fed_h.shape[0] != r or self._fed_h.shape[1] < first + n:
+            grown = h.new_zeros(r, max(first + n, 16), hsize)
+            if self._fed_h is not None and self._fed_h.shape[0] == r:
+                grown[:, : self._fed_h.shape[1]] = self._fed_h
+            self._fed_h = grown
+        self._fed_h[:, first : first + n] = h

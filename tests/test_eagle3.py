@@ -92,12 +92,13 @@ def write_speculators(path, w, norm_before_residual=True, aux_ids=None):
     return path
 
 
-def reference_step(w, embedding, input_ids, aux, positions, norm_before_residual=False):
-    """The head's forward written out in plain torch (no cache, causal): (draft logits, next features)."""
+def reference_step(w, embedding, input_ids, aux, positions, norm_before_residual=False, feats=None):
+    """The head's forward written out in plain torch (no cache, causal): (draft logits, next features). feats
+    [B, n, H]: the features after fc (the head's own, for drafted tokens), instead of aux."""
     rms = lambda x, g: g * x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + EPS)
     lin = lambda x, name: x @ w[name].T
     e = embedding[input_ids]  # [B, n, H]
-    h = lin(aux, "fc.weight") + (w["fc.bias"] if "fc.bias" in w else 0)
+    h = feats if feats is not None else lin(aux, "fc.weight") + (w["fc.bias"] if "fc.bias" in w else 0)
     normed = rms(h, w["midlayer.hidden_norm.weight"])
     residual = normed if norm_before_residual else h
     x = torch.cat([rms(e, w["midlayer.input_layernorm.weight"]), normed], dim=-1)
@@ -368,3 +369,120 @@ def test_shipped_head_loads_and_agrees_with_the_target():
         logits, _ = head(ids[:, 1:], head.project(aux[:, :-1]), torch.arange(128).expand(2, 128))
     agree = (head.to_target_ids(logits.argmax(-1)) == logits_t[:, 1:].argmax(-1)).float().mean().item()
     assert agree >= SHIPPED_STEP0_FLOOR
+
+
+# --- the drafter ----------------------------------------------------------------------------------------------------
+def _drafter(target, tmp_path, seed=21, **kwargs):
+    import moe_spec_compile as msc
+
+    w = _weights(seed, embed=False)
+    with torch.no_grad():  # a sharper head, so its top choices are not near ties
+        w["lm_head.weight"] *= 4
+    return msc.Eagle3Drafter.from_pretrained(write_specforge(tmp_path, w), target, **kwargs), w
+
+
+def test_drafter_chain_equals_the_plain_reference(target, tmp_path):
+    """A drafted chain: step 1 takes the target's features of the prompt (position t's with token t + 1) and the
+    root; each further step the head's own output feature of the node before, over the keys of all before it.
+    The reference recomputes every step from scratch in plain torch (reference_step, no cache)."""
+    import moe_spec_compile as msc
+
+    drafter, w = _drafter(target, tmp_path)
+    assert drafter.feature_layers == default_aux_layer_ids(L)
+    g = torch.Generator().manual_seed(5)
+    ids, root, depth = torch.randint(0, V, (1, 9), generator=g), 17, 3
+    with torch.no_grad():
+        aux = target_features(target, ids, drafter.feature_layers)  # [1, 9, 3H]
+        drafter.start(ids, [0], 64, features=aux)
+        tree = drafter.draft([root], msc.TreeSpec(depth, depth, 1), [True])
+        embedding = target.get_input_embeddings().weight.detach()
+        d2t = w["d2t"]
+        tokens = torch.cat([ids[:, 1:], torch.tensor([[root]])], 1)  # tokens 1..8 and the root
+        feats = w["fc.weight"] @ aux[0].T  # [H, 9] the prompt's features after fc
+        feats = feats.T[None]
+        want, logps = [root], [0.0]
+        for _ in range(depth):
+            n = tokens.shape[1]
+            logits, h = reference_step(w, embedding, tokens, None, torch.arange(n)[None], feats=feats)
+            lp = logits[0, -1].log_softmax(-1)
+            best = int(lp.argmax())
+            want.append(best + int(d2t[best]))
+            logps.append(logps[-1] + float(lp[best]))
+            tokens = torch.cat([tokens, torch.tensor([[want[-1]]])], 1)
+            feats = torch.cat([feats, h[:, -1:]], 1)  # the next token's input: this step's output feature
+    assert tree.tokens[0].tolist() == want
+    torch.testing.assert_close(tree.logprob[0], torch.tensor(logps), rtol=1e-4, atol=1e-4)
+
+
+def _left_padded(rows, pad_id=0):
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+@pytest.mark.parametrize("tree", [3, "dynamic", "static"])
+def test_greedy_equals_the_target(tree, target, tmp_path):
+    """Greedy speculative decoding with the head (features from the verify passes, none recomputed) emits the
+    target's own greedy tokens: a chain, an EAGLE-2 dynamic tree and a static tree, for a batch of left-padded
+    prompts of different lengths."""
+    import moe_spec_compile as msc
+    from moe_spec_compile.speculative import StaticTree
+
+    shape = {3: 3, "dynamic": msc.TreeSpec(8, 3, 2), "static": StaticTree([(0,), (1,), (0, 0), (0, 1)])}[tree]
+    drafter, _ = _drafter(target, tmp_path)
+    g = torch.Generator().manual_seed(6)
+    ids, mask = _left_padded([torch.randint(0, V, (n,), generator=g).tolist() for n in (7, 4, 9)])
+    dec = msc.SpeculativeDecoder(target, drafter=drafter, tree=shape)
+    out = dec.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=None)
+    want = target.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    assert out.sequences.tolist() == want.tolist()
+    assert out.stats.tokens_per_step > 1  # drafts were accepted: the features reached the head
+    one = dec.generate(ids[2:], attention_mask=mask[2:], max_new_tokens=10, eos_token_id=None)
+    assert one.sequences.tolist() == want[2:].tolist()
+
+
+def test_greedy_through_the_moespec_graph(target, tmp_path):
+    """The verify pass compiled by the moespec backend returns the aux hidden states beside the logits: greedy
+    output equals the target's, with the head compiled too."""
+    import moe_spec_compile as msc
+
+    drafter, _ = _drafter(target, tmp_path)
+    ids = torch.randint(0, V, (1, 8), generator=torch.Generator().manual_seed(7))
+    dec = msc.SpeculativeDecoder(target, drafter=drafter, tree=msc.TreeSpec(6, 3, 2), compile=True,
+                                 compile_options={"inner": "eager"})
+    out = dec.generate(ids, max_new_tokens=8, eos_token_id=None)
+    want = target.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
+    assert out.sequences.tolist() == want.tolist()
+
+
+def test_bad_drafter_arguments(target, tmp_path):
+    import moe_spec_compile as msc
+
+    drafter, w = _drafter(target, tmp_path)
+    with pytest.raises(ValueError, match="Eagle3Head"):
+        msc.Eagle3Drafter(object(), target)
+    with pytest.raises(ValueError, match="aux_layer_ids"):  # hidden_states[L] is no output of a verify pass
+        msc.Eagle3Drafter.from_pretrained(tmp_path, target, aux_layer_ids=(1, 2, L))
+    with pytest.raises(ValueError, match="features"):  # the drafter needs the decoder's features
+        drafter.start(torch.tensor([[1, 2, 3]]), [0], 32)
+
+
+def test_sampling_keeps_the_target_distribution():
+    """Sampled with a random head over a draft vocabulary of 8 of the 12 tokens: the second and third tokens
+    follow the target's own conditionals (chi-square, as test_speculative_sampling checks the dense drafter)."""
+    from test_speculative_sampling import _tiny_pair, assert_sampling_keeps_distribution
+
+    import moe_spec_compile as msc
+
+    vocab = 12
+    target, _ = _tiny_pair(vocab)
+    hidden = target.config.hidden_size
+    cfg = Eagle3Config(hidden_size=hidden, target_hidden_size=hidden, vocab_size=vocab, draft_vocab_size=8,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=12, intermediate_size=32,
+                       aux_layer_ids=(0, 1, 1))
+    torch.manual_seed(3)
+    head = Eagle3Head(cfg, embed_tokens=target.get_input_embeddings()).eval()
+    keep = torch.tensor([0, 1, 2, 4, 5, 7, 9, 11])
+    head.d2t.copy_(keep - torch.arange(8))
+    assert_sampling_keeps_distribution(target, msc.Eagle3Drafter(head, target), msc.TreeSpec(4, 2, 2), vocab)

@@ -182,7 +182,8 @@ def test_cuda_graphs_equal_eager():
         assert dec.generate(prompt, max_new_tokens=16, eos_token_id=None).sequences[0].tolist() == \
             reference(model, prompt, 16)
     assert dec.runner.captures == 1
-    assert dec.generate(prompt, max_new_tokens=16, eos_token_id=None, budget=4).stats.buckets == [(16, 4)]
+    # pass size 9: the 8-node tree and its root, a size of its own (the decoder adds each shape's full size)
+    assert dec.generate(prompt, max_new_tokens=16, eos_token_id=None, budget=4).stats.buckets == [(9, 4)]
     assert dec.runner.captures == 1  # one graph per tree-size bucket serves every budget
 
 
@@ -387,12 +388,12 @@ def test_pass_inputs_live_in_preallocated_buffers(monkeypatch, target, draft):
     dec = msc.SpeculativeDecoder(target, drafter=msc.ModelDrafter(draft), tree=TreeSpec(8, 3, 2))
 
     def recorder(fwd):
-        def run(model, cache, tokens, positions, mask, slots, cache_position=False):
+        def run(model, cache, tokens, positions, mask, slots, *args):
             who = "verify" if cache is dec.cache else "draft"
             ptrs = (mask.data_ptr(),) + ((tokens.data_ptr(), positions.data_ptr(), slots.data_ptr())
                                          if who == "verify" else ())
             seen.setdefault((who, *tokens.shape), set()).add(ptrs)
-            return fwd(model, cache, tokens, positions, mask, slots, cache_position)
+            return fwd(model, cache, tokens, positions, mask, slots, *args)
         return run
 
     monkeypatch.setattr(buckets, "forward", recorder(buckets.forward))

@@ -104,12 +104,16 @@ def _tiny_pair(vocab: int):
 
 @pytest.mark.parametrize("tree", [2, msc.TreeSpec(4, 2, 2)], ids=["chain2", "tree4"])
 def test_end_to_end_distribution(tree):
+    vocab = 12
+    target, draft = _tiny_pair(vocab)
+    assert_sampling_keeps_distribution(target, msc.ModelDrafter(draft), tree, vocab)
+
+
+def assert_sampling_keeps_distribution(target, drafter, tree, vocab: int) -> None:
     """Three sampled tokens after a fixed prompt (the first from the prefill, the others from one or
     two verify passes): the second given the most likely first token t1 ~ p(.|prompt, t1), and the
     third given (t1, t2) ~ p(.|prompt, t1, t2), t2 the most likely second token; exact distributions
-    come from the target."""
-    vocab = 12
-    target, draft = _tiny_pair(vocab)
+    come from the target. Also used for other drafters (test_eagle3)."""
     prompt = torch.tensor([[3, 7, 1, 5]])
     cfg = dict(do_sample=True, temperature=1.0)
     with torch.no_grad():
@@ -118,7 +122,7 @@ def test_end_to_end_distribution(tree):
         p2 = target(torch.cat([prompt, torch.tensor([[t1]])], 1)).logits[0, -1].softmax(-1)
         t2 = int(p2.argmax())
         p3 = target(torch.cat([prompt, torch.tensor([[t1, t2]])], 1)).logits[0, -1].softmax(-1)
-    dec = msc.SpeculativeDecoder(target, drafter=msc.ModelDrafter(draft), tree=tree)
+    dec = msc.SpeculativeDecoder(target, drafter=drafter, tree=tree)
     torch.manual_seed(4)
     second, third = [0] * vocab, [0] * vocab
     accepted = collections.Counter()

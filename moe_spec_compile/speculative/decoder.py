@@ -165,7 +165,12 @@ class SpeculativeDecoder:
         self.caches: dict[int, TreeCache] = {}  # rows bucket R -> its cache (CUDA graphs read fixed buffers)
         self.cache: TreeCache | None = None  # the current pass's
         self.max_len = 0
-        self.runner = VerifyRunner(self.verify_model, self.cuda_graphs, self._cache_position, self.policy)
+        self.features = getattr(self.drafter, "feature_layers", None)  # the target's hidden states it reads
+        if self.features is not None:
+            _check_feature_layers(self.features, self.eager_target)
+        self._aux = None  # the latest target pass's features [R, N, F] (a drafter with feature_layers)
+        self.runner = VerifyRunner(self.verify_model, self.cuda_graphs, self._cache_position, self.policy,
+                                   hidden=self.features)
         self.exact_one = None if self.verify_model is self.eager_target else FastestExact(
             lambda cache, *a: self.runner(cache, *a, None, None), self._plain_pass, self._clock)
         self._buffers: dict[tuple, dict[str, torch.Tensor]] = {}  # (R, N) -> a pass's input buffers
@@ -229,7 +234,7 @@ class SpeculativeDecoder:
         self.cache = self._cache_for(r)
         self.roots = self.prefill(rows_ids, pad, sampling, generator)
         if drafting:
-            self.drafter.start(rows_ids, pad, self.max_len)
+            self.drafter.start(rows_ids, pad, self.max_len, **self._drafter_features())
         self._emit(self.roots)
 
     def _step(self, shape, c, sampling, generator, stats: GenerateStats) -> int:
@@ -243,8 +248,8 @@ class SpeculativeDecoder:
         logits, vstat = self.verify(tree, c)
         t2 = self._clock()
         acc = self.accept(self._tree, logits, sampling, generator, drafting)
-        if self._drafts and not drafting:
-            self.drafter.skip(roots, live)  # the drafter catches up on tokens committed without a draft
+        if self._drafts and not drafting:  # the drafter catches up on tokens committed without a draft
+            self.drafter.skip(roots, live, **self._drafter_features(self._aux[:, :1] if self.features else None))
         t3 = self._clock()
         emitted = 0
         for i, alive in enumerate(live):
@@ -272,8 +277,9 @@ class SpeculativeDecoder:
         slots = torch.arange(length, device=self.device).expand(r, length)
         pos = (slots - cache.pad_t[:, None]).clamp(min=0)
         with budget_ctx(None):
-            logits = forward(self.eager_target, cache, rows_ids, pos, self.masks.prompt(cache.pad, length), slots,
-                             self._cache_position)[:, -1, : self.vocab_size]
+            logits = self._features_of(forward(self.eager_target, cache, rows_ids, pos,
+                                               self.masks.prompt(cache.pad, length), slots, self._cache_position,
+                                               self.features))[:, -1, : self.vocab_size]
         cache.lengths = [length] * r
         if not sampling.do_sample:
             return logits.argmax(-1).tolist()
@@ -323,7 +329,7 @@ class SpeculativeDecoder:
         else:
             logits = self.runner(cache, tokens, pos, mask, slots, c, weights)
         self._start = start
-        return logits[..., : self.vocab_size], stat
+        return self._features_of(logits)[..., : self.vocab_size], stat
 
     def accept(self, tree: DraftTree, logits: torch.Tensor, sampling: SamplingConfig, generator=None,
                tell_drafter: bool = True):
@@ -339,7 +345,10 @@ class SpeculativeDecoder:
             self.cache.compact(acc.order, self._start)
         self.cache.lengths = [n + len(p) for n, p in zip(self.cache.lengths, acc.paths)]
         if tell_drafter:
-            self.drafter.accept(acc, self.live)
+            path = None
+            if self.features is not None:  # the path's nodes first, in path order
+                path = self._aux.gather(1, acc.order[..., None].expand(*acc.order.shape, self._aux.shape[-1]))
+            self.drafter.accept(acc, self.live, **self._drafter_features(path))
         return acc
 
     # --- rows: emitted tokens, finishing, packing -----------------------------------------------------
@@ -493,12 +502,36 @@ class SpeculativeDecoder:
 
     def _plain_pass(self, cache, tokens, positions, mask, slots) -> torch.Tensor:
         with budget_ctx(None):
-            return forward(self.plain_target, cache, tokens, positions, mask, slots, self._cache_position)
+            return forward(self.plain_target, cache, tokens, positions, mask, slots, self._cache_position,
+                           self.features)
+
+    def _features_of(self, out):
+        """A target pass's output -> its logits; with a drafter that reads features, keeps them in self._aux."""
+        if self.features is None:
+            return out
+        logits, self._aux = out
+        return logits
+
+    def _drafter_features(self, aux=_UNSET) -> dict:
+        """The features= argument of the drafter's calls (none for a drafter without feature_layers)."""
+        if self.features is None:
+            return {}
+        return {"features": self._aux if aux is _UNSET else aux}
 
     def _clock(self) -> float:
         if self.timing and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
+
+
+def _check_feature_layers(layers, target) -> None:
+    """The hidden_states indices a drafter reads: ints in [0, L) (hidden_states[L] has the final norm applied;
+    the last layer's pre-norm output is no verify pass's output)."""
+    n = target.config.get_text_config(decoder=True).num_hidden_layers
+    if not layers or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n for i in layers):
+        raise ValueError(f"the drafter's feature_layers {tuple(layers)} must be hidden_states indices in [0, {n}) "
+                         f"for a target of {n} layers (index {n}, the last layer's pre-norm output, is not an "
+                         "output of the verify pass)")
 
 
 def plain_compiled(verify_model):

@@ -20,6 +20,11 @@ The interface (subclass :class:`Drafter`, or :class:`RowDrafter` for host-side d
     select(rows: list[int])
         keep rows `rows` (in that order; a row may repeat) for the next steps
 
+A drafter that reads the target's own hidden states (EAGLE-3) names them in ``feature_layers`` (hidden_states
+indices); the decoder then has its verify passes return them, no second target forward, and passes
+``features=`` to start ([R, L, F]: the prompt's, by slot), accept ([R, n, F]: the path's nodes in path order,
+acc.order's first) and skip ([R, 1, F]: the root's).
+
 All rows share the tree *shape* but not the tree: a ModelDrafter row expands its own best nodes, an n-gram row
 looks up its own history.
 
@@ -45,6 +50,8 @@ __all__ = ["Drafter", "RowDrafter", "ModelDrafter", "NgramDrafter", "OracleDraft
 
 class Drafter:
     """Base class documenting the drafter interface (see the module docstring)."""
+
+    feature_layers: tuple[int, ...] | None = None  # the target's hidden_states a drafter reads (EAGLE-3)
 
     def start(self, input_ids: torch.Tensor, pad: list[int], max_len: int) -> None:
         raise NotImplementedError(f"{type(self).__name__} does not implement Drafter.start")
@@ -169,8 +176,7 @@ class ModelDrafter(Drafter):
         self.cache.set_pad(pad)
         slots = torch.arange(length, device=dev).expand(r, length)
         pos = (slots - self.cache.pad_t[:, None]).clamp(min=0)
-        forward(self._run_model, self.cache, input_ids.to(dev), pos, self.masks.prompt(pad, length), slots,
-                self._cache_position)
+        self._run(input_ids.to(dev), pos, self.masks.prompt(pad, length), slots, graph=False)
         self.cache.lengths = [length] * r
         self.committed = input_ids.tolist()  # per row: the token at each slot of its prefix
         self.pending: list[list[int]] = [[] for _ in range(r)]  # accepted but never fed (next feed's first tokens)
@@ -225,11 +231,23 @@ class ModelDrafter(Drafter):
             self.caches[r] = TreeCache.for_model(self.model, self.max_len, self.device, rows=r)
         return self.caches[r]
 
+    _pass_hidden = None  # hidden_states indices the drafting passes also return (kv.forward)
+
     def _passes(self) -> VerifyRunner:
         """The drafting passes' runner, (re)made around the current forward when it changed."""
         if self._runner is None:
-            self._runner = VerifyRunner(self._run_model, self.cuda_graphs, self._cache_position, budgeted=False)
+            self._runner = VerifyRunner(self._run_model, self.cuda_graphs, self._cache_position, budgeted=False,
+                                        hidden=self._pass_hidden)
         return self._runner
+
+    def _run(self, tokens, positions, mask, slots, fed_parent=None, first_fed: int = 0, graph: bool = True):
+        """Every drafting forward goes through here -> logits [R, n, V]: tokens [R, n] at positions and slots [R, n].
+        fed_parent: the fed id of each token's parent (-1: the root), [R, n] or one int for all (a chain step); None
+        for committed tokens (the prompt, a first feed); first_fed: the fed id of the first token. graph=False: a
+        plain forward (the prompt's feed)."""
+        if not graph:
+            return forward(self._run_model, self.cache, tokens, positions, mask, slots, self._cache_position)
+        return self._passes()(self.cache, tokens, positions, mask, slots)
 
     def _logp(self, logits: torch.Tensor) -> torch.Tensor:
         if self.vocab_size:
@@ -253,8 +271,8 @@ class ModelDrafter(Drafter):
                 self.pending[b] = []
         start_t = torch.tensor(start, device=dev)
         slots = start_t[:, None] + torch.arange(w, device=dev)
-        logits = self._passes()(c, torch.tensor(tokens, device=dev), slots - c.pad_t[:, None],
-                                self.masks.causal(w, start, c.pad), slots)
+        logits = self._run(torch.tensor(tokens, device=dev), slots - c.pad_t[:, None],
+                           self.masks.causal(w, start, c.pad), slots)
         c.lengths = [s + w if alive else n for s, n, alive in zip(start, c.lengths, live)]
         self._base = list(c.lengths)  # drafted nodes are fed after here (fed id f at slot base + f)
         self._base_t = start_t + w
@@ -287,7 +305,7 @@ class ModelDrafter(Drafter):
         pos = (self._root_pos + depth).expand(r, m).contiguous()
         self._fed_pos[:, f] = pos
         mask = self.masks.tree(rows, self._base, c.pad, pos, self._fed_pos)
-        logits = self._passes()(c, tokens, pos, mask, self._base_t[:, None] + f)
+        logits = self._run(tokens, pos, mask, self._base_t[:, None] + f, fed_parent, self._num_fed)
         self._num_fed += m
         return self._logp(logits)
 
@@ -301,8 +319,9 @@ class ModelDrafter(Drafter):
         # drafted node f + 1 goes to slot base + f at position root + f + 1, both fresh contiguous tensors (a strided
         # view of one tensor for all levels would compile a graph variant of its own)
         for f in range(depth - 1):
-            logits = self._passes()(c, tok[:, None], self._root_pos + (f + 1),
-                                    self.masks.causal(1, [b + f for b in self._base], c.pad), self._base_t[:, None] + f)
+            logits = self._run(tok[:, None], self._root_pos + (f + 1),
+                               self.masks.causal(1, [b + f for b in self._base], c.pad), self._base_t[:, None] + f,
+                               f - 1, f)
             lp, tok = self._logp(logits[:, 0]).max(-1)
             lps.append(lp)
             toks.append(tok)

@@ -303,10 +303,17 @@ def takes_cache_position(model) -> bool:
 
 
 def forward(model, cache: TreeCache, tokens: torch.Tensor, positions: torch.Tensor, mask,
-            slots: torch.Tensor, cache_position: bool = False) -> torch.Tensor:
-    """One pass of tokens [R, n] at positions [R, n], written at slots [R, n] -> logits [R, n, V]."""
+            slots: torch.Tensor, cache_position: bool = False, hidden: tuple[int, ...] | None = None,
+            inputs: dict | None = None):
+    """One pass of tokens [R, n] at positions [R, n], written at slots [R, n] -> logits [R, n, V]; with hidden
+    (hidden_states indices): (logits, those hidden states concatenated [R, n, F]) from the same pass. inputs: more
+    keyword arguments of the model (an EAGLE-3 head's features)."""
     cache.write_at(slots)
     kwargs = {"cache_position": cache.slots[0]} if cache_position else {}
+    if hidden is not None:
+        kwargs["output_hidden_states"] = True
     out = model(input_ids=tokens, position_ids=positions, attention_mask=mask, past_key_values=cache,
-                use_cache=True, **kwargs)
-    return out.logits
+                use_cache=True, **kwargs, **(inputs or {}))
+    if hidden is None:
+        return out.logits
+    return out.logits, torch.cat([out.hidden_states[i] for i in hidden], dim=-1)
