@@ -41,6 +41,8 @@ def _fails(argv, capsys) -> str:
     (["generate", "--model", "/nonexistent/dir"], "not a directory"),
     (["generate", "--prompt-ids", "1,x"], "comma-separated integers"),
     (["generate", "--config", "Qwen3MoeConfig", "--drafter", "model"], "--draft PATH"),
+    (["generate", "--config", "Qwen3MoeConfig", "--drafter", "eagle3"], "--eagle PATH"),
+    (["generate", "--eagle", str(HERE / "eagle3"), "--drafter", "ngram"], "EAGLE-3 head"),
     (["generate", "--sample", "--top-p", "1.5"], "--top-p"),
     (["explain", "--config", "Foo"], "unknown transformers config class"),
     (["explain", "--model", "/nonexistent/dir"], "not a directory"),
@@ -132,6 +134,25 @@ def test_generate_bundled_prints_prompt_continuation_and_speed(capsys):
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["text"].startswith("def main(argv):") and out["text"].endswith(out["new_text"])
     assert len(out["new_token_ids"]) == 8
+
+
+@pytest.mark.skipif(not BUNDLED, reason="no bundled checkpoints")
+def test_generate_with_the_shipped_eagle3_head(capsys):
+    """--drafter eagle3 on the bundled target: its shipped head drafts; greedy output equals the target's; a head
+    directory that is no EAGLE-3 checkpoint is refused in one line."""
+    from moe_spec_compile.tiny import HERE, load_tiny
+
+    torch._dynamo.reset()
+    argv = ["generate", "--prompt-ids", "5,17,33,40,41,42", "--tree", "4", "--max-new-tokens", "10", "--json",
+            "--no-compile"]
+    assert main(argv + ["--drafter", "eagle3"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    target = load_tiny()[0]
+    ids = torch.tensor([[5, 17, 33, 40, 41, 42]])
+    want = target.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False)
+    assert out["drafter"] == "eagle3" and out["new_token_ids"] == want[0, 6:].tolist()
+    with pytest.raises(SystemExit, match="moespec generate: architectures .*LlamaForCausalLMEagle3"):
+        main(argv + ["--eagle", str(HERE / "draft")])  # a dense draft model's directory
 
 
 def test_generate_tree_0_is_plain_decoding(capsys):

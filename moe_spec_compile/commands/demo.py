@@ -3,7 +3,8 @@ than plain decoding, and what did the budget cost?
 
 arguments (checked first) -> load_tiny() -> explain table -> the rows: two baselines that do not speculate
 (transformers' greedy generate, and moespec's own plain decoding, tree=0, through the same compiled target), then
-speculative decoding without a budget, with each budget C, and the controller (auto) -> each row run once untimed
+speculative decoding without a budget, with each budget C, the shipped EAGLE-3 head (a chain of 4) and the
+controller (auto) -> each row run once untimed
 (compiles), then `repeats` rounds in which every row runs once, in turn (load drifts hit every row alike) -> the
 table (tokens/s, speedup over both baselines, accepted length, experts per layer per verify, agreement with the
 exact output, held-out quality under C) and the verdict, judged against tree=0 -> a PNG with speed beside
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from ..tiny import prompts_and_heldout
+from ..tiny import HERE, prompts_and_heldout
 from .args import budgets_arg, check_device, new_parser, positive_int, quiet_loading
 
 TREE = (16, 4, 4)  # TreeSpec(total_tokens, depth, top_k) of every speculative row
@@ -39,6 +40,7 @@ rows:
   tree=0        moespec's own plain decoding: one token per step through the same compiled target, no draft
   exact, C=..   speculative decoding ({tree}-node tree, the bundled draft) without a budget, under budget C
   auto          the controller's choice of tree and budget (tree="auto", budget="auto")
+  eagle3        speculative decoding with the bundled target's EAGLE-3 head (a chain of 4, no budget)
 columns:
   tok/s         new tokens per second over all prompts: median of the repeats [min-max]; the repeats are
                 interleaved rounds, each running every row once, in turn
@@ -206,7 +208,8 @@ def auto_decoder(target, drafter, policy, options):
 # --- the plot -------------------------------------------------------------------------------------
 
 POINTS = {"exact": ("s", "exact (no budget)"), "auto": ("D", "auto (the controller)"),
-          "tree=0": ("^", "tree=0 (moespec plain decoding)")}  # rows drawn as labelled points, not on the curve
+          "tree=0": ("^", "tree=0 (moespec plain decoding)"),
+          "eagle3": ("*", "EAGLE-3 head, chain of 4")}  # rows drawn as labelled points, not on the curve
 
 
 def _experts(row: DemoRow, top_k: int) -> float | None:
@@ -356,6 +359,10 @@ def main(argv=None) -> int:
 
     runs = [(DemoRow("generate", None), generate), (DemoRow("tree=0", None), spec(tree0, None))]
     runs += [(DemoRow("exact" if c is None else f"C={c}", c), spec(decoder, c)) for c in budgets]
+    if (HERE / "eagle3" / "model.safetensors").exists():  # the drafter most MoE users run: an EAGLE-3 head
+        eagle = SpeculativeDecoder(target, drafter=msc.Eagle3Drafter.from_pretrained(HERE / "eagle3", target), tree=4,
+                                   policy=args.policy, compile=True, compile_options=options)
+        runs.append((DemoRow("eagle3", None), spec(eagle, None)))
     auto, why = auto_decoder(target, drafter, args.policy, options)  # tree="auto", budget="auto"
     if auto is None:
         _say(f"auto: skipped, the decoder does not take tree/budget 'auto' yet ({why})\n")

@@ -7,6 +7,8 @@ tree, budget) -> the prompt with its continuation, tokens/s and the decoding sta
     moespec generate --prompt "def main(argv):" --budget 16 --tree 16,4,4
     moespec generate --model path/to/checkpoint --draft path/to/draft --budget 16
     moespec generate --config Qwen3MoeConfig --prompt-ids 5,17,33 --tree 4 --budget none
+    moespec generate --drafter eagle3 --tree 4                  # the bundled target's shipped EAGLE-3 head
+    moespec generate --model path/to/checkpoint --eagle path/to/eagle3-head --tree 16,4,4
 """
 
 from __future__ import annotations
@@ -47,8 +49,11 @@ def _parser():
                      help="a local checkpoint directory for the draft model (same tokenizer as the target)")
     p.add_argument("--prompt", default="def main(argv):", help="the prompt text")
     p.add_argument("--prompt-ids", default=None, metavar="IDS", help="comma-separated token ids, instead of --prompt")
-    p.add_argument("--drafter", choices=("auto", "model", "ngram"), default="auto",
-                   help="model: the draft model; ngram: prompt lookup; auto: model when there is a draft model")
+    src.add_argument("--eagle", type=model_dir, metavar="PATH",
+                     help="a local EAGLE-3 head directory (EAGLE / SpecForge or speculators format) for the target")
+    p.add_argument("--drafter", choices=("auto", "model", "ngram", "eagle3"), default="auto",
+                   help="model: the draft model; ngram: prompt lookup; eagle3: an EAGLE-3 head (--eagle PATH, or the "
+                        "bundled target's own); auto: eagle3 with --eagle, else model when there is a draft model")
     p.add_argument("--tree", type=tree_arg, default="16,4,4",
                    help="K (a chain of K drafted tokens; 0 = no speculation, plain decoding as a baseline) "
                         "or TOTAL,DEPTH,TOP_K (a dynamic tree)")
@@ -80,6 +85,11 @@ def _check(p, args) -> None:
         p.error("--drafter model needs --draft PATH with --model or --config (or use --drafter ngram)")
     if args.draft and args.drafter == "ngram":
         p.error("--draft PATH is a draft model; it goes with --drafter model or auto, not ngram")
+    if args.eagle and args.drafter in ("model", "ngram"):
+        p.error(f"--eagle PATH is an EAGLE-3 head; it goes with --drafter eagle3 or auto, not {args.drafter}")
+    if args.drafter == "eagle3" and not args.eagle and (args.model or args.config):
+        p.error("--drafter eagle3 needs --eagle PATH with --model or --config (the shipped head fits the bundled "
+                "target only)")
     if args.prompt_ids is not None:
         try:
             args.prompt_ids = [int(x) for x in args.prompt_ids.split(",") if x.strip()]
@@ -147,15 +157,22 @@ def _decoder(args, target, draft):
     if args.draft:
         with quiet_loading():
             draft = transformers.AutoModelForCausalLM.from_pretrained(args.draft, local_files_only=True).eval()
-    use_model = args.drafter == "model" or (args.drafter == "auto" and draft is not None)
-    drafter = ModelDrafter(draft.to(args.device)) if use_model else NgramDrafter()
+    kind = "eagle3" if args.eagle or args.drafter == "eagle3" else \
+        "model" if args.drafter == "model" or (args.drafter == "auto" and draft is not None) else "ngram"
     inner = args.inner if args.inner != "auto" else ("inductor" if args.device.startswith("cuda") else "eager")
     try:
+        if kind == "eagle3":
+            from ..eagle3 import Eagle3Drafter
+            from ..tiny import HERE
+
+            drafter = Eagle3Drafter.from_pretrained(args.eagle or HERE / "eagle3", target)
+        else:
+            drafter = ModelDrafter(draft.to(args.device)) if kind == "model" else NgramDrafter()
         dec = SpeculativeDecoder(target, drafter=drafter, tree=args.tree, budget=args.budget, policy=args.policy,
                                  compile=not args.no_compile, compile_options={"inner": inner})
     except (ValueError, NotImplementedError) as exc:
         raise SystemExit(f"moespec generate: {exc}") from None
-    return dec, "model" if use_model else "ngram"
+    return dec, kind
 
 
 def main(argv: list[str] | None = None) -> int:

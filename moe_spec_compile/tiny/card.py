@@ -1,9 +1,11 @@
 """Write MODEL_CARD.md for the bundled models from train_stats.json and measurements made here.
 
-train_stats.json + load_tiny() -> routing on held-out 32-token passes, speculative decoding with the draft
--> eval_stats.json -> MODEL_CARD.md (every figure in the card comes from these two files)
+train_stats.json + load_tiny() -> routing on held-out 32-token passes, speculative decoding with the draft and
+with the EAGLE-3 head (eagle3/, its own train_stats.json) -> eval_stats.json -> MODEL_CARD.md (every figure in the
+card comes from these files)
 
     python -m moe_spec_compile.tiny.card
+    python -m moe_spec_compile.tiny.card --eagle-only   # measure the EAGLE-3 head's figures, keep the rest
 """
 
 from __future__ import annotations
@@ -73,6 +75,45 @@ def speculative_stats(target, draft, ids: torch.Tensor, prompts: int = 4, prompt
 
 
 @torch.no_grad()
+def eagle3_stats(target, draft, ids: torch.Tensor, prompts: int = 4, prompt_len: int = 48, new_tokens: int = 48,
+                 rounds: int = 3) -> dict | None:
+    """The shipped EAGLE-3 head (eagle3/): mean accepted length per shape of exact greedy speculative decoding on
+    the held-out prompts speculative_stats uses, and its drafting cost per drafted token next to the dense draft's
+    and to the target's decode step (chain of 4, uncompiled, the decoder's own timers; medians over rounds);
+    None when no head ships."""
+    from ..eagle3 import Eagle3Drafter
+    from ..quality import speculative_run
+    from ..speculative import ModelDrafter, SpeculativeDecoder, TreeSpec
+
+    if not (HERE / "eagle3" / "model.safetensors").exists():
+        return None
+    stride = ids.numel() // prompts
+    batch = [ids[i * stride : i * stride + prompt_len] for i in range(prompts)]
+    eagle = Eagle3Drafter.from_pretrained(HERE / "eagle3", target)
+    res = {"prompts": prompts, "prompt_len": prompt_len, "new_tokens": new_tokens}
+    for name, tree in (("chain4", 4), ("tree16", TreeSpec(total_tokens=16, depth=4, top_k=4))):
+        _, summary = speculative_run(SpeculativeDecoder(target, drafter=eagle, tree=tree), batch, None, new_tokens)
+        res[f"mean_accepted_{name}"] = summary["mean_accepted"]
+    per = {"eagle3": [], "dense": [], "target": []}
+    decs = {"eagle3": SpeculativeDecoder(target, drafter=eagle, tree=4),
+            "dense": SpeculativeDecoder(target, drafter=ModelDrafter(draft), tree=4),
+            "target": SpeculativeDecoder(target, tree=0)}
+    for r in range(rounds + 1):  # the first round warms up
+        for name, dec in decs.items():
+            st = [dec.generate(p[None], max_new_tokens=new_tokens, eos_token_id=None).stats for p in batch]
+            if r:
+                steps = sum(s.steps for s in st)
+                per[name].append(sum(s.time_verify for s in st) / steps if name == "target"
+                                 else sum(s.time_draft for s in st) / (4 * steps))
+    med = {name: sorted(v)[len(v) // 2] * 1e3 for name, v in per.items()}
+    res.update(draft_ms_per_drafted_token=round(med["eagle3"], 3), dense_ms_per_drafted_token=round(med["dense"], 3),
+               target_step_ms=round(med["target"], 3), eagle3_over_target=round(med["eagle3"] / med["target"], 3),
+               dense_over_target=round(med["dense"] / med["target"], 3), threads=torch.get_num_threads(),
+               load_average_1min=round(__import__("os").getloadavg()[0], 2))
+    return res
+
+
+@torch.no_grad()
 def cost_stats(target, draft, ids: torch.Tensor, prompt_len: int = 48, steps: int = 32, rounds: int = 5) -> dict:
     """Per-token cost on this CPU: one decode step (1 new token after a prompt of prompt_len, KV cache), target
     and draft timed in alternating rounds so that load hits both alike; medians over rounds of `steps` steps.
@@ -111,7 +152,35 @@ def _cost_stats(target, draft, ids, prompt_len, steps, rounds, DynamicCache) -> 
             "load_average_1min": round(__import__("os").getloadavg()[0], 2)}
 
 
-def _card(s: dict, r: dict, spec: dict | None, tcfg, dcfg, sizes: dict, cost: dict | None = None) -> str:
+def _eagle_lines(e: dict | None, t: dict | None) -> str:
+    """The card's EAGLE-3 section from eval_stats.json's "eagle3" and eagle3/train_stats.json."""
+    if e is None or t is None:
+        return ""
+    agree = " / ".join(f"{a:.3f}" for a in t["heldout_top1_agreement_per_step"])
+    ids = tuple(t["config"]["aux_layer_ids"])
+    return f"""
+## EAGLE-3 head (`eagle3/`, EAGLE / SpecForge format: config.json + model.safetensors)
+    python -m moe_spec_compile.tiny.train_eagle --out moe_spec_compile/tiny/eagle3
+- One decoder layer (hidden {t['config']['hidden_size']}) over the target's hidden_states {ids} (the inputs of those
+  layers), draft vocabulary {t['draft_vocab']} of {t['config']['vocab_size']} (covering
+  {t['draft_vocab_train_token_coverage']:.1%} of the train tokens), {t['params']:,} parameters, fp16
+  {t['file_bytes'] / 1e6:.1f} MB; {t['steps']} steps of training-time test unrolled over {t['ttt_steps']} steps,
+  weights {t['step_weight']}^k, against the target's distribution on the draft vocabulary;
+  {t['train_seconds']:.0f} s on {t['cpu_threads']} threads; seed {t['seed']}.
+- Held-out top-1 agreement with the target per drafting depth (teacher-forced, {t['heldout_windows']} windows):
+  {agree}; the dense draft {t['dense_draft_target_top1_agreement']:.3f}.
+- Exact greedy speculative decoding with the head ({e['prompts']} held-out prompts of {e['prompt_len']} tokens,
+  {e['new_tokens']} new tokens): mean accepted length {e['mean_accepted_chain4']:.2f} with a chain of 4,
+  {e['mean_accepted_tree16']:.2f} with a 16-token tree (depth 4, top-4), features from the verify passes.
+- Drafting cost per drafted token (chain of 4, uncompiled, {e['threads']} threads, 1-minute load average
+  {e['load_average_1min']}): head {e['draft_ms_per_drafted_token']:.2f} ms ({e['eagle3_over_target']:.2f} of the
+  target's decode step of {e['target_step_ms']:.2f} ms), dense draft {e['dense_ms_per_drafted_token']:.2f} ms
+  ({e['dense_over_target']:.2f}).
+"""
+
+
+def _card(s: dict, r: dict, spec: dict | None, tcfg, dcfg, sizes: dict, cost: dict | None = None,
+          eagle: str = "") -> str:
     load = s.get("load_average_1min_start_end")
     busy = f"; 1-minute load average {load[0]} at the start, {load[1]} at the end" if load else ""
     versions = ", ".join(f"{name} {s[name.lower()]}" for name in ("Python", "torch", "transformers", "tokenizers"))
@@ -183,7 +252,16 @@ baseline by {s['unigram_heldout_loss'] - s['target_heldout_loss']:.3f}.
   (uniform would be {1 / r['experts']:.4f}); cold experts (< {COLD:.0%} of the slots)
   {r['cold_experts_per_layer']}, of which never chosen on this slice {r['unused_experts_per_layer']}.
   The full per-layer loads are in `eval_stats.json`.
-"""
+{eagle}"""
+
+
+def render(evals: dict, tcfg, dcfg) -> str:
+    """MODEL_CARD.md's text from eval_stats.json's figures and the training runs' train_stats.json files."""
+    stats = json.loads((HERE / "train_stats.json").read_text())
+    sizes = {name: (HERE / name / "model.safetensors").stat().st_size / 1e6 for name in ("target", "draft")}
+    eagle_train = HERE / "eagle3" / "train_stats.json"
+    eagle = _eagle_lines(evals.get("eagle3"), json.loads(eagle_train.read_text()) if eagle_train.exists() else None)
+    return _card(stats, evals["routing"], evals["speculative"], tcfg, dcfg, sizes, evals.get("cost"), eagle)
 
 
 def main(argv=None) -> int:
@@ -192,23 +270,25 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m moe_spec_compile.tiny.card")
     p.add_argument("--cost-only", action="store_true",
                    help="remeasure the per-token cost only; keep the other figures of eval_stats.json")
+    p.add_argument("--eagle-only", action="store_true",
+                   help="measure the EAGLE-3 head's figures only; keep the other figures of eval_stats.json")
     args = p.parse_args(argv)
     torch.manual_seed(0)
-    stats = json.loads((HERE / "train_stats.json").read_text())
     t0 = time.time()
     target, draft, tok = load_tiny()
     ids = torch.tensor(tok(heldout_text())["input_ids"])
-    if args.cost_only:
+    if args.cost_only or args.eagle_only:
         evals = json.loads((HERE / "eval_stats.json").read_text())
-        evals["cost"] = cost_stats(target, draft, ids)
+        if args.cost_only:
+            evals["cost"] = cost_stats(target, draft, ids)
+        if args.eagle_only:
+            evals["eagle3"] = eagle3_stats(target, draft, ids)
     else:
         evals = {"routing": routing_stats(target, ids), "speculative": speculative_stats(target, draft, ids),
-                 "cost": cost_stats(target, draft, ids)}
-    if not args.cost_only:
+                 "cost": cost_stats(target, draft, ids), "eagle3": eagle3_stats(target, draft, ids)}
         evals["seconds"] = round(time.time() - t0, 1)
     (HERE / "eval_stats.json").write_text(json.dumps(evals, indent=2) + "\n")
-    sizes = {name: (HERE / name / "model.safetensors").stat().st_size / 1e6 for name in ("target", "draft")}
-    card = _card(stats, evals["routing"], evals["speculative"], target.config, draft.config, sizes, evals["cost"])
+    card = render(evals, target.config, draft.config)
     (HERE / "MODEL_CARD.md").write_text(card)
     print(card)
     return 0
