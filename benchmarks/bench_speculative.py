@@ -31,6 +31,7 @@ from moe_spec_compile.small_models import config_models
 from moe_spec_compile.speculative.accept import SamplingConfig
 from moe_spec_compile.speculative.buckets import VerifyRunner
 from moe_spec_compile.speculative.tree import TreeSpec
+from moe_spec_compile.tiny import HERE as TINY
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -82,7 +83,8 @@ def decoder_rows(args, target, draft, prompt, device, mode, tree, drafter_name, 
     """One SpeculativeDecoder (compiled afresh), warmed up over every budget, then timed per budget."""
     n = args.max_new_tokens
     drafter = {"model": lambda: msc.ModelDrafter(draft), "ngram": lambda: msc.NgramDrafter(),
-               "self": lambda: msc.ModelDrafter(target), "none": lambda: msc.NgramDrafter()}[drafter_name]()
+               "self": lambda: msc.ModelDrafter(target), "none": lambda: msc.NgramDrafter(),
+               "eagle3": lambda: msc.Eagle3Drafter.from_pretrained(TINY / "eagle3", target)}[drafter_name]()
     torch._dynamo.reset()  # fresh compile caches: every decoder compiles the same forward
     dec = msc.SpeculativeDecoder(target, drafter=drafter, tree=tree, compile=not args.no_compile,
                                  compile_options={"inner": args.inner}, collect_expert_stats=False)
@@ -162,7 +164,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--trees", type=lambda s: [tree_arg(t) for t in s.split(";")], default="4;16,4,4")
     p.add_argument("--drafters", type=lambda s: s.split(","), default="ngram,model,self",
-                   help="ngram; model (the draft model); self (the target drafts for itself: acceptance upper bound)")
+                   help="ngram; model (the draft model); self (the target drafts for itself: acceptance upper bound); "
+                        "eagle3 (the bundled target's EAGLE-3 head)")
     p.add_argument("--budgets", type=lambda s: [int(b) for b in s.split(",")], default="4,8,16")
     p.add_argument("--sizes", type=lambda s: [int(b) for b in s.split(",")], default="8,16,32,64")
     p.add_argument("--repeats", type=int, default=3)

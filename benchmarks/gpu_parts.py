@@ -72,6 +72,7 @@ class Sweeps:
     inner: str = "inductor"  # moespec's inner compiler
     baseline: str = "inductor"  # the plain torch.compile backend d compares with
     e_trees: tuple = ((16, 4, 4),)  # e: msc.TreeSpec arguments, or an int K (a chain)
+    e_eagle_trees: tuple = (4, (16, 4, 4))  # e: the shapes the shipped EAGLE-3 head drafts
     e_new_tokens: int = 64
     e_compile: bool = True  # e: the dry run leaves compiling through the decoder to d (one compile per case)
 
@@ -81,7 +82,8 @@ class Sweeps:
             return cls(torch.device("cpu"), torch.float32, True, ("tiny", "tiny-gpt-oss"), tokens=(2,), reps=2,
                        route_pairs=(64,), model=dict(TINY_QWEN3_MOE), layers=1, sizes=(1, 4), budgets_k=(None, 1),
                        model_name="Qwen3-MoE config scaled to CPU size, random weights", new_tokens=3, repeats=1,
-                       inner="eager", baseline="eager", e_trees=(4,), e_new_tokens=4, e_compile=False)
+                       inner="eager", baseline="eager", e_trees=(4,), e_eagle_trees=(4,), e_new_tokens=4,
+                       e_compile=False)
         sw = cls(torch.device("cuda"), torch.bfloat16, False)
         if quick:
             sw.tokens, sw.route_pairs = sw.tokens[::2], sw.route_pairs[1::2]
@@ -346,6 +348,14 @@ def part_d(sw: Sweeps, box: Box) -> dict:
     _measure([("moespec", moespec, 1, None), ("moespec", moespec, 1, 2 * k), ("moespec", moespec, big, 2 * k),
               (f"plain {sw.baseline}", plain, 1, None), (f"plain {sw.baseline}", plain, big, None)],
              "profile ", _profile_point, profiles, box, prompt, sw)
+    eagle = out["eagle3"] = []  # the drafting step of an EAGLE-3 head at these shapes (chain of 4, C = 2k too)
+    if not box.expired():
+        try:
+            dec = eagle3_decoder(model, moespec.verify_model, sw)
+            _measure([("moespec, EAGLE-3 head (random)", dec, 5, c) for c in (None, 2 * k)], "", _verify_point, eagle,
+                     box, prompt, sw)
+        except Exception as err:
+            _error(out, "EAGLE-3 head", err)
     if not passes.get("experts_fused"):
         out["errors"].append(f"moespec fused no experts block in this model (pass counters: {passes})")
     cfg = model.config
@@ -359,6 +369,11 @@ def part_d(sw: Sweeps, box: Box) -> dict:
                     f"| {r['compiled']} | {r['N']} | {r['C']} | {r['verify_median_ms']:.2f} "
                     f"[{r['verify_p10_ms']:.2f}, {r['verify_p90_ms']:.2f}] | {r.get('x_plain', '-')} | "
                     f"{r['step_median_ms']:.2f} | {r['tokens_per_step']:.2f} | {r['buckets']} |" for r in rows]
+                + ["", "EAGLE-3 head of random weights at this model's shapes, a chain of 4 (ms per drafted token, "
+                   "per verify pass, per step):", "", "| C | draft ms / token | verify ms | step ms |",
+                   "|---|---|---|---|"]
+                + [f"| {r['C']} | {r['draft_ms_per_token']:.3f} | {r['verify_median_ms']:.2f} | "
+                   f"{r['step_median_ms']:.2f} |" for r in eagle]
                 + [line for p in profiles for line in _profile_markdown(p)])
 
 
@@ -420,33 +435,53 @@ def _verify_point(dec, prompt, n: int, c, sw: Sweeps) -> dict:
     """Warm up (compile, capture), then ms per verify pass and per step over sw.repeats generate calls."""
     run = lambda: dec.generate(prompt, max_new_tokens=sw.new_tokens, eos_token_id=None, tree=n - 1, budget=c).stats
     run()
-    verify, step, per_step, buckets = [], [], [], set()
+    verify, step, draft, per_step, buckets = [], [], [], [], set()
     for _ in range(sw.repeats):
         s = run()
         verify.append(s.time_verify / s.steps)
         step.append((s.time_draft + s.time_verify + s.time_accept) / s.steps)
+        draft.append(s.time_draft / s.steps / max(n - 1, 1))
         per_step.append(s.tokens_per_step)
         buckets.update(s.buckets)
     v = _spread(verify, 1e3)
     return dict(verify_median_ms=v["median"], verify_p10_ms=v["p10"], verify_p90_ms=v["p90"],
-                step_median_ms=1e3 * statistics.median(step), tokens_per_step=statistics.mean(per_step),
-                buckets=sorted(buckets, key=str))
+                step_median_ms=1e3 * statistics.median(step), draft_ms_per_token=1e3 * statistics.median(draft),
+                tokens_per_step=statistics.mean(per_step), buckets=sorted(buckets, key=str))
+
+
+def eagle3_decoder(model, compiled, sw: Sweeps):
+    """A decoder verifying through `compiled` (the moespec-compiled model) with an EAGLE-3 head of random weights
+    at the model's own shapes (hidden, heads, intermediate; draft vocabulary min(V, 32000), as public heads for
+    Qwen3-30B-A3B): what a drafting step costs there. Aux layers (0, L // 2, L - 1), all inside this shallow model."""
+    from moe_spec_compile.eagle3 import Eagle3Config, Eagle3Head
+
+    cfg, n = model.config, model.config.num_hidden_layers
+    head_cfg = Eagle3Config(hidden_size=cfg.hidden_size, target_hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size,
+                            draft_vocab_size=min(cfg.vocab_size, 32000), num_attention_heads=cfg.num_attention_heads,
+                            num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
+                            intermediate_size=cfg.intermediate_size, aux_layer_ids=(0, n // 2, n - 1))
+    torch.manual_seed(1)
+    with torch.device(sw.device):
+        head = Eagle3Head(head_cfg, embed_tokens=model.get_input_embeddings()).to(sw.dtype).eval()
+    drafter = msc.Eagle3Drafter(head, model, compile=sw.inner == "inductor")
+    return msc.SpeculativeDecoder(compiled, drafter=drafter, tree=0, collect_expert_stats=False)
 
 
 # --- e: the bundled model, speculative against transformers' generate --------------------------------
 def part_e(sw: Sweeps, box: Box) -> dict:
     """On the bundled model, through bench_speculative: transformers' generate, the model drafter's tree with
-    no budget and (when compiled with moespec: a budget needs it) with C = E/4, then (time allowing) the
-    decoder's own AR loop (tree=0)."""
+    no budget and (when compiled with moespec: a budget needs it) with C = E/4, the decoder's own AR loop (tree=0),
+    then (time allowing) the shipped EAGLE-3 head's shapes; tok/s over generate's and over tree=0's."""
     target, draft, tok = msc.load_tiny(dtype=sw.dtype, device=sw.device)
     prompt = tok("def main(argv):", return_tensors="pt").input_ids.to(sw.device)
     args = argparse.Namespace(max_new_tokens=sw.e_new_tokens, repeats=sw.repeats, inner=sw.inner,
                               no_compile=not sw.e_compile)
     bench_speculative = _bench("bench_speculative")
-    trees = [msc.TreeSpec(*tree) if isinstance(tree, tuple) else tree for tree in sw.e_trees]
+    shape = lambda tree: msc.TreeSpec(*tree) if isinstance(tree, tuple) else tree  # noqa: E731
     budgets = [None, target.config.num_experts // 4] if sw.e_compile else [None]
-    cases = [("speculative", tree, "model", budgets) for tree in trees]
+    cases = [("speculative", shape(tree), "model", budgets) for tree in sw.e_trees]
     cases.append(("autoregressive (decoder, tree=0)", 0, "none", [None]))
+    cases += [("speculative, EAGLE-3 head", shape(tree), "eagle3", [None]) for tree in sw.e_eagle_trees]
     skipped = []
     with torch.no_grad():
         rows = box.partial["rows"] = [bench_speculative.generate_row(args, target, prompt, sw.device)]
@@ -456,12 +491,16 @@ def part_e(sw: Sweeps, box: Box) -> dict:
                 continue
             rows += bench_speculative.decoder_rows(args, target, draft, prompt, sw.device, mode, tree, drafter, budgets)
     hf = rows[0]["tok_s"]
+    ar = next((r["tok_s"] for r in rows if r["tree"] == "0"), None)
     for r in rows:
         r["x_transformers_generate"] = r["tok_s"] / hf
+        r["x_tree0"] = None if ar is None else r["tok_s"] / ar
     return dict(rows=rows, skipped=skipped, markdown=[
-        "| mode | tree | budget | tok/s [range] | accepted tokens/step | x generate |", "|---|---|---|---|---|---|"] + [
+        "| mode | tree | budget | tok/s [range] | accepted tokens/step | x generate | x tree=0 |",
+        "|---|---|---|---|---|---|---|"] + [
         f"| {r['mode']} | {r['tree']} | {r['budget']} | {r['tok_s']:.1f} [{r['tok_s_range'][0]:.1f}, "
-        f"{r['tok_s_range'][1]:.1f}] | {r['tokens_per_step']} | {r['x_transformers_generate']:.2f} |" for r in rows])
+        f"{r['tok_s_range'][1]:.1f}] | {r['tokens_per_step']} | {r['x_transformers_generate']:.2f} | "
+        f"{'-' if r['x_tree0'] is None else format(r['x_tree0'], '.2f')} |" for r in rows])
 
 
 PARTS = {"a": part_a, "b": part_b, "c": part_c, "d": part_d, "e": part_e}

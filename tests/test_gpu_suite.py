@@ -55,6 +55,8 @@ def test_dry_run_every_part_ok(tmp_path):
     assert d == {("moespec", 1, None), ("moespec", 1, 2), ("plain eager", 1, None),
                  ("moespec", 4, None), ("moespec", 4, 2), ("plain eager", 4, None)}
     assert all(r["buckets"] == [[r["N"], r["C"]]] for r in parts["d"]["rows"])  # every pass had exactly N tokens
+    eagle = parts["d"]["eagle3"]  # an EAGLE-3 head's drafting step at the model's shapes, exact and under C = 2k
+    assert [(r["N"], r["C"]) for r in eagle] == [(5, None), (5, 4)] and all(r["draft_ms_per_token"] > 0 for r in eagle)
     profiles = parts["d"]["profiles"]  # where the time goes, per op, for the next device session
     assert [(p["compiled"], p["N"], p["C"]) for p in profiles] == [
         ("moespec", 1, None), ("moespec", 1, 4), ("moespec", 4, 4), ("plain eager", 1, None), ("plain eager", 4, None)]
@@ -62,7 +64,8 @@ def test_dry_run_every_part_ok(tmp_path):
                for p in profiles)
     e = parts["e"]["rows"]
     # the dry run does not compile the bundled target, so no budgeted row (a budget needs a moespec target)
-    assert [(r["tree"], r["budget"]) for r in e] == [("-", None), ("4", None), ("0", None)]
+    assert [(r["tree"], r["budget"]) for r in e] == [("-", None), ("4", None), ("0", None), ("4", None)]
+    assert e[-1]["drafter"] == "eagle3" and e[-1]["x_tree0"] > 0  # the shipped EAGLE-3 head, against tree=0
     assert e[0]["mode"].startswith("autoregressive (transformers generate") and e[1]["tokens_per_step"] >= 1
     md = (tmp_path / "gpu_suite_cpu_dry_run.md").read_text()
     assert "| b | fused experts" in md and meta["command"] in md
