@@ -486,3 +486,25 @@ def test_sampling_keeps_the_target_distribution():
     keep = torch.tensor([0, 1, 2, 4, 5, 7, 9, 11])
     head.d2t.copy_(keep - torch.arange(8))
     assert_sampling_keeps_distribution(target, msc.Eagle3Drafter(head, target), msc.TreeSpec(4, 2, 2), vocab)
+
+
+def test_rows_that_finish_early_are_packed_away(target, tmp_path):
+    """A row that meets EOS stops; the live rows move to a smaller rows bucket (Drafter.select: the head's cache and
+    the target's features by slot go with them) and still emit the target's greedy tokens."""
+    import moe_spec_compile as msc
+
+    drafter, _ = _drafter(target, tmp_path)
+    g = torch.Generator().manual_seed(8)
+    ids, mask = _left_padded([torch.randint(0, V, (n,), generator=g).tolist() for n in (6, 8, 5, 7, 6)])
+    free = target.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    eos = int(free[0, ids.shape[1] + 1])  # row 0's second new token: it stops there, the others later or never
+    want = target.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=eos,
+                           eos_token_id=eos)
+    dec = msc.SpeculativeDecoder(target, drafter=drafter, tree=msc.TreeSpec(6, 3, 2))
+    packed = []
+    select = drafter.select
+    drafter.select = lambda rows: packed.append(len(rows)) or select(rows)
+    out = dec.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=eos)
+    assert out.sequences.tolist() == want.tolist()
+    assert min(r.new_tokens for r in out.stats.rows) <= 2 < max(r.new_tokens for r in out.stats.rows)
+    assert packed and packed[0] < 8  # five rows in a bucket of 8, packed into a smaller one
