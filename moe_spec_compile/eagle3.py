@@ -1,4 +1,5 @@
-"""The EAGLE-3 draft head: one decoder layer over the target's own features, with a reduced draft vocabulary.
+"""The EAGLE-3 draft head (one decoder layer over the target's own features, with a reduced draft vocabulary) and
+Eagle3Drafter, which drafts with it inside SpeculativeDecoder from the features its verify passes return.
 
 aux [B, n, 3Ht] --fc--> h [B, n, H];  e = embed(token)  ->  midlayer: attn(cat(input_layernorm(e), hidden_norm(h)))
 + residual -> SwiGLU(post_attention_layernorm(.)) + residual = h' (the next step's feature) -> norm -> lm_head
@@ -432,7 +433,6 @@ def target_features(target, input_ids, layer_ids, attention_mask=None, position_
     hs = out.hidden_states
     aux = torch.cat([last["h"] if i == n_layers else hs[i] for i in layer_ids], dim=-1)
     return (aux, out.logits) if with_logits else aux
-
 
 
 # --- the drafter --------------------------------------------------------------------------------------------------

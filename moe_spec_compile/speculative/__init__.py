@@ -4,6 +4,7 @@ KV compaction, one CUDA graph per pass shape (rows bucket x tree bucket) serving
     prompts [B, L] --prefill (exact)--> roots [R]                                      decoder.py
     loop:  drafter.draft(roots) -> DraftTree [R, n]                                    drafters.py, tree.py
            -> pad to N, node weights, one verify pass [R, N] under budget C            buckets.py, weights.py, kv.py
+              (+ the target's hidden states a drafter names in feature_layers: EAGLE-3)  ../eagle3.py
            -> accept a path + bonus per row (one host read)                            accept.py
            -> compact the KV caches (target's and drafter's) -> next roots; finished rows leave the pass
     tree="auto" / budget="auto": the controller picks (shape, C) per step              controller.py
