@@ -454,6 +454,7 @@ def test_greedy_through_the_moespec_graph(target, tmp_path):
     out = dec.generate(ids, max_new_tokens=8, eos_token_id=None)
     want = target.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
     assert out.sequences.tolist() == want.tolist()
+    assert out.stats.tokens_per_step > 1 and dec.features == drafter.feature_layers  # drafts from the graph's features
 
 
 def test_bad_drafter_arguments(target, tmp_path):
