@@ -139,6 +139,42 @@ def test_budget_switches_never_recompile(compiled):
     assert counters["frames"]["total"] == frames + 1
 
 
+def test_decoder_passes_skip_module_guards_and_refuse_a_mode_change(target):
+    """The decoder's own compiled passes (buckets.compile_pass) carry no guards on module attributes (checking them
+    cost up to 700 us a pass on the CPU): a module attribute changed after compiling is not seen (the guard that
+    would have recompiled is gone), and the one attribute a user plausibly flips, train/eval mode, is refused."""
+    from moe_spec_compile.speculative.buckets import compile_pass
+
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = 2.0
+
+        def forward(self, x):
+            return x * self.scale
+
+    x = torch.randn(3)
+    for guarded in (False, True):
+        mod = Scaled()
+        run = torch.compile(mod, backend="eager") if guarded else compile_pass(mod, "eager")
+        assert torch.equal(run(x), x * 2)
+        mod.scale = 3.0
+        assert torch.equal(run(x), x * (3 if guarded else 2))  # plain torch.compile re-guards; ours does not
+    was_training = target.training
+    try:
+        target.eval()
+        dec = msc.SpeculativeDecoder(target, tree=2, compile=True, compile_options={"inner": "eager"})
+        dec.generate(PROMPTS[0], max_new_tokens=3, eos_token_id=None)
+        target.train()
+        with pytest.raises(ValueError, match="train mode after this decoder compiled"):
+            dec.generate(PROMPTS[0], max_new_tokens=3, eos_token_id=None)
+        target.eval()
+        assert dec.generate(PROMPTS[0], max_new_tokens=3, eos_token_id=None).sequences[0].tolist() == \
+            reference(target, PROMPTS[0], 3)
+    finally:
+        target.train(was_training)
+
+
 def test_stats(target, draft):
     dec = msc.SpeculativeDecoder(target, drafter=msc.ModelDrafter(draft), tree=3)
     stats = dec.generate(PROMPTS[0], max_new_tokens=10, eos_token_id=None).stats

@@ -329,6 +329,48 @@ def test_bundled_pair():
     assert out.sequences.tolist() == want.tolist()
 
 
+class _ReplayedCall:
+    """A stand-in for a captured CUDA graph on the CPU: replay() reruns the captured call, which reads only the
+    runner's static buffers (as a graph does), and writes the result into the output the capture returned."""
+
+    def __init__(self, run):
+        self.run = run
+
+    def replay(self):
+        self.out.copy_(self.run())
+
+
+def test_graph_runner_reuses_a_shape_exact_then_budgeted(monkeypatch, target):
+    """The CUDA-graph path of VerifyRunner, emulated on the CPU: one pass shape first run exact (no token weights),
+    then under budgets, replays with the budgeted passes' weights (padding weighs 0). It once replayed them with
+    every weight 1, so padding nodes voted for experts: the batched graphs then differed from eager passes in a
+    left-padded row (H200, test_cuda_graphs_batched below), as this emulation did before the fix."""
+    import moe_spec_compile.speculative.buckets as buckets
+
+    def fake_capture(run, pool):
+        graph = _ReplayedCall(run)
+        graph.out = run()
+        return graph, graph.out
+
+    monkeypatch.setattr(buckets, "capture_graph", fake_capture)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: object())
+    ids, mask = left_padded([0, 4, 2], seed=7)
+    runs = {}
+    for graphs in (True, False):
+        dec = msc.SpeculativeDecoder(target, drafter=msc.ModelDrafter(target), tree=msc.TreeSpec(6, 3, 2),
+                                     compile=True, compile_options={"inner": "eager"})
+        dec.runner.use_graphs = graphs
+        outs = [dec.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=None, budget=c)
+                for c in (None, 4, 6)]
+        runs[graphs] = [out.sequences.tolist() for out in outs]
+        if graphs:
+            assert dec.runner.captures >= 1 and dec.runner.graphs
+        else:  # the budgets bind (with every weight 1 the replay at C = 4 took other tokens in row 1, pad 4)
+            assert all(any(v.budget_bound for v in out.stats.verify) for out in outs[1:])
+    assert runs[False][0] == reference(target, ids, mask, 10).tolist()
+    assert runs[True] == runs[False]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_graphs_batched():

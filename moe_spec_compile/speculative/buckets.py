@@ -23,7 +23,7 @@ from ..budget import budget as budget_ctx
 from ..budget import token_weights
 from .kv import TreeCache, forward
 
-__all__ = ["DEFAULT_TREE_BUCKETS", "pick_bucket", "VerifyRunner", "FastestExact"]
+__all__ = ["DEFAULT_TREE_BUCKETS", "pick_bucket", "VerifyRunner", "FastestExact", "compile_pass"]
 
 DEFAULT_TREE_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
@@ -36,6 +36,20 @@ def pick_bucket(value: int | None, buckets) -> int | None:
         if b >= value:
             return b
     return value
+
+
+def compile_pass(model, backend="inductor", dynamic: bool = False, options: dict | None = None):
+    """torch.compile(model) for the decoder's own passes (verify, plain, drafting), without dynamo's guards on module
+    attributes (torch.compiler.skip_guard_on_all_nn_modules_unsafe, where this torch has it; a caller's
+    guard_filter_fn in options wins). Checking them cost 160-700 us before every pass on a 2-core CPU, 50-220 us
+    without (benchmarks/results/guards_cpu.md; an autoregressive step of the bundled target is 3-5 ms); what they
+    guard (submodules, attributes such as ``training``) is fixed once a model is compiled here: the decoder refuses
+    a target whose train/eval mode changed (SpeculativeDecoder.generate). Weight values are never guarded anyway."""
+    options = dict(options or {})
+    skip = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)
+    if skip is not None:
+        options.setdefault("guard_filter_fn", skip)
+    return torch.compile(model, backend=backend, dynamic=dynamic, options=options or None)
 
 
 def capture_graph(run, pool):
@@ -82,16 +96,22 @@ class VerifyRunner:
         if buf is None:
             buf = self.static[key] = {"tokens": tokens.clone(), "positions": positions.clone(),
                                       "slots": slots.clone(), "mask": _clone_mask(mask),
-                                      "weights": None if weights is None else weights.clone(),
+                                      "weights": torch.ones(tokens.numel(), device=tokens.device)
+                                      if self.budgeted else None,  # every call's (None: all 1), see below
                                       "inputs": {k: v.clone() for k, v in (inputs or {}).items()}}
-        for name, value in (("tokens", tokens), ("positions", positions), ("slots", slots), ("weights", weights)):
-            if value is not None and buf[name] is not None:
-                buf[name].copy_(value)
+        for name, value in (("tokens", tokens), ("positions", positions), ("slots", slots)):
+            buf[name].copy_(value)
+        if buf["weights"] is not None:  # rewritten on every call: a shape first run exact (no weights) and later
+            # under a budget must not replay with the table at all 1 (padding would vote; seen on an H200)
+            if weights is None:
+                buf["weights"].fill_(1.0)
+            else:
+                buf["weights"].copy_(weights)
         for name, value in (inputs or {}).items():
             buf["inputs"][name].copy_(value)
         _copy_mask(buf["mask"], mask)
         cache.slots = buf["slots"]  # forward() copies slots onto themselves: the graph reads this address
-        with self.scope(c, buf["weights"] if weights is not None else None):  # tables written here, not captured
+        with self.scope(c, buf["weights"]):  # tables written here, not captured
             if key not in self.graphs:
                 if self.pool is None:
                     self.pool = torch.cuda.graph_pool_handle()

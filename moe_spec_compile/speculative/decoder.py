@@ -33,7 +33,7 @@ from ..budget import MAX_TOKENS, validate_budget, validate_policy
 from ..budget import budget as budget_ctx
 from ..record import record_experts
 from .accept import SamplingConfig, accept_greedy, accept_sample, process_logits
-from .buckets import DEFAULT_TREE_BUCKETS, FastestExact, VerifyRunner, pick_bucket
+from .buckets import DEFAULT_TREE_BUCKETS, FastestExact, VerifyRunner, compile_pass, pick_bucket
 from .checks import (
     check_batch,
     check_compile_options,
@@ -69,7 +69,8 @@ class SpeculativeDecoder:
 
     target: a transformers causal LM, plain or already ``torch.compile``-d; ``compile=True`` compiles it
     here with backend="moespec" (``compile_options`` go to the backend, e.g. ``{"inner": "eager"}``; through
-    inductor, the default, a ModelDrafter's forward is compiled too), one graph per tree-size bucket (dynamo's
+    inductor, the default, a ModelDrafter's forward is compiled too; none of these guard on module attributes, so a
+    model changed afterwards needs a new decoder: buckets.compile_pass), one graph per tree-size bucket (dynamo's
     recompile limit is raised to fit the buckets; a target compiled by the caller needs the same,
     ``torch._dynamo.config.recompile_limit``).
     Budgets only bind inside a moespec-compiled target: a budget for any other target (compile=False) is
@@ -122,7 +123,7 @@ class SpeculativeDecoder:
         self.node_weights = validate_node_weights(node_weights)
         if compile:
             options = {"policy": validate_policy(policy), "max_budget_tokens": None, **compile_options}
-            self.verify_model = torch.compile(self.eager_target, backend="moespec", dynamic=False, options=options)
+            self.verify_model = compile_pass(self.eager_target, "moespec", options=options)
         self.drafter = drafter if drafter is not None else NgramDrafter()
         if compile and compile_options.get("inner", "inductor") == "inductor" and isinstance(self.drafter,
                                                                                            ModelDrafter):
@@ -154,6 +155,7 @@ class SpeculativeDecoder:
                              and not self.cuda_graphs and self.verify_model is not self.eager_target)
         self.plain_target = plain_compiled(self.verify_model) if self._exact_any_n else self.eager_target
         self.timing = timing
+        self._training = self.eager_target.training  # fixed in the compiled passes (buckets.compile_pass)
         self.vocab_size = self.eager_target.config.get_text_config(decoder=True).vocab_size
         self.tree = self._tree_shape(0 if tree == "auto" else tree)
         for shape, _ in self.controller.configs if self.controller is not None else ():
@@ -190,6 +192,10 @@ class SpeculativeDecoder:
         generation_config's, else the first EOS) as transformers returns it; .stats counts all rows, .stats.rows[b]
         each."""
         max_new_tokens = check_int(max_new_tokens, "max_new_tokens", 1)
+        if self.eager_target.training != self._training:
+            raise ValueError(f"the target was put in {'train' if self.eager_target.training else 'eval'} mode after "
+                             "this decoder compiled its passes, which keep the mode they were compiled in: make a "
+                             "new SpeculativeDecoder (or restore the mode)")
         sampling = SamplingConfig(do_sample, temperature, top_p, top_k)
         ctl = self._auto(tree, budget)
         shape = ctl.envelope() if ctl else self.tree if tree is _UNSET else self._tree_shape(tree)
@@ -540,8 +546,7 @@ def plain_compiled(verify_model):
     it (each torch.compile of a model adds cache entries to the same code); it lives as long as that compilation."""
     plain = verify_model.__dict__.get("_moespec_plain")
     if plain is None:  # set through __dict__: not a submodule (state_dict and named_modules stay the model's)
-        plain = verify_model.__dict__["_moespec_plain"] = torch.compile(verify_model._orig_mod, backend="inductor",
-                                                                        dynamic=False)
+        plain = verify_model.__dict__["_moespec_plain"] = compile_pass(verify_model._orig_mod)
     return plain
 
 

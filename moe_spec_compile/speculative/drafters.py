@@ -40,7 +40,7 @@ import time
 import torch
 
 from .accept import Acceptance
-from .buckets import VerifyRunner
+from .buckets import VerifyRunner, compile_pass
 from .checks import check_int
 from .kv import Masks, TreeCache, forward, takes_cache_position
 from .tree import DraftTree, StaticTree, TreeSpec
@@ -142,7 +142,7 @@ class ModelDrafter(Drafter):
     def compile(self) -> ModelDrafter:
         """Compile the draft's forward (inductor, dynamic shapes); idempotent."""
         if self._run_model is self.model:
-            self._run_model = torch.compile(self.model, dynamic=True)
+            self._run_model = compile_pass(self.model, dynamic=True)
             self._runner = None  # rebuilt around the compiled forward
         return self
 
