@@ -462,6 +462,37 @@ def test_greedy_through_the_moespec_graph(target, tmp_path):
     assert runs[0] == runs[1] and max(runs[0]) > 1, runs  # drafts accepted, step for step the same
 
 
+def test_graph_replays_equal_eager_passes(monkeypatch, target, tmp_path):
+    """Both runners on their CUDA-graph path (emulated on the CPU, graph_replay.py): the verify passes returning the
+    aux features and the head's drafting passes fed the features as static inputs, on a left-padded batch, exact and
+    under budgets, draft and emit what eager passes do (and greedy equals the target's)."""
+    from graph_replay import emulate_cuda_graphs
+
+    import moe_spec_compile as msc
+
+    emulate_cuda_graphs(monkeypatch)
+    g = torch.Generator().manual_seed(12)
+    ids, mask = _left_padded([torch.randint(0, V, (n,), generator=g).tolist() for n in (8, 3, 6)])
+    want = target.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    runs = {}
+    for graphs in (False, True):
+        torch._dynamo.reset()
+        drafter, _ = _drafter(target, tmp_path / str(graphs), cuda_graphs=graphs)
+        if graphs:  # a drafter's graphs are on only on a CUDA device: claim one
+            monkeypatch.setattr(type(drafter), "cuda_graphs", property(lambda self: self._cuda_graphs))
+        dec = msc.SpeculativeDecoder(target, drafter=drafter, tree=msc.TreeSpec(6, 3, 2), compile=True,
+                                     compile_options={"inner": "eager"})
+        dec.runner.use_graphs = graphs
+        outs = [dec.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=None, budget=c,
+                             tree=t) for c in (None, 2, 3) for t in (3, msc.TreeSpec(6, 3, 2))]
+        runs[graphs] = [(o.sequences.tolist(), o.stats.accepted_per_step) for o in outs]
+        if graphs:
+            assert dec.runner.graphs and drafter._passes().graphs  # both replayed
+    assert runs[False][0][0] == runs[False][1][0] == want.tolist()
+    assert max(runs[False][0][1]) > 1  # drafts accepted: the features reach the head
+    assert runs[True] == runs[False]
+
+
 def test_bad_drafter_arguments(target, tmp_path):
     import moe_spec_compile as msc
 

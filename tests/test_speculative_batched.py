@@ -11,6 +11,7 @@ import collections
 
 import pytest
 import torch
+from graph_replay import emulate_cuda_graphs
 from test_speculative_sampling import CHI2_TAIL, _tiny_pair, chi2
 
 import moe_spec_compile as msc
@@ -329,31 +330,13 @@ def test_bundled_pair():
     assert out.sequences.tolist() == want.tolist()
 
 
-class _ReplayedCall:
-    """A stand-in for a captured CUDA graph on the CPU: replay() reruns the captured call, which reads only the
-    runner's static buffers (as a graph does), and writes the result into the output the capture returned."""
-
-    def __init__(self, run):
-        self.run = run
-
-    def replay(self):
-        self.out.copy_(self.run())
-
-
 def test_graph_runner_reuses_a_shape_exact_then_budgeted(monkeypatch, target):
-    """The CUDA-graph path of VerifyRunner, emulated on the CPU: one pass shape first run exact (no token weights),
-    then under budgets, replays with the budgeted passes' weights (padding weighs 0). It once replayed them with
-    every weight 1, so padding nodes voted for experts: the batched graphs then differed from eager passes in a
-    left-padded row (H200, test_cuda_graphs_batched below), as this emulation did before the fix."""
-    import moe_spec_compile.speculative.buckets as buckets
-
-    def fake_capture(run, pool):
-        graph = _ReplayedCall(run)
-        graph.out = run()
-        return graph, graph.out
-
-    monkeypatch.setattr(buckets, "capture_graph", fake_capture)
-    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: object())
+    """The CUDA-graph path of VerifyRunner, emulated on the CPU (graph_replay.py): one pass shape first run
+    exact (no token weights), then under budgets, replays with the budgeted passes' weights (padding weighs 0). It
+    once replayed them with every weight 1, so padding nodes voted for experts: the batched graphs then differed
+    from eager passes in a left-padded row (H200, test_cuda_graphs_batched below), as this emulation did before
+    the fix."""
+    emulate_cuda_graphs(monkeypatch)
     ids, mask = left_padded([0, 4, 2], seed=7)
     runs = {}
     for graphs in (True, False):
