@@ -175,6 +175,31 @@ def test_decoder_passes_skip_module_guards_and_refuse_a_mode_change(target):
         target.train(was_training)
 
 
+def test_cache_goes_in_by_the_models_own_keyword(target, draft):
+    """kv.forward hands the TreeCache over by the keyword the model's forward declares (transformers renamed
+    past_key_values to cache and warns on the old name), so decoding raises no deprecation warning for it."""
+    import inspect
+    import warnings
+
+    from moe_spec_compile.speculative.kv import cache_keyword
+
+    for model in (target, draft):
+        params = inspect.signature(type(model).forward).parameters
+        assert cache_keyword(model) == ("cache" if "cache" in params else "past_key_values")
+
+    class Own(torch.nn.Module):
+        def forward(self, input_ids, past_key_values=None):
+            return input_ids
+
+    assert cache_keyword(Own()) == "past_key_values"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = msc.SpeculativeDecoder(target, drafter=msc.ModelDrafter(draft), tree=3).generate(
+            PROMPTS[0], max_new_tokens=5, eos_token_id=None)
+    assert out.sequences[0].tolist() == reference(target, PROMPTS[0], 5)
+    assert not [w for w in caught if "past_key_values" in str(w.message)]
+
+
 def test_stats(target, draft):
     dec = msc.SpeculativeDecoder(target, drafter=msc.ModelDrafter(draft), tree=3)
     stats = dec.generate(PROMPTS[0], max_new_tokens=10, eos_token_id=None).stats

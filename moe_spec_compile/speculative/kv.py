@@ -25,7 +25,7 @@ import inspect
 import torch
 from transformers.cache_utils import Cache
 
-__all__ = ["TreeCache", "Masks", "tree_mask", "forward", "sliding_window_of", "takes_cache_position"]
+__all__ = ["TreeCache", "Masks", "tree_mask", "forward", "sliding_window_of", "takes_cache_position", "cache_keyword"]
 
 
 class _Layer:
@@ -302,6 +302,22 @@ def takes_cache_position(model) -> bool:
     return "cache_position" in inspect.signature(model.forward).parameters
 
 
+_CACHE_KEYWORD: dict[type, str] = {}
+
+
+def cache_keyword(model) -> str:
+    """The keyword a model's forward takes its KV cache by: ``cache`` where transformers renamed it (5.25 warns on
+    every call with ``past_key_values`` and removes that name in 5.40), else ``past_key_values`` (older releases,
+    e.g. 5.17, and modules of our own such as the EAGLE-3 head). Looked up once per class."""
+    cls = type(getattr(model, "_orig_mod", model))
+    name = _CACHE_KEYWORD.get(cls)
+    if name is None:
+        params = inspect.signature(cls.forward).parameters
+        name = _CACHE_KEYWORD[cls] = "cache" if "cache" in params and "past_key_values" not in params \
+            else "past_key_values"
+    return name
+
+
 def forward(model, cache: TreeCache, tokens: torch.Tensor, positions: torch.Tensor, mask,
             slots: torch.Tensor, cache_position: bool = False, hidden: tuple[int, ...] | None = None,
             inputs: dict | None = None):
@@ -312,8 +328,9 @@ def forward(model, cache: TreeCache, tokens: torch.Tensor, positions: torch.Tens
     kwargs = {"cache_position": cache.slots[0]} if cache_position else {}
     if hidden is not None:
         kwargs["output_hidden_states"] = True
-    out = model(input_ids=tokens, position_ids=positions, attention_mask=mask, past_key_values=cache,
-                use_cache=True, **kwargs, **(inputs or {}))
+    kwargs[cache_keyword(model)] = cache
+    out = model(input_ids=tokens, position_ids=positions, attention_mask=mask, use_cache=True, **kwargs,
+                **(inputs or {}))
     if hidden is None:
         return out.logits
     return out.logits, torch.cat([out.hidden_states[i] for i in hidden], dim=-1)

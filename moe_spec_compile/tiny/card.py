@@ -130,13 +130,15 @@ def cost_stats(target, draft, ids: torch.Tensor, prompt_len: int = 48, steps: in
 
 
 def _cost_stats(target, draft, ids, prompt_len, steps, rounds, DynamicCache) -> dict:
+    from ..speculative.kv import cache_keyword
+
     def step_time(model) -> float:
-        cache = DynamicCache(config=model.config)
-        out = model(ids[None, :prompt_len], past_key_values=cache, use_cache=True)
+        cache = {cache_keyword(model): DynamicCache(config=model.config)}
+        out = model(ids[None, :prompt_len], use_cache=True, **cache)
         tok = out.logits[:, -1:].argmax(-1)
         t0 = time.perf_counter()
         for _ in range(steps):
-            out = model(tok, past_key_values=cache, use_cache=True)
+            out = model(tok, use_cache=True, **cache)
             tok = out.logits[:, -1:].argmax(-1)
         return (time.perf_counter() - t0) / steps
 
