@@ -171,6 +171,8 @@ def test_decoder_passes_skip_module_guards_and_refuse_a_mode_change(target):
         target.eval()
         assert dec.generate(PROMPTS[0], max_new_tokens=3, eos_token_id=None).sequences[0].tolist() == \
             reference(target, PROMPTS[0], 3)
+        target.train()  # a decoder that compiled nothing follows the model's mode
+        msc.SpeculativeDecoder(target, tree=2).generate(PROMPTS[0], max_new_tokens=2, eos_token_id=None)
     finally:
         target.train(was_training)
 

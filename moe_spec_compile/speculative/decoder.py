@@ -155,7 +155,8 @@ class SpeculativeDecoder:
                              and not self.cuda_graphs and self.verify_model is not self.eager_target)
         self.plain_target = plain_compiled(self.verify_model) if self._exact_any_n else self.eager_target
         self.timing = timing
-        self._training = self.eager_target.training  # fixed in the compiled passes (buckets.compile_pass)
+        # the train/eval mode the passes this decoder compiled keep (buckets.compile_pass); None: it compiled none
+        self._training = self.eager_target.training if compile or self._exact_any_n else None
         self.vocab_size = self.eager_target.config.get_text_config(decoder=True).vocab_size
         self.tree = self._tree_shape(0 if tree == "auto" else tree)
         for shape, _ in self.controller.configs if self.controller is not None else ():
@@ -192,7 +193,7 @@ class SpeculativeDecoder:
         generation_config's, else the first EOS) as transformers returns it; .stats counts all rows, .stats.rows[b]
         each."""
         max_new_tokens = check_int(max_new_tokens, "max_new_tokens", 1)
-        if self.eager_target.training != self._training:
+        if self._training is not None and self.eager_target.training != self._training:
             raise ValueError(f"the target was put in {'train' if self.eager_target.training else 'eval'} mode after "
                              "this decoder compiled its passes, which keep the mode they were compiled in: make a "
                              "new SpeculativeDecoder (or restore the mode)")
