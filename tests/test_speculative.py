@@ -177,6 +177,28 @@ def test_decoder_passes_skip_module_guards_and_refuse_a_mode_change(target):
         target.train(was_training)
 
 
+def test_two_instances_and_changed_weights_through_inductor():
+    """Without module guards (compile_pass), the default path (compile=True, inductor, a compiled drafter) still
+    keeps two instances of one model class apart, and follows weight values changed in place after compiling:
+    each decoder equals its own model's generate."""
+    models = [build("qwen3_moe")[0].eval() for _ in range(2)]
+    with torch.no_grad():
+        for p in models[1].parameters():
+            p.mul_(1.5)
+    prompt = PROMPTS[0]
+    decs = [msc.SpeculativeDecoder(m, drafter=msc.ModelDrafter(m), tree=3, compile=True) for m in models]
+    refs = [reference(m, prompt, 8) for m in models]
+    assert refs[0] != refs[1]
+    for _ in range(2):
+        assert [d.generate(prompt, max_new_tokens=8, eos_token_id=None).sequences[0].tolist() for d in decs] == refs
+    with torch.no_grad():
+        for p in models[0].parameters():
+            p.mul_(0.7)
+    ref = reference(models[0], prompt, 8)
+    assert ref != refs[0]
+    assert decs[0].generate(prompt, max_new_tokens=8, eos_token_id=None).sequences[0].tolist() == ref
+
+
 def test_cache_goes_in_by_the_models_own_keyword(target, draft):
     """kv.forward hands the TreeCache over by the keyword the model's forward declares (transformers renamed
     past_key_values to cache and warns on the old name), so decoding raises no deprecation warning for it."""

@@ -96,22 +96,20 @@ class VerifyRunner:
         if buf is None:
             buf = self.static[key] = {"tokens": tokens.clone(), "positions": positions.clone(),
                                       "slots": slots.clone(), "mask": _clone_mask(mask),
+                                      # for every budgeted shape, whatever its first call had: a shape first run
+                                      # exact (no weights) replayed its later budgets with every weight 1, padding
+                                      # voting for experts (seen on an H200)
                                       "weights": torch.ones(tokens.numel(), device=tokens.device)
-                                      if self.budgeted else None,  # every call's (None: all 1), see below
+                                      if self.budgeted else None,
                                       "inputs": {k: v.clone() for k, v in (inputs or {}).items()}}
-        for name, value in (("tokens", tokens), ("positions", positions), ("slots", slots)):
-            buf[name].copy_(value)
-        if buf["weights"] is not None:  # rewritten on every call: a shape first run exact (no weights) and later
-            # under a budget must not replay with the table at all 1 (padding would vote; seen on an H200)
-            if weights is None:
-                buf["weights"].fill_(1.0)
-            else:
-                buf["weights"].copy_(weights)
+        for name, value in (("tokens", tokens), ("positions", positions), ("slots", slots), ("weights", weights)):
+            if value is not None and buf[name] is not None:  # weights to an unbudgeted runner: scope() refuses
+                buf[name].copy_(value)
         for name, value in (inputs or {}).items():
             buf["inputs"][name].copy_(value)
         _copy_mask(buf["mask"], mask)
         cache.slots = buf["slots"]  # forward() copies slots onto themselves: the graph reads this address
-        with self.scope(c, buf["weights"]):  # tables written here, not captured
+        with self.scope(c, buf["weights"] if weights is not None else None):  # tables written here, not captured
             if key not in self.graphs:
                 if self.pool is None:
                     self.pool = torch.cuda.graph_pool_handle()

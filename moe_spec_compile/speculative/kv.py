@@ -296,26 +296,29 @@ class Masks:
         return self.tree(anc, [0] * len(pad), pad, pos, pos, buffered=False)
 
 
+_FORWARD_PARAMS: dict[type, frozenset] = {}
+
+
+def _forward_params(model) -> frozenset:
+    """The parameter names of a model's forward (through transformers' decorators), looked up once per class."""
+    cls = type(getattr(model, "_orig_mod", model))
+    params = _FORWARD_PARAMS.get(cls)
+    if params is None:
+        params = _FORWARD_PARAMS[cls] = frozenset(inspect.signature(cls.forward).parameters)
+    return params
+
+
 def takes_cache_position(model) -> bool:
     """Older transformers releases (before cache positions were removed) take ``cache_position``."""
-    model = getattr(model, "_orig_mod", model)
-    return "cache_position" in inspect.signature(model.forward).parameters
-
-
-_CACHE_KEYWORD: dict[type, str] = {}
+    return "cache_position" in _forward_params(model)
 
 
 def cache_keyword(model) -> str:
     """The keyword a model's forward takes its KV cache by: ``cache`` where transformers renamed it (5.25 warns on
     every call with ``past_key_values`` and removes that name in 5.40), else ``past_key_values`` (older releases,
-    e.g. 5.17, and modules of our own such as the EAGLE-3 head). Looked up once per class."""
-    cls = type(getattr(model, "_orig_mod", model))
-    name = _CACHE_KEYWORD.get(cls)
-    if name is None:
-        params = inspect.signature(cls.forward).parameters
-        name = _CACHE_KEYWORD[cls] = "cache" if "cache" in params and "past_key_values" not in params \
-            else "past_key_values"
-    return name
+    e.g. 5.17, and modules of our own such as the EAGLE-3 head)."""
+    params = _forward_params(model)
+    return "cache" if "cache" in params and "past_key_values" not in params else "past_key_values"
 
 
 def forward(model, cache: TreeCache, tokens: torch.Tensor, positions: torch.Tensor, mask,
