@@ -32,6 +32,7 @@ __all__ = [
     "load_tiny",
     "CostModel",
     "profile",
+    "offload_experts",
 ]
 
 # Heavier pieces load on first use, so `import moe_spec_compile` stays cheap.
@@ -47,6 +48,7 @@ _LAZY = {
     "load_tiny": ".tiny",
     "CostModel": ".cost",
     "profile": ".cost",
+    "offload_experts": ".offload",
 }
 
 

@@ -88,8 +88,8 @@ def moespec_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | No
         sink.extend(reports)
     if not reports and not _reports.sinks:
         _note_no_moe(gm, example_inputs)
-    inputs, names = zip(*gm.meta["moespec_sites"]) if gm.meta.get("moespec_sites") else ((), ())
-    sites = Sites(list(inputs), list(names), register_spec(opts.budget.budget))
+    inputs, names, held = zip(*gm.meta["moespec_sites"]) if gm.meta.get("moespec_sites") else ((), (), ())
+    sites = Sites(list(inputs), list(names), register_spec(opts.budget.budget), list(held))
     if opts.inner == "eager":
         return sites.wrap(gm.forward) if names else gm.forward
     from torch._inductor.compile_fx import compile_fx

@@ -32,6 +32,9 @@ class ExplainReport:
         head = ("block", "experts", "top-k", "router", "budgeted", "experts compute", "reason")
         rows = [head] + [(b.name, str(b.num_experts), str(b.top_k), b.router, "yes" if b.rewritten else "no",
                           b.experts, b.reason or "-") for b in self.blocks]
+        if any(b.parallel for b in self.blocks):  # under torchrun: what this rank holds and runs
+            rows = [r + (b,) for r, b in zip(rows, ["parallel"] + [b.parallel or "-" for b in self.blocks])]
+            head = rows[0]
         widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))

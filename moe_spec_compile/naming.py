@@ -118,17 +118,20 @@ class _Current(threading.local):
     def __init__(self):
         self.slots: tuple[int, ...] = ()
         self.names: tuple[str, ...] = ()  # compile-time block names, by site
+        self.held: tuple = ()  # by site: (first, count) of the experts this rank holds, or None (all of them)
 
 
 _current = _Current()
 
 
 class Sites:
-    """The routing sites of one compiled graph: for site i, the graph input holding its router weight (or None)
-    and the block name it was compiled for. `bind(args)` -> the slots of this call (cached by data pointers)."""
+    """The routing sites of one compiled graph: for site i, the graph input holding its router weight (or None),
+    the block name it was compiled for and the experts this rank holds ((first, count) under expert parallelism,
+    else None). `bind(args)` -> the slots of this call (cached by data pointers)."""
 
-    def __init__(self, inputs: list[int | None], names: list[str], spec: int):
+    def __init__(self, inputs: list[int | None], names: list[str], spec: int, held: list | None = None):
         self.inputs, self.names, self.spec = inputs, tuple(names), spec
+        self.held = tuple(held) if held is not None else (None,) * len(self.names)
         self._cache: dict[tuple[int, ...], tuple] = {}  # data pointers -> (slots, weak refs of the weights)
 
     def slots(self, args) -> tuple[int, ...]:
@@ -155,12 +158,12 @@ class Sites:
 
     @contextlib.contextmanager
     def bound(self, args):
-        saved = _current.slots, _current.names
-        _current.slots, _current.names = self.slots(args), self.names
+        saved = _current.slots, _current.names, _current.held
+        _current.slots, _current.names, _current.held = self.slots(args), self.names, self.held
         try:
             yield
         finally:
-            _current.slots, _current.names = saved
+            _current.slots, _current.names, _current.held = saved
 
 
 def current_slot(site: int, spec: int) -> tuple[int, str]:
@@ -173,10 +176,11 @@ def current_slot(site: int, spec: int) -> tuple[int, str]:
     return slot_of("<op>", spec), "<op>"
 
 
-def site_names(site: int) -> tuple[str, str]:
-    """(block name, compile-time block name) of routing site `site` in the graph running now (for recorded events)."""
+def site_names(site: int) -> tuple[str, str, tuple[int, int] | None]:
+    """(block name, compile-time block name, (first, count) of the experts this rank holds or None) of routing site
+    `site` in the graph running now (for recorded events)."""
     from .budget import slot_name
 
     if 0 <= site < len(_current.slots):
-        return slot_name(_current.slots[site]), _current.names[site]
-    return "<op>", "<op>"
+        return slot_name(_current.slots[site]), _current.names[site], _current.held[site]
+    return "<op>", "<op>", None

@@ -25,6 +25,12 @@ class ExpertEvent:
     budget: int | None  # the effective budget C of this pass, None when exact
     experts: tuple[int, ...]  # ids of the experts that got tokens, ascending
     compiled_as: str = ""  # the block name the graph was compiled for (differs when one graph serves many)
+    loaded: tuple[int, ...] | None = None  # the experts whose weights this process read: `experts`, or under
+    # expert parallelism (torchrun) the ones this rank holds; None is read as `experts`
+
+    def __post_init__(self):
+        if self.loaded is None:
+            object.__setattr__(self, "loaded", self.experts)
 
 
 @dataclass(eq=False)
@@ -55,9 +61,12 @@ def active() -> bool:
     return bool(_local.recorders)
 
 
-def emit(block: str, num_tokens: int, budget: int | None, ids: torch.Tensor, compiled_as: str = "") -> None:
+def emit(block: str, num_tokens: int, budget: int | None, ids: torch.Tensor, compiled_as: str = "",
+         held: tuple[int, int] | None = None) -> None:
+    """`held`: (first, count) of the experts this rank holds under expert parallelism, None when it holds all."""
     experts = tuple(sorted(set(ids.reshape(-1).tolist())))
-    event = ExpertEvent(block, int(num_tokens), budget, experts, compiled_as or block)
+    loaded = experts if held is None else tuple(e for e in experts if held[0] <= e < held[0] + held[1])
+    event = ExpertEvent(block, int(num_tokens), budget, experts, compiled_as or block, loaded)
     for rec in _local.recorders:
         rec.events.append(event)
 

@@ -218,9 +218,9 @@ def budget_apply(
     if record.active() and not (ids.is_cuda and torch.cuda.is_current_stream_capturing()):
         k = ids.shape[-1] if ids.dim() else 1
         size = int(keep.sum())
-        block, compiled_as = site_names(site)
+        block, compiled_as, held = site_names(site)
         record.emit(block, ids.numel() // max(k, 1), size if size < keep.shape[0] else None, new_ids[new_ids >= 0],
-                    compiled_as)
+                    compiled_as, held)
     return new_ids, new_weights
 
 

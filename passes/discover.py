@@ -312,31 +312,40 @@ def find_experts(router: Router, tensor_of) -> Experts:
         if len(outs) != 1:
             raise Declined(f"routing ids feed {len(outs)} separate computations in {clean_path(block)}")
         output = outs[0]
-    upstream = ancestors([ids_exit, w_exit]) | {ids_exit, w_exit}
+    return experts_region(ids_exit, w_exit, output, clean_path(path), tensor_of)
+
+
+def experts_region(ids_exit: fx.Node, w_exit: fx.Node, output: fx.Node, path: str, tensor_of,
+                   weights: tuple[fx.Node, ...] = ()) -> Experts:
+    """The experts between the routing result (ids_exit, w_exit) and their one output, or Declined. `weights`:
+    nodes that stand for weight tensors (a sharded weight's local tensor, passes.parallel) where the region stops."""
+    upstream = ancestors([ids_exit, w_exit]) | {ids_exit, w_exit} | set(weights)
     region = {n for n in ancestors([output]) | {output}
               if n not in upstream and n.op in ("call_function", "call_method")}
     if w_exit not in ancestors([output]):
         raise Declined("the routing weights are not applied in the experts")
-    _add_side_effects(region, upstream)
+    _add_side_effects(region, upstream | descendants([output]))  # never what follows the output (an all-reduce)
     others = [n for n in region_outputs(region) if n is not output and val(n) is not None]
     if others:
         raise Declined(f"values inside the experts are used elsewhere ({others[0].name})")
     hidden, params = [], []
+    tables = {u.args[3] for u in region if fn_name(u).startswith("moespec.offloaded_experts")}  # offload's slots
     for n in external_inputs(region):
         if n in (ids_exit, w_exit):
             continue
         v = meta_val(n)
-        if n.op in ("placeholder", "get_attr") and _is_weight(n, tensor_of):
+        if n in weights or n.op in ("placeholder", "get_attr") and _is_weight(n, tensor_of) or n in tables:
             params.append(n)
         elif isinstance(v, torch.Tensor) and v.is_floating_point():
             hidden.append(n)
         elif isinstance(v, torch.Tensor):
             raise Declined(f"the experts read an unexpected tensor {n.name}")
     if len(hidden) != 1:
-        raise Declined(f"the experts read {len(hidden)} activations, expected the hidden states only")
+        names = ", ".join(n.name for n in hidden)
+        raise Declined(f"the experts read {len(hidden)} activations ({names}), expected the hidden states only")
     h = shape(hidden[0])[-1]
     if shape(output) is None or shape(output)[-1] != h:
         raise Declined(f"the experts output {shape(output)} does not match the hidden size {h}")
     if len(shape(output)) != 2 and shape_source(hidden[0], shape(output)) is None:  # [T, H]: fused's own shape
         raise Declined(f"the experts output {shape(output)} has no same-shaped source among the hidden states' views")
-    return Experts(region, output, hidden[0], params, clean_path(path))
+    return Experts(region, output, hidden[0], params, path)

@@ -28,6 +28,7 @@ from moe_spec_compile.experts_op import _list_torch, fused_experts_torch
 
 from .discover import Experts, shape_source
 from .graph_utils import Declined, call, external_inputs, fn_name, meta_val, shape
+from .parallel import local_weight
 
 _GATE = re.compile(r"(^|_)(w1|gate|wi_0|gate_proj)($|_)")
 _UP = re.compile(r"(^|_)(w3|up|wi_1|up_proj)($|_)")
@@ -63,7 +64,9 @@ class Layout:
 
 
 def param_leaf(node: fx.Node) -> tuple[int | None, str]:
-    """(expert index or None, parameter role name) from a placeholder's dynamo source."""
+    """(expert index or None, parameter role name) from a placeholder's dynamo source (a sharded weight's
+    ``.to_local()``: its DTensor's)."""
+    node = local_weight(node) or node
     ga = node.meta.get("grapharg")
     src = ga.source.name if ga is not None and hasattr(ga, "source") else str(node.target)
     keys = re.findall(r"\['([^']+)'\]|\.(\w+)", src)

@@ -23,8 +23,9 @@ from moe_spec_compile.naming import param_name
 
 from . import budget as budget_pass
 from . import experts as experts_pass
+from . import parallel
 from .discover import Router, analyze_router, find_experts, is_topk, routing_closure
-from .graph_utils import Declined, clean_path, count, fake_mode_of, looks_like_moe, parent_block, scope
+from .graph_utils import Declined, call, clean_path, count, fake_mode_of, looks_like_moe, parent_block, scope
 
 __all__ = ["BlockReport", "run_passes"]
 
@@ -43,6 +44,7 @@ class BlockReport:
     rewritten: bool  # routing budgeted
     experts: str  # "fused_experts (silu)", "model code (graph break)", ...
     reason: str  # why something was left alone ("" when fully rewritten)
+    parallel: str = ""  # under torchrun: which experts this rank holds and runs (passes.parallel), else ""
 
 
 def tensor_lookup(gm: fx.GraphModule, example_inputs):
@@ -51,6 +53,10 @@ def tensor_lookup(gm: fx.GraphModule, example_inputs):
     by_node = {n: example_inputs[i] for i, n in enumerate(placeholders) if i < len(example_inputs)}
 
     def tensor_of(node: fx.Node):
+        sharded = parallel.local_weight(node)
+        if sharded is not None:  # a sharded weight's .to_local(): this rank's shard
+            t = tensor_of(sharded)
+            return t.to_local() if t is not None else None
         if node.op == "get_attr":
             obj = gm
             for part in node.target.split("."):
@@ -95,7 +101,7 @@ def run_passes(gm: fx.GraphModule, example_inputs, cfg: BudgetConfig, impl: str 
     fake_mode = fake_mode_of(gm)
     tensor_of = tensor_lookup(gm, example_inputs)
     reports: list[BlockReport] = []
-    plans = []  # (router, experts or Declined)
+    plans = []  # (router, experts or Declined, expert-parallel shard or None, what the sharding is when not one)
     for node in [n for n in gm.graph.nodes if is_topk(n)]:
         count("topk_seen")
         try:
@@ -106,10 +112,16 @@ def run_passes(gm: fx.GraphModule, example_inputs, cfg: BudgetConfig, impl: str 
                 reports.append(BlockReport(name, _experts_count(node), None, "?", False, "left alone", why.reason))
                 count("routers_declined")
             continue
+        shard, sharding = None, ""
         try:
+            try:
+                shard = parallel.find_shard(router, tensor_of)
+            except Declined:
+                sharding = "experts sharded in a way fused_experts does not take (see reason): the model's code"
+                raise
             if not fuse_experts:
                 raise Declined("experts rewrite disabled")
-            experts = find_experts(router, tensor_of)
+            experts = parallel.shard_experts(shard, tensor_of) if shard else find_experts(router, tensor_of)
         except Declined as why:
             experts = why
             if why.reason.startswith("graph break") and not looks_like_moe(router.topk, router.block):
@@ -117,42 +129,77 @@ def run_passes(gm: fx.GraphModule, example_inputs, cfg: BudgetConfig, impl: str 
                                            "left alone", "a top-k over a linear layer whose indices leave the "
                                            "graph, not a MoE router"))
                 continue
-        plans.append((router, experts))
+        plans.append((router, experts, shard, sharding))
     count("routers_found", len(plans))
     # Auxiliary top-ks inside a router found (DeepSeek's group selection) are not blocks of their own.
-    found = {r.block for r, _ in plans}
+    found = {plan[0].block for plan in plans}
     reports = [r for r in reports if r.name not in found]
 
-    # Routing sites, in graph order: (index of the graph input holding the router weight or None, block name).
+    # Routing sites, in graph order: (index of the graph input holding the router weight or None, block name,
+    # (first, count) of the experts this rank holds or None when it holds them all).
     placeholders = {n: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
-    sites: list[tuple[int | None, str]] = []
+    sites: list[tuple[int | None, str, tuple[int, int] | None]] = []
     gm.meta["moespec_sites"] = sites
-    for router, experts in plans:
+    replicated = parallel.shard_note(tensor_of, gm)
+    for router, experts, shard, sharding in plans:
         kind = ", ".join([router.kind, *router.features])
         to_empty, experts_note, reason = False, "", ""
+        offloaded = _offloaded(experts, tensor_of)
         try:
             if isinstance(experts, Declined):
                 raise experts
-            layout = experts_pass.identify(experts, router.ids_exit, router.weights_exit, tensor_of,
+            if offloaded:  # the experts already run in a moespec op (moe_spec_compile.offload): nothing to fuse
+                raise Declined("")
+            ids, weights = (shard.ids, shard.weights) if shard else (router.ids_exit, router.weights_exit)
+            layout = experts_pass.identify(experts, ids, weights, tensor_of, shard.count if shard else
                                            router.num_experts, router.k)
         except Declined as why:
-            experts_note, reason = "model code", why.reason
-            if not isinstance(experts, Declined):
+            experts_note, reason = offloaded or "model code", why.reason
+            if not isinstance(experts, Declined) and not offloaded:
                 count("experts_declined")
+            # the offloaded op reads -1 as an empty slot where it alone reads the ids
+            to_empty = bool(offloaded) and all(u in experts.region for u in router.ids_exit.users)
         else:
-            ids2 = experts_pass.rewrite(gm, fake_mode, experts, layout, router.ids_exit, router.weights_exit,
-                                        router.k, impl)
-            to_empty = all(u is ids2 for u in router.ids_exit.users)
+            if shard:  # other ranks' experts (local ids outside the shard) become empty slots: nothing loaded
+                ids = _empty_outside(gm, fake_mode, experts, ids, shard.count)
+            ids2 = experts_pass.rewrite(gm, fake_mode, experts, layout, ids, weights, router.k, impl)
+            # dropped slots may be -1 where only fused_experts reads the ids, or the remap checked that -1 is masked
+            to_empty = shard is not None or all(u is ids2 for u in router.ids_exit.users)
             experts_note = f"fused_experts ({layout.describe()})"
             count("experts_fused")
         budget_pass.rewrite(gm, fake_mode, router, cfg, len(sites), to_empty, attention_mask_node(gm, tensor_of))
-        sites.append((placeholders.get(router.weight), router.block))
+        sites.append((placeholders.get(router.weight), router.block, (shard.first, shard.count) if shard else None))
         count("routers_budgeted")
-        reports.append(BlockReport(router.block, router.num_experts, router.k, kind, True, experts_note, reason))
+        reports.append(BlockReport(router.block, router.num_experts, router.k, kind, True, experts_note, reason,
+                                   shard.describe() if shard else sharding or replicated))
     reports += _unclaimed_blocks(gm, tensor_of, {r.name for r in reports})
     gm.graph.lint()  # no eliminate_dead_code: it drops in-place writes (DeepSeek's group_mask.scatter_)
     gm.recompile()
     return reports
+
+
+def _offloaded(experts, tensor_of) -> str:
+    """"offloaded_experts (R of E resident)" when the region is moespec::offloaded_experts, else ""."""
+    if isinstance(experts, Declined):
+        return ""
+    from moe_spec_compile.offload import block_of
+
+    for n in experts.region:
+        if n.target in (torch.ops.moespec.offloaded_experts, torch.ops.moespec.offloaded_experts.default):
+            table = tensor_of(n.args[3])
+            block = block_of(table) if table is not None else None
+            return f"offloaded_experts ({block.resident} of {block.num_experts} resident)" if block else \
+                "offloaded_experts"
+    return ""
+
+
+def _empty_outside(gm: fx.GraphModule, fake_mode, experts, ids: fx.Node, count_: int) -> fx.Node:
+    """ids with every local id outside [0, count_) (another rank's expert, the remap's sentinel) made -1."""
+    g = gm.graph
+    with g.inserting_before(experts.output):
+        outside = call(g, fake_mode, torch.logical_or, (call(g, fake_mode, torch.lt, (ids, 0)),
+                                                         call(g, fake_mode, torch.ge, (ids, count_))))
+        return call(g, fake_mode, torch.where, (outside, -1, ids))
 
 
 def _declined_name(node: fx.Node, block_names, tensor_of) -> str:

@@ -47,6 +47,9 @@ def _fails(argv, capsys) -> str:
     (["explain", "--config", "Foo"], "unknown transformers config class"),
     (["explain", "--model", "/nonexistent/dir"], "not a directory"),
     (["explain", "--config", "Qwen3MoeConfig", "--model", str(HERE / "target")], "not allowed with"),
+    (["generate", "--offload", "0"], "integer R >= 1 or a share"),
+    (["generate", "--offload", "1.5"], "integer R >= 1 or a share"),
+    (["generate", "--parallel", "ep"], "under torchrun"),
     (["demo", "--budgets", "0"], "budget is an integer C >= 1"),
     (["demo", "--budgets", "4,x"], "'x'"),
     (["demo", "--repeats", "0"], "integer >= 1"),
@@ -119,6 +122,20 @@ def test_generate_config_json(capsys):
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert len(out["new_token_ids"]) == 6 and out["drafter"] == "ngram" and out["tokens_per_s"] > 0
     assert all(b == 8 for _, b in out["stats"]["buckets"]) and out["stats"]["new_tokens"] == 6
+
+
+def test_generate_offloaded_equals_in_memory(capsys):
+    """--offload R: the same greedy tokens as the in-memory target, and the offload's counts in the output."""
+    argv = ["generate", "--config", "Qwen3MoeConfig", "--prompt-ids", "5,6,7,5,6,7,5", "--tree", "4",
+            "--budget", "6", "--max-new-tokens", "8", "--json"]
+    assert main(argv) == 0
+    want = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(argv + ["--offload", "0.25", "--offload-store", "disk"]) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert got["new_token_ids"] == want["new_token_ids"] and want["offload"] is None
+    assert all(b["misses"] > 0 and b["slots"] >= 1 for b in got["offload"].values())
+    with pytest.raises(SystemExit, match="--offload: resident=99"):
+        main(argv + ["--offload", "99"])
 
 
 @pytest.mark.skipif(not BUNDLED, reason="no bundled checkpoints")

@@ -69,6 +69,17 @@ def budgets_arg(text: str) -> list[int]:
     return values
 
 
+def resident_arg(text: str) -> int | float:
+    """'R' (an integer >= 1: experts kept resident per MoE layer) or a share of the layer's experts in (0, 1]."""
+    try:
+        value = float(text) if any(c in text for c in ".eE") else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer R >= 1 or a share in (0, 1], got {text!r}") from None
+    if isinstance(value, int) and value < 1 or isinstance(value, float) and not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected an integer R >= 1 or a share in (0, 1], got {text!r}")
+    return value
+
+
 def tree_arg(text: str):
     """'K' -> a chain of K drafted tokens (0: no speculation, plain decoding); 'TOTAL,DEPTH,TOP_K' -> a
     TreeSpec (EAGLE-2 style dynamic tree); 'auto' -> the decoder picks (where it supports that)."""

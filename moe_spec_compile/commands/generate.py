@@ -9,6 +9,8 @@ tree, budget) -> the prompt with its continuation, tokens/s and the decoding sta
     moespec generate --config Qwen3MoeConfig --prompt-ids 5,17,33 --tree 4 --budget none
     moespec generate --drafter eagle3 --tree 4                  # the bundled target's shipped EAGLE-3 head
     moespec generate --model path/to/checkpoint --eagle path/to/eagle3-head --tree 16,4,4
+    torchrun --nproc-per-node 2 -m moe_spec_compile.commands generate --model path/to/checkpoint --parallel ep
+        (the target sharded by transformers' expert / tensor parallel plan; every rank decodes, rank 0 prints)
 """
 
 from __future__ import annotations
@@ -21,8 +23,19 @@ import time
 import torch
 import transformers
 
+from ..distributed import LAYOUTS
 from ..small_models import build_small, config_models
-from .args import budget_arg, check_device, config_class, model_dir, new_parser, positive_int, quiet_loading, tree_arg
+from .args import (
+    budget_arg,
+    check_device,
+    config_class,
+    model_dir,
+    new_parser,
+    positive_int,
+    quiet_loading,
+    resident_arg,
+    tree_arg,
+)
 
 __all__ = ["main", "bundled"]
 
@@ -73,7 +86,21 @@ def _parser():
                    help="untimed runs first, so the tokens/s leaves out compilation")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--json", action="store_true", help="print one JSON object: text, token ids and stats")
+    p.add_argument("--offload", type=resident_arg, default=None, metavar="R",
+                   help="keep R experts per MoE layer resident (an integer, or a share of the layer's experts in "
+                        "(0, 1]) and the rest in --offload-store (msc.offload_experts)")
+    p.add_argument("--offload-store", choices=("host", "disk"), default="host",
+                   help="with --offload: host memory, or a safetensors file read through mmap")
+    p.add_argument("--parallel", choices=LAYOUTS, default=None,
+                   help="under torchrun (WORLD_SIZE > 1, with --model): how transformers shards the target over the "
+                        "ranks: ep (experts split, the rest replicated; the default there), tp (tensor parallel "
+                        "plan), tp+ep (both)")
     return p
+
+
+def world_size() -> int:
+    """The number of processes torchrun started (1 outside torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _check(p, args) -> None:
@@ -105,6 +132,10 @@ def _check(p, args) -> None:
         p.error(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.warmup < 0:
         p.error(f"--warmup must be >= 0, got {args.warmup}")
+    if args.parallel and world_size() == 1:
+        p.error("--parallel shards the target over the ranks torchrun starts; run under torchrun --nproc-per-node W")
+    if world_size() > 1 and not args.model:
+        p.error("under torchrun give the target as --model PATH (transformers shards a checkpoint as it loads it)")
     if args.tree == 0:
         print("note: --tree 0 drafts nothing: no speculation, plain decoding, one token per target pass (the baseline)",
               file=sys.stderr)
@@ -116,7 +147,8 @@ def _load(args):
         return build_small(args.config), None, None, f"a small random {args.config} model"
     if args.model:
         with quiet_loading():
-            target = transformers.AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True).eval()
+            target = transformers.AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True,
+                                                                       **_sharding(args)).eval()
             tokenizer = _tokenizer(args.model)
         return target, None, tokenizer, f"the checkpoint in {args.model}"
     pair = bundled()
@@ -125,6 +157,18 @@ def _load(args):
         return target, draft, None, "a random Qwen3-MoE (the bundled checkpoints are missing)"
     target, draft, tokenizer = pair
     return target, draft, tokenizer, "the bundled tiny Qwen3-MoE"
+
+
+def _sharding(args) -> dict:
+    """from_pretrained's keywords for the ranks torchrun started ({} in a single process)."""
+    if world_size() == 1:
+        return {}
+    from ..distributed import distributed_config
+
+    try:
+        return {"distributed_config": distributed_config(args.parallel or "ep", world_size())}
+    except ValueError as exc:
+        raise SystemExit(f"moespec generate: --parallel: {exc}") from None
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -176,12 +220,31 @@ def _decoder(args, target, draft):
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    finally:
+        _finish()
+
+
+def _main(argv: list[str] | None) -> int:
     p = _parser()
     args = p.parse_args(argv)
     _check(p, args)
     print("loading the model ...", file=sys.stderr, flush=True)
     target, draft, tokenizer, source = _load(args)
+    if world_size() > 1:  # transformers placed each rank's shard; rank 0 alone prints
+        args.device = str(next(target.parameters()).device)
+        if int(os.environ.get("RANK", "0")) != 0:
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
     target = target.to(args.device)
+    offload = None
+    if args.offload is not None:
+        from ..offload import offload_experts
+
+        try:
+            offload = offload_experts(target, resident=args.offload, store=args.offload_store)
+        except ValueError as exc:
+            raise SystemExit(f"moespec generate: --offload: {exc}") from None
     vocab = target.config.get_text_config(decoder=True).vocab_size
     ids = _prompt_ids(args, tokenizer, vocab)
     dec, drafter = _decoder(args, target, draft)
@@ -205,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"model": source, "drafter": drafter, "tree": str(args.tree), "budget": args.budget,
                           "text": text, "new_text": new_text, "prompt_ids": ids, "new_token_ids": new,
                           "seconds": round(seconds, 4), "tokens_per_s": round(tokens_per_s, 2),
-                          "stats": out.stats.summary()}, default=str))
+                          "stats": out.stats.summary(),
+                          "offload": offload.stats() if offload is not None else None}, default=str))
         return 0
     print(f"model: {source}; drafter: {drafter}; tree: {args.tree}; budget: {args.budget or 'none (exact)'}")
     print("-" * 72)
@@ -213,5 +277,18 @@ def main(argv: list[str] | None = None) -> int:
     print("-" * 72)
     print(f"{len(new)} new tokens in {seconds:.2f} s: {tokens_per_s:.1f} tokens/s{compiling}")
     print(out.stats)
+    if offload is not None:
+        s = offload.stats().values()
+        hits, misses = sum(b["hits"] for b in s), sum(b["misses"] for b in s)
+        print(f"offload: {next(iter(s))['slots']} experts resident per layer ({args.offload_store} store); "
+              f"{hits} hits, {misses} misses (hit rate {hits / max(hits + misses, 1):.3f}), "
+              f"{sum(b['loaded_bytes'] for b in s) / 1e6:.1f} MB loaded")
     return 0
 
+
+def _finish() -> None:
+    """Under torchrun: leave the process group transformers opened when it sharded the target."""
+    import torch.distributed as dist
+
+    if world_size() > 1 and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

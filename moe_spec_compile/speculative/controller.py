@@ -309,6 +309,8 @@ class Controller:
 
         self.times = self._times_by_rows.setdefault(decoder.cache.rows, {})
         cfg = self.next()
+        if decoder.ranks is not None:  # the ranks of a sharded target take one rank's choice (speculative.ranks)
+            cfg = decoder.ranks.agree(cfg, self.configs)
         shape, c = cfg
         rows = max(sum(decoder.live), 1)
         t0 = decoder._clock()

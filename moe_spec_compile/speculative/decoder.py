@@ -45,6 +45,7 @@ from .checks import (
 from .controller import make_controller
 from .drafters import Drafter, ModelDrafter, NgramDrafter
 from .kv import Masks, TreeCache, forward, takes_cache_position
+from .ranks import RankGroup
 from .stats import GenerateStats, RowStats, VerifyStats
 from .tree import DraftTree, StaticTree, TreeSpec, ancestors, as_tree_shape
 from .weights import DEFAULT_NODE_WEIGHTS, node_weights, validate_node_weights
@@ -140,6 +141,7 @@ class SpeculativeDecoder:
         self._fit_sizes = tree_buckets is None  # default: the power-of-two-ish sizes plus each shape's own size
         self.tree_buckets = tuple(sorted(set(DEFAULT_TREE_BUCKETS if tree_buckets is None else tree_buckets)))
         self.device = next(self.eager_target.parameters()).device
+        self.ranks = RankGroup.of(self.eager_target)  # under torchrun, a sharded target's ranks decode in lockstep
         warn_slow_cpu_environment(self.device)
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
         if self.cuda_graphs and self.device.type != "cuda":
@@ -205,6 +207,9 @@ class SpeculativeDecoder:
         eos = self._eos_set(eos_token_id)
         ids, mask = check_batch(check_input_ids(torch.as_tensor(input_ids), self.vocab_size), attention_mask)
         ids, mask = ids.to(self.device), mask.to(self.device)
+        if self.ranks is not None:
+            self.ranks.check_same(torch.cat([ids, mask]), max_new_tokens, do_sample, temperature, top_p, top_k or 0)
+            generator = self.ranks.generator(generator) if do_sample else generator
         stats = GenerateStats(rows=[RowStats() for _ in range(ids.shape[0])])
         t = self._clock()
         drafting = ctl.drafts if ctl else shape.max_nodes > 0  # tree=0: autoregressive, through the verify path

@@ -1,0 +1,161 @@
+"""Expert offloading (moe_spec_compile.offload): outputs equal the in-memory model's, eagerly and compiled, exact and
+under budgets; the pool never holds more than R experts; loads are counted once per missing expert; bad input is
+refused with the model left as it was; decoding with an offloaded target equals greedy."""
+
+import shutil
+
+import pytest
+import torch
+
+import moe_spec_compile as msc
+from moe_spec_compile.offload import DiskStore, HostStore, Throttled
+
+from moe_models import build, tiny_draft
+
+IDS = torch.randint(1, 96, (2, 10), generator=torch.Generator().manual_seed(0))
+
+
+def logits(model, ids=IDS):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def expert_params(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "experts" in n}
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "olmoe", "qwen2_moe", "deepseek_v3"])
+@pytest.mark.parametrize("store", ["host", "disk"])
+def test_offloaded_outputs_equal_the_model(family, store):
+    model, e, k = build(family)
+    want = logits(model)
+    before = expert_params(model)
+    handle = msc.offload_experts(model, resident=0.25, store=store)
+    r = max(1, round(0.25 * e))
+    assert not any(n.endswith(("experts.gate_up_proj", "experts.down_proj")) for n, _ in model.named_parameters())
+    got = logits(model)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    logits(model, IDS.flip(-1))  # a second request: hits now
+    stats = handle.stats()
+    assert len(stats) == 2
+    for s in stats.values():
+        assert s["slots"] == r and s["max_resident"] <= r and s["resident"] <= r
+        assert s["misses"] > 0 and s["hits"] > 0
+        assert s["loaded_bytes"] == s["misses"] * next(iter(handle.blocks.values())).expert_bytes
+    handle.restore()
+    after = expert_params(model)
+    assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)
+    torch.testing.assert_close(logits(model), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("policy", ["substitute", "truncate"])
+def test_offloaded_under_the_backend_with_budgets(policy):
+    model, e, k = build("qwen3_moe")
+    ref = {}
+    for c in (None, k + 1):
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="moespec", options={"inner": "eager", "budget": c, "policy": policy})
+        ref[c] = logits(compiled)
+    torch._dynamo.reset()
+    handle = msc.offload_experts(model, resident=3, policy="lru")
+    report = msc.explain(model, IDS)
+    assert all(b.experts == "offloaded_experts (3 of 16 resident)" and b.rewritten for b in report.blocks)
+    for c in (None, k + 1):
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="moespec", options={"inner": "eager", "budget": c, "policy": policy})
+        before = {b: s["misses"] for b, s in handle.stats().items()}
+        with msc.record_experts() as rec:
+            got = logits(compiled)
+        torch.testing.assert_close(got, ref[c], rtol=1e-5, atol=1e-5)
+        if c is not None:  # a pass misses at most C experts per layer: the budget caps the loads
+            for b, s in handle.stats().items():
+                assert s["misses"] - before[b] <= c
+            assert all(len(ev.experts) <= c for ev in rec.events)
+    assert max(s["max_resident"] for s in handle.stats().values()) <= 3
+    handle.restore()
+
+
+def test_throttled_store_takes_its_time_and_stays_exact():
+    model, _e, _k = build("mixtral")
+    want = logits(model)
+    store = Throttled(HostStore(), bytes_per_s=50e6)  # 50 MB/s: a 46 kB expert takes about 1 ms
+    handle = msc.offload_experts(model, resident=2, store=store)
+    import time
+
+    t0 = time.perf_counter()
+    got = logits(model)
+    seconds = time.perf_counter() - t0
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    moved = sum(s["loaded_bytes"] for s in handle.stats().values())
+    assert seconds >= moved / 50e6
+    handle.restore()
+
+
+def test_bad_input_is_refused_and_the_model_is_left_as_it_was(tmp_path, monkeypatch):
+    model, e, _k = build("qwen3_moe")
+    before = expert_params(model)
+    for resident in (0, e + 1, 1.5, 0.0, True, "4", None):
+        with pytest.raises(ValueError, match="resident"):
+            msc.offload_experts(model, resident=resident)
+    with pytest.raises(ValueError, match="policy"):
+        msc.offload_experts(model, resident=2, policy="fifo")
+    with pytest.raises(ValueError, match="store"):
+        msc.offload_experts(model, resident=2, store="tape")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10, 10, 1))
+    with pytest.raises(ValueError, match="needs .* GiB"):
+        msc.offload_experts(model, resident=2, store=DiskStore(tmp_path))
+    monkeypatch.undo()
+    after = expert_params(model)
+    assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)
+    with pytest.raises(ValueError, match="no experts module"):
+        msc.offload_experts(tiny_draft(), resident=2)
+    gpt_oss, _e, _k = build("gpt_oss")
+    with pytest.raises(ValueError, match="biases"):
+        msc.offload_experts(gpt_oss, resident=2)
+    handle = msc.offload_experts(model, resident=2)
+    with pytest.raises(ValueError, match="offloaded already"):
+        msc.offload_experts(model, resident=2)
+    handle.restore()
+
+
+@pytest.mark.parametrize("drafter", ["ngram", "model"])
+def test_speculative_decoding_with_an_offloaded_target_equals_greedy(drafter):
+    model, _e, k = build("qwen3_moe")
+    with torch.no_grad():
+        want = model.generate(IDS[:1], max_new_tokens=16, do_sample=False, min_new_tokens=16)
+    handle = msc.offload_experts(model, resident=4)
+    d = msc.NgramDrafter() if drafter == "ngram" else msc.ModelDrafter(tiny_draft())
+    dec = msc.SpeculativeDecoder(model, d, tree=4, compile=True, compile_options={"inner": "eager"})
+    got = dec.generate(IDS[:1], max_new_tokens=16, eos_token_id=None).sequences
+    assert torch.equal(got, want)
+    assert sum(s["misses"] for s in handle.stats().values()) > 0
+    handle.restore()
+
+
+def test_cache_policies_and_the_belady_bound():
+    from moe_spec_compile.offload import SlotCache, belady_hits
+
+    # a hot expert (0) every third pass between a stream of cold ones, 2 slots: LRU evicts it, LFU keeps it
+    trace = [[0] if i % 3 == 0 else [1 + i] for i in range(60)]
+    rates = {}
+    for policy in ("lru", "lfu"):
+        cache = SlotCache(2, policy)
+        for needed in trace:
+            waves = cache.plan(needed)
+            assert all(len(w) <= 2 for w in waves) and len(cache.where) <= 2
+        rates[policy] = cache.hits
+    hits, misses = belady_hits(trace, 2)
+    assert hits + misses == sum(len(n) for n in trace)
+    assert rates["lru"] == 0 and rates["lfu"] >= 15
+    assert hits >= rates["lfu"]
+    # a pass needing more experts than slots runs in waves; every expert counted once
+    cache = SlotCache(3, "lfu")
+    waves = cache.plan(list(range(7)))
+    assert [len(w) for w in waves] == [3, 3, 1] and cache.misses == 7 and len(cache.where) == 3
+    g = torch.Generator().manual_seed(0)
+    trace = [sorted(set(torch.randint(0, 16, (4,), generator=g).tolist())) for _ in range(200)]
+    for policy in ("lru", "lfu"):
+        cache = SlotCache(4, policy)
+        for needed in trace:
+            cache.plan(needed)
+        assert belady_hits(trace, 4)[0] >= cache.hits
