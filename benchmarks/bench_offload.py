@@ -10,8 +10,10 @@ Part B, end to end, side by side in one run, identical greedy tokens checked: th
 store behind a simulated 25 GB/s tier, Throttled: figures through it are a simulation; and the real disk tier, a
 safetensors file read through mmap) for: on-demand LRU without speculation (mixtral-offloading's scheme), moespec's
 plain decoding (tree=0) with the LFU cache, and speculative decoding with the same cache (chain 4: the bundled draft
-on the bundled target; the oracle drafter at acceptance 0.8 on a config MoE with hidden 1024, 64 experts top-8).
-Targets are uncompiled (every row alike): bytes moved per emitted token, tokens/s.
+on the bundled target, the oracle drafter at acceptance 0.8 on a config MoE with hidden 1024, 64 experts top-8; and
+msc.SelfDrafter, the target drafting on its resident experts, with and without prefetch, exact and with verify
+passes under C = R). Targets
+uncompiled except the budgeted row (moespec graph, inner eager): bytes moved per emitted token, tokens/s.
 """
 
 from __future__ import annotations
@@ -39,18 +41,20 @@ def experts_of(model) -> int:
 
 
 def traces(target, draft, prompts, new_tokens: int) -> dict:
-    """{decoding: {block: [needed experts per pass]}} recorded on the in-memory target."""
+    """{decoding: {block: [needed experts per pass]}}: what each pass of the target needed (every expert resident,
+    so the trace is the routing's own; prefill passes included)."""
     out = {}
-    for name, drafter, tree in (("autoregressive", msc.NgramDrafter(), 0), ("chain 4, bundled draft",
-                                                                            msc.ModelDrafter(draft), 4)):
-        dec = msc.SpeculativeDecoder(target, drafter, tree=tree)
-        per: dict[str, list[list[int]]] = {}
-        with msc.record_experts() as rec:
+    handle = msc.offload_experts(target, resident=1.0)
+    try:
+        for name, drafter, tree in (("autoregressive", msc.NgramDrafter(), 0),
+                                    ("chain 4, bundled draft", msc.ModelDrafter(draft), 4)):
+            dec = msc.SpeculativeDecoder(target, drafter, tree=tree)
+            handle.record_trace()
             for p in prompts:
                 dec.generate(p, max_new_tokens=new_tokens, eos_token_id=None)
-        for ev in rec.events:
-            per.setdefault(ev.block, []).append(list(ev.experts))
-        out[name] = per
+            out[name] = handle.traces()
+    finally:
+        handle.restore()
     return out
 
 
@@ -75,11 +79,11 @@ def policy_table(tr: dict, slots: int) -> list[str]:
     return lines
 
 
-def run_row(target, make_drafter, tree, policy, store, prompts, new_tokens, resident):
+def run_row(target, make_drafter, dec_kwargs, policy, store, prompts, new_tokens, resident):
     handle = msc.offload_experts(target, resident=resident, store=store, policy=policy)
     try:
-        dec = msc.SpeculativeDecoder(target, make_drafter(), tree=tree)
-        dec.generate(prompts[0][:, :8], max_new_tokens=4, eos_token_id=None)  # warm-up (first-call costs)
+        dec = msc.SpeculativeDecoder(target, make_drafter(target), **dec_kwargs)
+        dec.generate(prompts[0], max_new_tokens=new_tokens, eos_token_id=None)  # untimed: compiles every shape
         before = sum(s["loaded_bytes"] for s in handle.stats().values())
         t0 = time.perf_counter()
         seqs, emitted = [], 0
@@ -89,31 +93,35 @@ def run_row(target, make_drafter, tree, policy, store, prompts, new_tokens, resi
             emitted += out.stats.new_tokens
         seconds = time.perf_counter() - t0
         moved = sum(s["loaded_bytes"] for s in handle.stats().values()) - before
-        hits = sum(s["hits"] for s in handle.stats().values())
-        misses = sum(s["misses"] for s in handle.stats().values())
+        st = handle.stats().values()
+        hits, misses = sum(s["hits"] for s in st), sum(s["misses"] for s in st)
+        pre, used = sum(s["prefetched"] for s in st), sum(s["prefetched_used"] for s in st)
     finally:
         handle.restore()
     return {"tok_s": emitted / seconds, "bytes_per_tok": moved / emitted, "seqs": seqs,
-            "hit_rate": hits / max(hits + misses, 1)}
+            "hit_rate": hits / max(hits + misses, 1), "prefetch": f"{used}/{pre}" if pre else "-"}
 
 
 def end_to_end(label, target, spec_drafter, prompts, new_tokens, resident, stores) -> list[str]:
+    ngram = lambda _t: msc.NgramDrafter()  # noqa: E731  (drafts nothing at tree=0)
+    rows = [("on-demand LRU, no speculation", ngram, {"tree": 0}, "lru"),
+            ("moespec tree=0, LFU", ngram, {"tree": 0}, "lfu"),
+            ("chain 4, " + spec_drafter[0], spec_drafter[1], {"tree": 4}, "lfu"),
+            ("chain 4, self-drafter", msc.SelfDrafter, {"tree": 4}, "lfu"),
+            ("chain 4, self-drafter + prefetch", lambda t: msc.SelfDrafter(t, prefetch=True), {"tree": 4}, "lfu"),
+            (f"chain 4, self-drafter, C = {resident}", msc.SelfDrafter,
+             {"tree": 4, "budget": resident, "compile": True, "compile_options": {"inner": "eager"}}, "lfu")]
     lines = [f"### {label}", "", "| store | row | tok/s | x LRU | MB moved per token | x LRU | hit rate | "
-             "same tokens |", "|---|---|---|---|---|---|---|---|"]
+             "prefetched used / loaded | same tokens as LRU |", "|---|---|---|---|---|---|---|---|---|"]
     for store_name, make_store in stores:
-        rows = {}
-        rows["on-demand LRU, no speculation"] = run_row(target, msc.NgramDrafter, 0, "lru", make_store(), prompts,
-                                                        new_tokens, resident)
-        rows["moespec tree=0, LFU"] = run_row(target, msc.NgramDrafter, 0, "lfu", make_store(), prompts,
-                                              new_tokens, resident)
-        rows["speculative chain 4, LFU"] = run_row(target, spec_drafter, 4, "lfu", make_store(), prompts,
-                                                   new_tokens, resident)
-        base = rows["on-demand LRU, no speculation"]
-        for name, r in rows.items():
+        got = {name: run_row(target, make, kw, policy, make_store(), prompts, new_tokens, resident)
+               for name, make, kw, policy in rows}
+        base = got[rows[0][0]]
+        for name, r in got.items():
             same = all(torch.equal(a, b) for a, b in zip(r["seqs"], base["seqs"]))
             lines.append(f"| {store_name} | {name} | {r['tok_s']:.1f} | {r['tok_s'] / base['tok_s']:.2f}x | "
                          f"{r['bytes_per_tok'] / 1e6:.2f} | {r['bytes_per_tok'] / max(base['bytes_per_tok'], 1):.2f}x"
-                         f" | {r['hit_rate']:.3f} | {same} |")
+                         f" | {r['hit_rate']:.3f} | {r['prefetch']} | {same} |")
     return lines + [""]
 
 
@@ -141,14 +149,14 @@ def main() -> None:
               "disk: a safetensors file read through mmap (the real tier; the file is in the page cache after its "
               "first read).", ""]
     stores = [("25 GB/s (simulated)", lambda: Throttled(HostStore(), PCIE4)), ("disk (mmap)", DiskStore)]
-    lines += end_to_end(f"Bundled target ({e} experts, R = {r}), drafter: the bundled dense draft", target,
-                        lambda: msc.ModelDrafter(draft), prompts, new_tokens, r, stores)
+    lines += end_to_end(f"Bundled target ({e} experts, R = {r})", target,
+                        ("bundled dense draft", lambda _t: msc.ModelDrafter(draft)), prompts, new_tokens, r, stores)
     big, _ = config_models(vocab=512, hidden=1024, layers=2, experts=64, top_k=8)
     big_prompts = [torch.randint(1, 512, (1, 32), generator=torch.Generator().manual_seed(i)) for i in range(n_prompts)]
     oracle = msc.OracleDrafter(big, acceptance=0.8, seed=0)
     oracle.precompute(big_prompts, new_tokens)  # on the in-memory model, before any offload
-    lines += end_to_end("Config MoE (Qwen3-MoE, hidden 1024, 64 experts top-8, 2 layers, R = 16), drafter: oracle at "
-                        "acceptance 0.8", big, lambda: oracle, big_prompts, new_tokens, 16, stores)
+    lines += end_to_end("Config MoE (Qwen3-MoE, hidden 1024, 64 experts top-8, 2 layers, R = 16)", big,
+                        ("oracle at acceptance 0.8", lambda _t: oracle), big_prompts, new_tokens, 16, stores)
     load1 = os.getloadavg()
     lines += [f"Load average {load0[0]:.2f} before, {load1[0]:.2f} after."]
     Path(args.out).write_text("\n".join(lines) + "\n")

@@ -4,11 +4,11 @@ speculative tokens/s sharded and in one process (the CPU is not the point: corre
 
     python benchmarks/bench_parallel.py [--out benchmarks/results/parallel_cpu.md] [--passes 24]
 
-The script builds a config MoE (Qwen3-MoE, hidden 256, 64 experts top-8, 2 layers, routers sharpened as trained ones
-are), saves it to a temporary directory and starts itself under torchrun (2 ranks, one thread each); each rank runs
-verify-sized passes (16 tokens, held-out-like random text) under each budget with msc.record_experts and reports
-the experts of every pass it loaded (ExpertEvent.loaded: the experts of A it holds). One process runs the same
-passes for the reference. Bytes = experts loaded x the bytes of one expert's weights (gate, up, down).
+The script builds a config MoE (small_models.config_models: Qwen3-MoE, hidden 256, 64 experts top-8, 2 layers,
+routers sharpened as trained ones are), saves it to a temporary directory and starts itself under torchrun (2 ranks,
+one thread each); each rank runs verify-sized passes (16 random tokens) under each budget with msc.record_experts
+and reports the experts of every pass it loaded (ExpertEvent.loaded: the experts of A it holds). One process runs
+the same passes for the reference. Bytes = experts loaded x the bytes of one expert's weights (gate, up, down).
 """
 
 from __future__ import annotations
@@ -30,20 +30,9 @@ DRAFT_TOKENS = 48
 
 
 def build(path: Path) -> None:
-    import transformers
+    from moe_spec_compile.small_models import config_models
 
-    torch.manual_seed(0)
-    cfg = transformers.Qwen3MoeConfig(vocab_size=VOCAB, hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, head_dim=64, intermediate_size=512,
-                                      moe_intermediate_size=128, num_experts=64, num_experts_per_tok=8,
-                                      decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True,
-                                      tie_word_embeddings=False, max_position_embeddings=512)
-    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("mlp.gate.weight"):
-                p.mul_(6.0)  # random routers are near uniform; trained ones are not
-    model.save_pretrained(path)
+    config_models(vocab=VOCAB, hidden=256, layers=2, experts=64, top_k=8)[0].save_pretrained(path)
 
 
 def passes(model, n_passes: int) -> dict:
@@ -131,7 +120,8 @@ def main() -> None:
              f"load {load0[0]:.2f} before, {load1[0]:.2f} after. "
              f"Command: `python benchmarks/bench_parallel.py --passes {args.passes}`.",
              "Model: Qwen3-MoE config, hidden 256, 64 experts top-8 (moe_intermediate 128, "
-             f"{expert_bytes / 1e3:.0f} kB per expert in fp32), 2 layers, routers x6; "
+             f"{expert_bytes / 1e3:.0f} kB per expert in fp32), 2 layers, routers sharpened "
+             "(small_models.config_models); "
              f"{args.passes} passes of {N_TOKENS} tokens per budget; layout \"ep\" (moe_spec_compile.distributed): 32 "
              "experts per rank; budgets applied with the same set A on both ranks (checked in tests/test_parallel.py).",
              "",

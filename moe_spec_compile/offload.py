@@ -7,7 +7,7 @@
 
 Per experts module (transformers' stacked gate_up_proj [E, 2I, H] / down_proj [E, H, I], layout confirmed
 numerically against the module's own forward): a pool of R slots and a device-side expert -> slot table (-1: not
-resident). Each call of the module becomes moespec::offloaded_experts(hidden, ids, weights, handle): the experts the
+resident). Each call of the module becomes moespec::offloaded_experts(hidden, ids, weights, table): the experts the
 pass routes to are read back once, the missing ones are loaded once each (deduplicated over the pass's tokens),
 evicting by the policy, and the pass runs as moespec::fused_experts over the pool with ids mapped through the table.
 A pass needing more than R experts runs in waves of at most R. Nothing is ever copied back (weights are read-only).
@@ -23,6 +23,7 @@ bandwidth of wall time; say so wherever its figures are shown).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -35,7 +36,8 @@ import torch
 from .checks import ACTIVATIONS
 from .experts_op import fused_experts_torch
 
-__all__ = ["offload_experts", "OffloadHandle", "Store", "HostStore", "DiskStore", "Throttled", "POLICIES"]
+__all__ = ["offload_experts", "OffloadHandle", "Store", "HostStore", "DiskStore", "Throttled", "POLICIES", "SlotCache",
+           "belady_hits"]
 
 POLICIES = ("lru", "lfu")
 LFU_DECAY = 0.9  # per pass of the layer: a use counts 1 now, 0.9 a pass later, ...
@@ -240,6 +242,17 @@ class SlotCache:
             waves.append(steps)
         return waves
 
+    def place(self, e: int, keep: set[int]) -> tuple[int, int]:
+        """Make e resident outside any pass (a prefetch): (its slot, the evicted expert or -1)."""
+        slot = self._victim(keep | {e})
+        old = self.slot_expert[slot]
+        if old >= 0:
+            del self.where[old]
+            self.evictions += 1
+        self.slot_expert[slot], self.where[e] = e, slot
+        self.last_use[e] = self.passes
+        return slot, old
+
     def _victim(self, keep: set[int]) -> int:
         free = [s for s, e in enumerate(self.slot_expert) if e < 0]
         if free:
@@ -291,6 +304,11 @@ class OffloadedBlock:
     table: torch.Tensor  # [E] int64 on the device: expert -> slot, -1 not resident
     loaded_bytes: int = 0
     max_resident: int = 0
+    trace: list | None = None  # per pass, the experts it needed (while OffloadHandle.record_trace() is on)
+    prefetched: set = field(default_factory=set)  # loaded ahead of the next pass that is not a drafting pass
+    prefetch_loaded: int = 0
+    prefetch_used: int = 0
+    pending: object = None  # the prefetch job in flight (a Future), waited for before a verify pass
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -301,29 +319,65 @@ class OffloadedBlock:
         c = self.cache
         return {"resident": len(c.where), "slots": self.resident, "hits": c.hits, "misses": c.misses,
                 "loaded_bytes": self.loaded_bytes, "evictions": c.evictions, "passes": c.passes,
-                "max_resident": self.max_resident, "hit_rate": c.hits / max(c.hits + c.misses, 1)}
+                "max_resident": self.max_resident, "hit_rate": c.hits / max(c.hits + c.misses, 1),
+                "prefetched": self.prefetch_loaded, "prefetched_used": self.prefetch_used}
+
+    def warm(self, n: int) -> None:
+        """Make at least n experts resident (the most used so far first, then by index): loads, no compute."""
+        with self.lock:
+            have = len(self.cache.where)
+            if have >= n:
+                return
+            order = sorted(range(self.num_experts), key=lambda e: (-self.cache.freq.get(e, 0.0), e))
+            todo = [e for e in order if e not in self.cache.where][: min(n, self.resident) - have]
+            self._apply(self.cache.plan(list(self.cache.where) + todo)[0])
+
+    def prefetch(self, experts: list[int], keep: set[int]) -> None:
+        """Load `experts` (not resident) ahead of the pass that will need them, evicting by the policy outside
+        `keep`; one expert per lock hold, so passes interleave."""
+        for e in experts:
+            with self.lock:
+                if e in self.cache.where:
+                    continue
+                slot, old = self.cache.place(e, keep)
+                self._apply([(e, slot, old, True)])
+                self.prefetched.add(e)
+                self.prefetch_loaded += 1
+
+    def _apply(self, wave) -> None:
+        """Load a wave's missing experts into their slots (SlotCache.plan decided them)."""
+        for e, slot, old, load in wave:
+            if not load:
+                continue
+            if old >= 0:
+                self.table[old] = -1
+            self.store.load(self.name, e, self.pool_gate_up[slot], self.pool_down[slot])
+            self.table[e] = slot
+            self.loaded_bytes += self.expert_bytes
+        self.max_resident = max(self.max_resident, len(self.cache.where))
 
     def run(self, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        drafting = _restrict.handle is not None
+        if not drafting and self.pending is not None:  # a verify pass starts once its prefetch has landed
+            self.pending.result()
+            self.pending = None
         with self.lock:
-            return self._run(hidden, ids, weights)
+            return self._run(hidden, ids, weights, drafting)
 
-    def _run(self, hidden, ids, weights):
+    def _run(self, hidden, ids, weights, drafting: bool = False):
         flat = ids.reshape(-1)
         needed = sorted(set(flat[flat >= 0].tolist()))  # the pass's one host read
         if needed and needed[-1] >= self.num_experts:
             raise ValueError(f"{self.name}: expert ids must be in [0, {self.num_experts}), got {needed[-1]}")
+        if not drafting and self.prefetched:
+            self.prefetch_used += len(self.prefetched.intersection(needed))
+            self.prefetched.clear()
+        if self.trace is not None:
+            self.trace.append(needed)
         waves = self.cache.plan(needed)
         out = None
         for wave in waves:
-            for e, slot, old, load in wave:
-                if not load:
-                    continue
-                if old >= 0:
-                    self.table[old] = -1
-                self.store.load(self.name, e, self.pool_gate_up[slot], self.pool_down[slot])
-                self.table[e] = slot
-                self.loaded_bytes += self.expert_bytes
-            self.max_resident = max(self.max_resident, len(self.cache.where))
+            self._apply(wave)
             slots = torch.where(ids >= 0, self.table[ids.clamp(min=0)], -1)
             if len(waves) > 1:  # only this wave's experts count in this wave
                 in_wave = torch.zeros(self.num_experts + 1, dtype=torch.bool, device=ids.device)
@@ -336,6 +390,28 @@ class OffloadedBlock:
 
 
 _BLOCKS: dict[int, OffloadedBlock] = {}  # the table's data pointer -> its block
+
+
+class _Restrict(threading.local):
+    def __init__(self):
+        self.handle: OffloadHandle | None = None
+
+
+_restrict = _Restrict()
+
+
+def note_wanted(block: str, ids: torch.Tensor) -> None:
+    """Inside OffloadHandle.resident_only(): a drafting pass's router wanted `ids` (OffloadHandle.note_wanted)."""
+    if _restrict.handle is not None and _restrict.handle.collect_wanted:
+        _restrict.handle.note_wanted(block, ids)
+
+
+def resident_mask(block: str) -> torch.Tensor | None:
+    """Inside OffloadHandle.resident_only(): the MoE block's resident experts [E] bool (device), which budgeted
+    routing must choose among (moespec::budget_topk); None outside, or for a block the handle did not offload."""
+    h = _restrict.handle
+    b = h.by_block.get(block) if h is not None else None
+    return b.table >= 0 if b is not None else None
 
 
 def block_of(table: torch.Tensor) -> OffloadedBlock | None:
@@ -407,17 +483,80 @@ class OffloadHandle:
 
     def __init__(self, model, blocks: dict[str, OffloadedBlock], modules: dict[str, torch.nn.Module], store: Store):
         self.model, self.blocks, self._modules, self.store = model, blocks, modules, store
+        # the MoE block (the experts module's parent, as budgets and recorded events name it) -> its offloaded experts
+        self.by_block = {name.rsplit(".", 1)[0] if "." in name else name: b for name, b in blocks.items()}
+        self._wanted: dict[str, torch.Tensor] = {}  # block -> experts drafting passes wanted [E] bool
+        self._pool = None  # the prefetch worker, made on first use
+        self.collect_wanted = False  # note_wanted keeps drafting passes' wanted experts (a prefetching SelfDrafter)
         self.restored = False
 
     def stats(self) -> dict:
         """block (the MoE block, the experts module's parent) -> resident, hits, misses, loaded_bytes, ..."""
-        return {name.rsplit(".", 1)[0] if name.endswith("experts") else name: b.stats()
-                for name, b in self.blocks.items()}
+        return {name: b.stats() for name, b in self.by_block.items()}
+
+    @contextlib.contextmanager
+    def resident_only(self):
+        """Inside: budgeted routing of these blocks (moespec-compiled passes under a budget) chooses only among
+        the resident experts, so nothing loads (the self-drafter's passes, speculative.SelfDrafter)."""
+        saved, _restrict.handle = _restrict.handle, self
+        try:
+            yield
+        finally:
+            _restrict.handle = saved
+
+    def note_wanted(self, block: str, ids: torch.Tensor) -> None:
+        """A drafting pass's router wanted experts `ids` (its own top-k, before the resident-only restriction): kept
+        on the device (no host read) for prefetch()."""
+        b = self.by_block.get(block)
+        if b is None:
+            return
+        m = self._wanted.get(block)
+        if m is None:
+            m = self._wanted[block] = torch.zeros(b.num_experts, dtype=torch.bool, device=b.table.device)
+        m[ids.reshape(-1)] = True
+
+    def prefetch(self, cap: int | None = None) -> None:
+        """Start loading, in a worker thread, the experts the draft's routing wanted that the pool lacks, at most
+        `cap` per layer (None: as many as the pool holds beside the wanted experts already resident, which are kept);
+        the next pass that is not a drafting pass waits for them. One host read of the wanted sets."""
+        for block, m in self._wanted.items():
+            b = self.by_block[block]
+            wanted = m.nonzero().flatten().tolist()
+            m.zero_()
+            keep = {e for e in wanted if e in b.cache.where}
+            room = b.resident - len(keep)
+            todo = [e for e in wanted if e not in keep][: room if cap is None else min(cap, room)]
+            if not todo:
+                continue
+            if b.pending is not None:
+                b.pending.result()
+            b.pending = self._worker().submit(b.prefetch, todo, keep)
+
+    def _worker(self):
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moespec-prefetch")
+        return self._pool
+
+    def record_trace(self, on: bool = True) -> None:
+        """Start (anew) or stop keeping each block's per-pass needed experts (.traces())."""
+        for b in self.blocks.values():
+            b.trace = [] if on else None
+
+    def traces(self) -> dict[str, list[list[int]]]:
+        """block -> the experts each pass needed, in order, since record_trace() (for policy simulations)."""
+        return {name: list(b.trace or []) for name, b in self.by_block.items()}
 
     def restore(self) -> None:
         """Put every expert weight back into the model (on the compute device) and undo the offload."""
         if self.restored:
             return
+        for b in self.blocks.values():
+            if b.pending is not None:
+                b.pending.result()
+        if self._pool is not None:
+            self._pool.shutdown()
         for name, m in self._modules.items():
             b = self.blocks[name]
             gu, dn = self.store.full(name)
@@ -427,6 +566,8 @@ class OffloadHandle:
             del m.forward  # the class's own forward again
             m._moespec_offload = None
             del m.expert_slots
+        if getattr(self.model, "_moespec_offload_handle", None) is self:
+            self.model._moespec_offload_handle = None
         for key in [key for key, b in _BLOCKS.items() if b in self.blocks.values()]:
             del _BLOCKS[key]
         self.store.close()
@@ -487,7 +628,9 @@ def offload_experts(model: torch.nn.Module, resident, store="host", policy: str 
     # The decoder's compiles skip dynamo's guards on modules (speculative.buckets.compile_pass), so a graph traced
     # for another instance of this model class before its experts were offloaded would not notice the change.
     torch._dynamo.reset()
-    return OffloadHandle(model, blocks, modules, store)
+    handle = OffloadHandle(model, blocks, modules, store)
+    model._moespec_offload_handle = handle  # for SelfDrafter(model)
+    return handle
 
 
 def _offloaded_forward(module: torch.nn.Module):

@@ -23,8 +23,9 @@ from __future__ import annotations
 import torch
 
 from . import record
-from .budget import count_on_host, effective_budget, expert_ranks, slot_mode, tables
+from .budget import count_on_host, effective_budget, expert_ranks, slot_mode, slot_name, tables
 from .naming import current_slot, site_names
+from .offload import note_wanted, resident_mask
 
 __all__ = ["budget_topk", "budget_apply", "token_weights"]
 
@@ -150,7 +151,14 @@ def budget_topk(
     ranked = natural_i if sorted or score != "top1" else torch.topk(x, k, dim=-1).indices  # top1 needs order
     s = _expert_scores(p, ranked.reshape(-1, k), _weights(token_mask, num_tokens, tabs), score)  # [E]
     size = _budget_size(s, tabs, slot, k, coverage=mode != "fixed")
+    block = None if capturing else slot_name(slot)
+    allowed = None if capturing else resident_mask(block)  # offload's resident-only passes
+    if allowed is not None:
+        note_wanted(block, natural_i)  # what the router wanted: the verify pass's experts, to prefetch
+        s = torch.where(allowed, s, -1.0)  # scores are >= 0: A fills from the resident experts
     keep = expert_ranks(s) < size  # [E] bool
+    if allowed is not None:
+        keep = keep & allowed
     if policy == "substitute":
         # Rank A's experts above all others, even where the model itself masked them to -inf (grouped
         # top-k): such experts rank by index after A's finite ones. Ties go to the lower index.

@@ -115,6 +115,8 @@ def test_bad_input_is_refused_and_the_model_is_left_as_it_was(tmp_path, monkeypa
     handle = msc.offload_experts(model, resident=2)
     with pytest.raises(ValueError, match="offloaded already"):
         msc.offload_experts(model, resident=2)
+    with pytest.raises(ValueError, match="cannot capture"):
+        msc.SpeculativeDecoder(model, msc.NgramDrafter(), cuda_graphs=True)
     handle.restore()
 
 
@@ -159,3 +161,55 @@ def test_cache_policies_and_the_belady_bound():
         for needed in trace:
             cache.plan(needed)
         assert belady_hits(trace, 4)[0] >= cache.hits
+
+
+def test_self_drafter_drafts_on_resident_experts_only_and_keeps_greedy():
+    model, _e, k = build("qwen3_moe")
+    with torch.no_grad():
+        want = model.generate(IDS[:1], max_new_tokens=20, do_sample=False, min_new_tokens=20)
+    with pytest.raises(ValueError, match="offload_experts"):
+        msc.SelfDrafter(model)
+    handle = msc.offload_experts(model, resident=8)
+    loads_while_drafting = []
+
+    class Probe(msc.SelfDrafter):
+        def _run(self, *args, **kwargs):
+            before = sum(b.loaded_bytes for b in handle.blocks.values())
+            with msc.record_experts() as rec:
+                out = super()._run(*args, **kwargs)
+            loads_while_drafting.append(sum(b.loaded_bytes for b in handle.blocks.values()) - before)
+            for ev in rec.events:  # every drafting pass chose among the resident experts only
+                block = handle.by_block[ev.block]
+                assert all(e in block.cache.where for e in ev.experts)
+            return out
+
+    for tree in (4, msc.TreeSpec(8, 3, 2)):
+        dec = msc.SpeculativeDecoder(model, Probe(model, prefetch=False), tree=tree)
+        got = dec.generate(IDS[:1], max_new_tokens=20, eos_token_id=None).sequences
+        assert torch.equal(got, want)
+    assert loads_while_drafting and not any(loads_while_drafting)
+    handle.restore()
+    small, _e, _k = build("qwen3_moe")
+    handle = msc.offload_experts(small, resident=k - 1)
+    with pytest.raises(ValueError, match="top-k"):
+        msc.SelfDrafter(small)
+    handle.restore()
+
+
+def test_self_drafter_prefetches_what_the_verify_pass_needs():
+    """With prefetch, the experts each drafting pass's router wanted load in a worker thread before the verify pass:
+    greedy output unchanged, the pool never above R, and prefetched experts are used by verify passes."""
+    model, _e, _k = build("qwen3_moe")
+    with torch.no_grad():
+        want = model.generate(IDS[:1], max_new_tokens=24, do_sample=False, min_new_tokens=24)
+    handle = msc.offload_experts(model, resident=8)
+    with pytest.raises(ValueError, match="prefetch"):
+        msc.SelfDrafter(model, prefetch=1)
+    dec = msc.SpeculativeDecoder(model, msc.SelfDrafter(model, prefetch=True), tree=4)
+    got = dec.generate(IDS[:1], max_new_tokens=24, eos_token_id=None).sequences
+    assert torch.equal(got, want)
+    stats = handle.stats().values()
+    assert all(s["max_resident"] <= 8 for s in stats)
+    assert sum(s["prefetched"] for s in stats) > 0 and sum(s["prefetched_used"] for s in stats) > 0
+    assert all(s["prefetched_used"] <= s["prefetched"] for s in stats)
+    handle.restore()

@@ -14,7 +14,7 @@ KV compaction, one CUDA graph per pass shape (rows bucket x tree bucket) serving
 from .accept import Acceptance, SamplingConfig
 from .controller import Controller, Decision
 from .decoder import GenerateOutput, SpeculativeDecoder
-from .drafters import Drafter, ModelDrafter, NgramDrafter, OracleDrafter, RowDrafter
+from .drafters import Drafter, ModelDrafter, NgramDrafter, OracleDrafter, RowDrafter, SelfDrafter
 from .stats import GenerateStats, RowStats, VerifyStats
 from .tree import DraftTree, StaticTree, TreeSpec
 
@@ -33,6 +33,7 @@ __all__ = [
     "ModelDrafter",
     "NgramDrafter",
     "OracleDrafter",
+    "SelfDrafter",
     "DraftTree",
     "StaticTree",
     "TreeSpec",

@@ -143,7 +143,12 @@ class SpeculativeDecoder:
         self.device = next(self.eager_target.parameters()).device
         self.ranks = RankGroup.of(self.eager_target)  # under torchrun, a sharded target's ranks decode in lockstep
         warn_slow_cpu_environment(self.device)
-        self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
+        # an offloaded target loads experts inside its passes (a host read of the routing): no capture
+        offloaded = getattr(self.eager_target, "_moespec_offload_handle", None) is not None
+        if cuda_graphs and offloaded:
+            raise ValueError("cuda_graphs=True cannot capture a target whose experts are offloaded (its passes load "
+                             "missing experts as they run); leave cuda_graphs=None")
+        self.cuda_graphs = self.device.type == "cuda" and not offloaded if cuda_graphs is None else bool(cuda_graphs)
         if self.cuda_graphs and self.device.type != "cuda":
             raise ValueError("cuda_graphs=True needs the target on a CUDA device")
         if collect_expert_stats not in (None, True, False):
