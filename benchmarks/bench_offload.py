@@ -1,6 +1,6 @@
 """Issue 24 (first part): expert offloading, R = E/4 resident per layer, on the CPU.
 
-    python -P benchmarks/bench_offload.py [--quick] [--out benchmarks/results/offload_cpu.md]
+    python -P benchmarks/bench_offload.py [--quick] [--batch 16] [--out FILE]
 
 Part A, eviction policies on real routing traces: the bundled target decodes held-out prompts (autoregressive, and
 speculative chain 4 with the bundled draft) under msc.record_experts; each layer's per-pass expert sets are replayed
@@ -128,35 +128,45 @@ def end_to_end(label, target, spec_drafter, prompts, new_tokens, resident, store
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="2 prompts x 32 tokens")
-    ap.add_argument("--out", default="benchmarks/results/offload_cpu.md")
+    ap.add_argument("--out", default=None, help="default benchmarks/results/offload_cpu.md (offload_batchB_cpu.md)")
+    ap.add_argument("--batch", type=int, default=1, help="B > 1: part B only, one request of B held-out prompts, "
+                                                           "the simulated tier only")
     args = ap.parse_args()
-    n_prompts, new_tokens = (2, 32) if args.quick else (3, 64)
+    batched = args.batch > 1
+    args.out = args.out or f"benchmarks/results/offload{f'_batch{args.batch}' if batched else ''}_cpu.md"
+    n_prompts, new_tokens = (args.batch, 32 if args.quick else 64) if batched else (2, 32) if args.quick else (3, 64)
     load0 = os.getloadavg()
     target, draft, tok = load_tiny()[:3]
     prompts = [q[None] for q in prompts_and_heldout(tok, n_prompts, 32)[0]]
+    rows = (lambda ps: [torch.cat(ps)]) if batched else (lambda ps: ps)  # one request of B rows, or B requests
     e = experts_of(target)
     r = max(1, e // 4)
     lines = ["# Expert offloading on the CPU, R = E/4 resident per layer", "",
              f"{time.strftime('%Y-%m-%d %H:%M')}, {platform.machine()}, {os.cpu_count()} cores, torch "
              f"{torch.__version__}, transformers {transformers.__version__}. Command: `python -P "
-             f"benchmarks/bench_offload.py{' --quick' if args.quick else ''}`. {n_prompts} held-out prompts x "
-             f"{new_tokens} new tokens, greedy, targets uncompiled.", "",
-             f"## A. Eviction policies on the bundled target's routing traces ({e} experts, R = {r})", ""]
-    lines += policy_table(traces(target, draft, prompts, new_tokens), r)
-    lines += ["", "Hit rate = experts a pass needed that were resident / all it needed (per layer per pass, "
-              "deduplicated over the pass's tokens).", "", "## B. End to end", "",
+             f"benchmarks/bench_offload.py{' --quick' if args.quick else ''}"
+             f"{f' --batch {args.batch}' if batched else ''}`. {n_prompts} held-out prompts "
+             f"{'in one batch ' if batched else ''}x {new_tokens} new tokens, greedy, targets uncompiled.", ""]
+    if not batched:
+        lines += [f"## A. Eviction policies on the bundled target's routing traces ({e} experts, R = {r})", ""]
+        lines += policy_table(traces(target, draft, prompts, new_tokens), r)
+        lines += ["", "Hit rate = experts a pass needed that were resident / all it needed (per layer per pass, "
+                  "deduplicated over the pass's tokens).", ""]
+    lines += ["## B. End to end", "",
               "25 GB/s: a host store behind Throttled (a SIMULATED tier: each load takes at least bytes / 25 GB/s); "
               "disk: a safetensors file read through mmap (the real tier; the file is in the page cache after its "
               "first read).", ""]
-    stores = [("25 GB/s (simulated)", lambda: Throttled(HostStore(), PCIE4)), ("disk (mmap)", DiskStore)]
+    stores = [("25 GB/s (simulated)", lambda: Throttled(HostStore(), PCIE4))] + ([] if batched else
+                                                                               [("disk (mmap)", DiskStore)])
     lines += end_to_end(f"Bundled target ({e} experts, R = {r})", target,
-                        ("bundled dense draft", lambda _t: msc.ModelDrafter(draft)), prompts, new_tokens, r, stores)
+                        ("bundled dense draft", lambda _t: msc.ModelDrafter(draft)), rows(prompts), new_tokens, r,
+                        stores)
     big, _ = config_models(vocab=512, hidden=1024, layers=2, experts=64, top_k=8)
     big_prompts = [torch.randint(1, 512, (1, 32), generator=torch.Generator().manual_seed(i)) for i in range(n_prompts)]
     oracle = msc.OracleDrafter(big, acceptance=0.8, seed=0)
     oracle.precompute(big_prompts, new_tokens)  # on the in-memory model, before any offload
     lines += end_to_end("Config MoE (Qwen3-MoE, hidden 1024, 64 experts top-8, 2 layers, R = 16)", big,
-                        ("oracle at acceptance 0.8", lambda _t: oracle), big_prompts, new_tokens, 16, stores)
+                        ("oracle at acceptance 0.8", lambda _t: oracle), rows(big_prompts), new_tokens, 16, stores)
     load1 = os.getloadavg()
     lines += [f"Load average {load0[0]:.2f} before, {load1[0]:.2f} after."]
     Path(args.out).write_text("\n".join(lines) + "\n")
