@@ -29,6 +29,7 @@ import shutil
 import tempfile
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -389,7 +390,8 @@ class OffloadedBlock:
         return out if out is not None else torch.zeros_like(hidden)
 
 
-_BLOCKS: dict[int, OffloadedBlock] = {}  # the table's data pointer -> its block
+# the table's data pointer -> its block; weak: a model dropped without restore() stops counting as offloaded
+_BLOCKS: weakref.WeakValueDictionary[int, OffloadedBlock] = weakref.WeakValueDictionary()
 
 
 class _Restrict(threading.local):
@@ -414,9 +416,15 @@ def resident_mask(block: str) -> torch.Tensor | None:
     return b.table >= 0 if b is not None else None
 
 
+def offload_live() -> bool:
+    """Is any model's experts offloaded in this process now? (Compiles then keep dynamo's module guards, which tell
+    an offloaded instance from an in-memory one of the same class.)"""
+    return bool(_BLOCKS)
+
+
 def block_of(table: torch.Tensor) -> OffloadedBlock | None:
     """The offloaded block whose expert -> slot table `table` is."""
-    return _BLOCKS.get(table.data_ptr())  # a registered block holds its table: the address is never reused
+    return _BLOCKS.get(table.data_ptr())  # a live block holds its table: the address is not reused while it lives
 
 
 @torch.library.custom_op("moespec::offloaded_experts", mutates_args=())
@@ -572,7 +580,7 @@ class OffloadHandle:
             del _BLOCKS[key]
         self.store.close()
         self.restored = True
-        torch._dynamo.reset()  # graphs traced through the offloaded forward (see offload_experts)
+        torch._dynamo.reset()  # graphs traced with or through the offload (see offload_experts)
 
 
 def _resident_count(resident, e: int, name: str) -> int:
@@ -625,8 +633,8 @@ def offload_experts(model: torch.nn.Module, resident, store="host", policy: str 
         m.register_buffer("expert_slots", b.table, persistent=False)
         m.forward = _offloaded_forward(m)
         m._moespec_offload = b
-    # The decoder's compiles skip dynamo's guards on modules (speculative.buckets.compile_pass), so a graph traced
-    # for another instance of this model class before its experts were offloaded would not notice the change.
+    # The decoder's compiles skip dynamo's guards on modules except while an offload is live (offload_live(),
+    # speculative.buckets.compile_pass): graphs traced before, without them, must not serve this model.
     torch._dynamo.reset()
     handle = OffloadHandle(model, blocks, modules, store)
     model._moespec_offload_handle = handle  # for SelfDrafter(model)

@@ -213,3 +213,23 @@ def test_self_drafter_prefetches_what_the_verify_pass_needs():
     assert sum(s["prefetched"] for s in stats) > 0 and sum(s["prefetched_used"] for s in stats) > 0
     assert all(s["prefetched_used"] <= s["prefetched"] for s in stats)
     handle.restore()
+
+
+def test_an_offloaded_copy_beside_the_in_memory_model():
+    """The decoder's compiles skip dynamo's module guards; while an offload is live they keep them, so graphs traced
+    for the in-memory model are never replayed on an offloaded copy of it (or back), whatever the order."""
+    import copy
+
+    model, _e, _k = build("qwen3_moe")
+    with torch.no_grad():
+        want = model.generate(IDS[:1], max_new_tokens=12, do_sample=False, min_new_tokens=12)
+    opts = {"inner": "eager"}
+    in_memory = msc.SpeculativeDecoder(model, msc.NgramDrafter(), tree=4, compile=True, compile_options=opts)
+    twin = copy.deepcopy(model)
+    handle = msc.offload_experts(twin, resident=4)
+    offloaded = msc.SpeculativeDecoder(twin, msc.NgramDrafter(), tree=4, compile=True, compile_options=opts)
+    for dec in (in_memory, offloaded, in_memory, offloaded):
+        got = dec.generate(IDS[:1], max_new_tokens=12, eos_token_id=None).sequences
+        assert torch.equal(got, want)
+    handle.restore()
+    assert torch.equal(in_memory.generate(IDS[:1], max_new_tokens=12, eos_token_id=None).sequences, want)

@@ -41,6 +41,9 @@ rows:
   exact, C=..   speculative decoding ({tree}-node tree, the bundled draft) without a budget, under budget C
   auto          the controller's choice of tree and budget (tree="auto", budget="auto")
   eagle3        speculative decoding with the bundled target's EAGLE-3 head (a chain of 4, no budget)
+  offload       the exact {tree}-node tree on a copy of the target whose experts are offloaded, a quarter of
+                them resident per layer (msc.offload_experts, host store, LFU): missing experts load as needed;
+                timed in rounds of its own after the other rows
 columns:
   tok/s         new tokens per second over all prompts: median of the repeats [min-max]; the repeats are
                 interleaved rounds, each running every row once, in turn
@@ -209,7 +212,8 @@ def auto_decoder(target, drafter, policy, options):
 
 POINTS = {"exact": ("s", "exact (no budget)"), "auto": ("D", "auto (the controller)"),
           "tree=0": ("^", "tree=0 (moespec plain decoding)"),
-          "eagle3": ("*", "EAGLE-3 head, chain of 4")}  # rows drawn as labelled points, not on the curve
+          "eagle3": ("*", "EAGLE-3 head, chain of 4"),
+          "offload": ("P", "experts offloaded, E/4 resident")}  # rows drawn as labelled points, not on the curve
 
 
 def _experts(row: DemoRow, top_k: int) -> float | None:
@@ -312,6 +316,21 @@ def _say(line: str = "") -> None:
     print(line, flush=True)
 
 
+def offloaded_decoder(target, draft, policy, options):
+    """(decoder, offload handle): the demo's exact tree on a copy of the target with a quarter of each layer's
+    experts resident (the copy keeps the other rows' target untouched)."""
+    import copy
+
+    from ..offload import offload_experts
+    from ..speculative import ModelDrafter, SpeculativeDecoder, TreeSpec
+
+    twin = copy.deepcopy(target)
+    handle = offload_experts(twin, resident=0.25)
+    dec = SpeculativeDecoder(twin, drafter=ModelDrafter(draft), tree=TreeSpec(*TREE), policy=policy,
+                             compile=True, compile_options=options)
+    return dec, handle
+
+
 def main(argv=None) -> int:
     from tqdm.auto import tqdm
 
@@ -374,6 +393,14 @@ def main(argv=None) -> int:
                  disable=None)  # a terminal only
     outs = run_interleaved(runs, args.repeats, steps.update)
     steps.close()
+    # The offload row in rounds of its own, after the others: while experts are offloaded, the decoder's compiles keep
+    # dynamo's module guards (speculative.buckets._guards), which would slow every other row's passes too.
+    off_dec, off_handle = offloaded_decoder(target, draft, args.policy, options)  # a quarter of the experts resident
+    off_row = DemoRow("offload", None)
+    outs.update(run_interleaved([(off_row, spec(off_dec, None))], args.repeats))
+    stats = off_handle.stats().values()
+    off_handle.restore()
+    runs.append((off_row, None))
     rows = [row for row, _ in runs]
     add_speedups(rows)
     exact_preds = None
@@ -388,6 +415,10 @@ def main(argv=None) -> int:
     _say("-" * len(HEAD))
     for row in rows:
         _say(format_row(row))
+    hits, misses = sum(b["hits"] for b in stats), sum(b["misses"] for b in stats)
+    _say(f"\noffload: {next(iter(stats))['slots']} of {e} experts resident per layer; over every run of the row "
+         f"{hits} hits and {misses} misses (hit rate {hits / max(hits + misses, 1):.3f}), "
+         f"{sum(b['loaded_bytes'] for b in stats) / 1e6:.1f} MB loaded")
     _say("\n" + verdict(rows))
     _say("\n" + COLUMNS.format(e=e, tree=TREE[0]))
     warning = load_warning() or warning

@@ -247,6 +247,14 @@ def _main(argv: list[str] | None) -> int:
             raise SystemExit(f"moespec generate: --offload: {exc}") from None
     vocab = target.config.get_text_config(decoder=True).vocab_size
     ids = _prompt_ids(args, tokenizer, vocab)
+    try:
+        return _generate(args, target, draft, tokenizer, source, ids, offload)
+    finally:
+        if offload is not None:
+            offload.restore()
+
+
+def _generate(args, target, draft, tokenizer, source, ids, offload) -> int:
     dec, drafter = _decoder(args, target, draft)
     input_ids = torch.tensor([ids], device=args.device)
     kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,

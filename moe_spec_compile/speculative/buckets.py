@@ -44,12 +44,23 @@ def compile_pass(model, backend="inductor", dynamic: bool = False, options: dict
     guard_filter_fn in options wins). Checking them cost 160-700 us before every pass on a 2-core CPU, 50-220 us
     without (benchmarks/results/guards_cpu.md; an autoregressive step of the bundled target is 3-5 ms); what they
     guard (submodules, attributes such as ``training``) is fixed once a model is compiled here: the decoder refuses
-    a target whose train/eval mode changed (SpeculativeDecoder.generate). Weight values are never guarded anyway."""
+    a target whose train/eval mode changed (SpeculativeDecoder.generate). Weight values are never guarded anyway.
+    While experts are offloaded anywhere in the process (msc.offload_experts), the guards stay: they are what tells
+    an offloaded model from an in-memory one of the same class."""
     options = dict(options or {})
-    skip = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)
-    if skip is not None:
-        options.setdefault("guard_filter_fn", skip)
+    if getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None) is not None:
+        options.setdefault("guard_filter_fn", _guards)
     return torch.compile(model, backend=backend, dynamic=dynamic, options=options or None)
+
+
+def _guards(entries) -> list[bool]:
+    """compile_pass's guard filter, decided when a graph is traced: no guards on module attributes, except while
+    experts are offloaded in this process (msc.offload_experts resets dynamo's caches when it starts and ends)."""
+    from ..offload import offload_live
+
+    if offload_live():
+        return [True] * len(entries)
+    return torch.compiler.skip_guard_on_all_nn_modules_unsafe(entries)
 
 
 def capture_graph(run, pool):
