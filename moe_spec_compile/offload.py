@@ -402,6 +402,11 @@ class _Restrict(threading.local):
 _restrict = _Restrict()
 
 
+def restricting() -> bool:
+    """Is an OffloadHandle.resident_only() block open in this thread?"""
+    return _restrict.handle is not None
+
+
 def note_wanted(block: str, ids: torch.Tensor) -> None:
     """Inside OffloadHandle.resident_only(): a drafting pass's router wanted `ids` (OffloadHandle.note_wanted)."""
     if _restrict.handle is not None and _restrict.handle.collect_wanted:

@@ -48,13 +48,13 @@ def test_offloaded_outputs_equal_the_model(family, store):
     torch.testing.assert_close(logits(model), want, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("policy", ["substitute", "truncate"])
-def test_offloaded_under_the_backend_with_budgets(policy):
+@pytest.mark.parametrize("policy,inner", [("substitute", "eager"), ("truncate", "inductor")])
+def test_offloaded_under_the_backend_with_budgets(policy, inner):
     model, e, k = build("qwen3_moe")
     ref = {}
     for c in (None, k + 1):
         torch._dynamo.reset()
-        compiled = torch.compile(model, backend="moespec", options={"inner": "eager", "budget": c, "policy": policy})
+        compiled = torch.compile(model, backend="moespec", options={"inner": inner, "budget": c, "policy": policy})
         ref[c] = logits(compiled)
     torch._dynamo.reset()
     handle = msc.offload_experts(model, resident=3, policy="lru")
@@ -62,7 +62,7 @@ def test_offloaded_under_the_backend_with_budgets(policy):
     assert all(b.experts == "offloaded_experts (3 of 16 resident)" and b.rewritten for b in report.blocks)
     for c in (None, k + 1):
         torch._dynamo.reset()
-        compiled = torch.compile(model, backend="moespec", options={"inner": "eager", "budget": c, "policy": policy})
+        compiled = torch.compile(model, backend="moespec", options={"inner": inner, "budget": c, "policy": policy})
         before = {b: s["misses"] for b, s in handle.stats().items()}
         with msc.record_experts() as rec:
             got = logits(compiled)
