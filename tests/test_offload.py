@@ -233,3 +233,20 @@ def test_an_offloaded_copy_beside_the_in_memory_model():
         assert torch.equal(got, want)
     handle.restore()
     assert torch.equal(in_memory.generate(IDS[:1], max_new_tokens=12, eos_token_id=None).sequences, want)
+
+
+def test_padded_batch_with_an_offloaded_target_equals_in_memory():
+    """A left-padded batch decoded over an offloaded target gives the in-memory decoder's tokens, row by row."""
+    model, _e, _k = build("qwen3_moe")
+    ids = IDS.clone()
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # row 1: 4 pad tokens on the left
+    ids[1, :4] = 0
+    want = msc.SpeculativeDecoder(model, msc.NgramDrafter(), tree=4).generate(
+        ids, attention_mask=mask, max_new_tokens=10, eos_token_id=None).sequences
+    handle = msc.offload_experts(model, resident=4)
+    got = msc.SpeculativeDecoder(model, msc.NgramDrafter(), tree=4).generate(
+        ids, attention_mask=mask, max_new_tokens=10, eos_token_id=None).sequences
+    assert torch.equal(got, want)
+    assert sum(s["misses"] for s in handle.stats().values()) > 0
+    handle.restore()
