@@ -215,6 +215,25 @@ def test_grouped_gemm_equals_the_expert_loop(monkeypatch, bias, w_up, t):
     assert grouped.abs().sum() > 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_expert_gemm_equals_x_times_w_transposed(dtype):
+    """_mm_t runs fp32 weights of 256 KB and more through oneDNN on the CPU, others through matmul: every row
+    count, strided rows included, is x @ w.T within the dtype's tolerance; large experts take the loop, not torch's
+    grouped GEMM."""
+    from moe_spec_compile import experts_op
+
+    torch.manual_seed(3)
+    for out, inp in ((48, 40), (256, 256)):  # below and at experts_op.ONEDNN_WEIGHT_BYTES in fp32
+        w = torch.randn(out, inp, dtype=dtype) / inp ** 0.5  # [out, in]
+        for n in (1, 2, 3, 5, 8, 17):
+            for x in (torch.randn(n, inp, dtype=dtype), torch.randn(inp, n, dtype=dtype).t()):  # contiguous or not
+                got = experts_op._mm_t(x, w)
+                assert got.shape == (n, out)
+                torch.testing.assert_close(got, x @ w.t(), rtol=1e-5, atol=1e-5)
+    big = torch.empty(4, 512, 1024)  # 3 MB experts: the loop over used experts
+    assert not experts_op._grouped_gemm_ok(torch.empty(2, 1024), big, torch.empty(4, 1024, 256), None)
+
+
 @pytest.mark.parametrize("bias,w_up,inter,act,dtype", [(False, False, False, "silu", torch.float32),
                                                        (True, False, True, "swiglu_clamp", torch.float32),
                                                        (False, True, False, "gelu", torch.float32),
