@@ -42,6 +42,10 @@ __all__ = ["offload_experts", "OffloadHandle", "Store", "HostStore", "DiskStore"
 
 POLICIES = ("lru", "lfu")
 LFU_DECAY = 0.9  # per pass of the layer: a use counts 1 now, 0.9 a pass later, ...
+# "lfu" ranks an expert by its decayed use count plus DRAFT_WEIGHT times its draft score: the share of the last drafting
+# step's tokens whose router wanted it (SelfDrafter: its own top-k before the resident-only restriction), so a verify
+# pass evicts what the draft did not ask for first (after MoE-SpAc: the draft's expert hits drive eviction). 0: off.
+DRAFT_WEIGHT = 2.0
 
 
 # --- stores --------------------------------------------------------------------------------------------------
@@ -203,7 +207,8 @@ def _make_store(store) -> Store:
 class SlotCache:
     """R slots holding experts; per pass, the experts it needs become resident in waves of at most R (resident ones
     first, so they load nothing), evicting what the policy ranks lowest among experts the wave does not need.
-    "lru": the least recently used; "lfu": the lowest use count decayed by LFU_DECAY per pass, ties by recency."""
+    "lru": the least recently used; "lfu": the lowest use count decayed by LFU_DECAY per pass plus DRAFT_WEIGHT times
+    the draft score (hint(): what the drafting passes since the last verify pass wanted), ties by recency."""
 
     def __init__(self, slots: int, policy: str):
         self.slots, self.policy = slots, policy
@@ -211,11 +216,24 @@ class SlotCache:
         self.where: dict[int, int] = {}  # expert -> slot
         self.last_use: dict[int, int] = {}
         self.freq: dict[int, float] = {}
+        self.draft: dict[int, float] = {}  # expert -> draft score in [0, 1] until the next pass that is not drafting
         self.passes = self.hits = self.misses = self.evictions = 0
 
-    def plan(self, needed: list[int]) -> list[list[tuple[int, int, int, bool]]]:
+    def hint(self, scores: dict[int, float]) -> None:
+        """A drafting pass's draft scores (expert -> share of its tokens whose router wanted it); the step's passes
+        combine by maximum; the next pass that is not a drafting pass uses them and clears them."""
+        for e, v in scores.items():
+            self.draft[e] = max(self.draft.get(e, 0.0), v)
+
+    def plan(self, needed: list[int], drafting: bool = False) -> list[list[tuple[int, int, int, bool]]]:
         """The pass's waves: per wave (expert, slot, evicted expert or -1, load?) for each of its experts; the cache
         is updated as if every load happened."""
+        waves = self._plan(needed)
+        if not drafting:
+            self.draft = {}
+        return waves
+
+    def _plan(self, needed: list[int]) -> list[list[tuple[int, int, int, bool]]]:
         self.passes += 1
         self.freq = {e: f * LFU_DECAY for e, f in self.freq.items() if f * LFU_DECAY > 1e-3}
         for e in needed:
@@ -261,8 +279,8 @@ class SlotCache:
         cands = [s for s, e in enumerate(self.slot_expert) if e not in keep]
         if self.policy == "lru":
             return min(cands, key=lambda s: self.last_use.get(self.slot_expert[s], -1))
-        return min(cands, key=lambda s: (self.freq.get(self.slot_expert[s], 0.0),
-                                         self.last_use.get(self.slot_expert[s], -1)))
+        score = lambda e: self.freq.get(e, 0.0) + DRAFT_WEIGHT * self.draft.get(e, 0.0)  # noqa: E731
+        return min(cands, key=lambda s: (score(self.slot_expert[s]), self.last_use.get(self.slot_expert[s], -1)))
 
 
 def belady_hits(trace: list[list[int]], slots: int) -> tuple[int, int]:
@@ -375,7 +393,7 @@ class OffloadedBlock:
             self.prefetched.clear()
         if self.trace is not None:
             self.trace.append(needed)
-        waves = self.cache.plan(needed)
+        waves = self.cache.plan(needed, drafting)
         out = None
         for wave in waves:
             self._apply(wave)
@@ -498,9 +516,9 @@ class OffloadHandle:
         self.model, self.blocks, self._modules, self.store = model, blocks, modules, store
         # the MoE block (the experts module's parent, as budgets and recorded events name it) -> its offloaded experts
         self.by_block = {name.rsplit(".", 1)[0] if "." in name else name: b for name, b in blocks.items()}
-        self._wanted: dict[str, torch.Tensor] = {}  # block -> experts drafting passes wanted [E] bool
+        self._wanted: dict[str, torch.Tensor] = {}  # block -> [E] fp32: how many drafted tokens wanted each expert
         self._pool = None  # the prefetch worker, made on first use
-        self.collect_wanted = False  # note_wanted keeps drafting passes' wanted experts (a prefetching SelfDrafter)
+        self.collect_wanted = False  # note_wanted keeps drafting passes' wanted experts (SelfDrafter)
         self.restored = False
 
     def stats(self) -> dict:
@@ -518,24 +536,43 @@ class OffloadHandle:
             _restrict.handle = saved
 
     def note_wanted(self, block: str, ids: torch.Tensor) -> None:
-        """A drafting pass's router wanted experts `ids` (its own top-k, before the resident-only restriction): kept
-        on the device (no host read) for prefetch()."""
+        """A drafting pass's router wanted experts `ids` [T, k] (its tokens' own top-k, before the resident-only
+        restriction): counted on the device (no host read) for hint() and prefetch()."""
         b = self.by_block.get(block)
         if b is None:
             return
         m = self._wanted.get(block)
         if m is None:
-            m = self._wanted[block] = torch.zeros(b.num_experts, dtype=torch.bool, device=b.table.device)
-        m[ids.reshape(-1)] = True
+            m = self._wanted[block] = torch.zeros(b.num_experts, dtype=torch.float32, device=b.table.device)
+        flat = ids.reshape(-1)
+        m.index_add_(0, flat, torch.ones(flat.shape, dtype=m.dtype, device=m.device))
+
+    def _take_wanted(self) -> dict[str, list[int]]:
+        """block -> the experts drafting passes wanted since the last call, most wanted first; each block's cache
+        takes their draft scores (SlotCache.hint). One host read per block."""
+        out = {}
+        for block, m in self._wanted.items():
+            counts = m.tolist()
+            m.zero_()
+            top = max(counts)
+            if top <= 0:
+                continue
+            b = self.by_block[block]
+            with b.lock:
+                b.cache.hint({e: c / top for e, c in enumerate(counts) if c > 0})
+            out[block] = sorted((e for e, c in enumerate(counts) if c > 0), key=lambda e: -counts[e])
+        return out
+
+    def hint(self) -> None:
+        """Pass what the drafting passes wanted to each layer's eviction policy (their draft scores), no loads."""
+        self._take_wanted()
 
     def prefetch(self, cap: int | None = None) -> None:
-        """Start loading, in a worker thread, the experts the draft's routing wanted that the pool lacks, at most
-        `cap` per layer (None: as many as the pool holds beside the wanted experts already resident, which are kept);
-        the next pass that is not a drafting pass waits for them. One host read of the wanted sets."""
-        for block, m in self._wanted.items():
+        """hint(), and start loading, in a worker thread, the experts the draft's routing wanted that the pool lacks,
+        most wanted first, at most `cap` per layer (None: as many as the pool holds beside the wanted experts already
+        resident, which are kept); the next pass that is not a drafting pass waits for them."""
+        for block, wanted in self._take_wanted().items():
             b = self.by_block[block]
-            wanted = m.nonzero().flatten().tolist()
-            m.zero_()
             keep = {e for e in wanted if e in b.cache.where}
             room = b.resident - len(keep)
             todo = [e for e in wanted if e not in keep][: room if cap is None else min(cap, room)]

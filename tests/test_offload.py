@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import moe_spec_compile as msc
+from moe_spec_compile import offload as offload_mod
 from moe_spec_compile.offload import DiskStore, HostStore, Throttled
 
 from moe_models import build, tiny_draft
@@ -161,6 +162,44 @@ def test_cache_policies_and_the_belady_bound():
         for needed in trace:
             cache.plan(needed)
         assert belady_hits(trace, 4)[0] >= cache.hits
+
+
+def test_draft_scores_rank_in_eviction_until_the_verify_pass():
+    """LFU with draft scores: an expert the drafting passes wanted outranks a more frequent one the draft did not
+    ask for, through any drafting passes, until the next pass that is not drafting; LRU ignores them."""
+    from moe_spec_compile import offload
+    from moe_spec_compile.offload import SlotCache
+
+    def victim(policy, hint, drafting_between=False):
+        cache = SlotCache(2, policy)
+        for needed in ([0], [1], [0]):  # 0 used twice (decayed count 1.81), 1 once (0.9)
+            cache.plan(needed)
+        if hint:
+            cache.hint({1: 1.0})
+        if drafting_between:
+            cache.plan([0, 1], drafting=True)  # a drafting pass keeps the hint
+        cache.plan([2])
+        return ({0, 1} - set(cache.where)).pop(), dict(cache.draft)
+
+    assert victim("lfu", hint=False) == (1, {})  # plain LFU evicts the rarer expert
+    assert victim("lfu", hint=True) == (0, {})  # the draft asked for 1: 0 goes; the verify pass cleared the hint
+    assert victim("lfu", hint=True, drafting_between=True)[0] == 0
+    assert victim("lru", hint=True)[0] == 1  # LRU: the least recently used, draft or not
+    assert offload.DRAFT_WEIGHT > 0
+
+
+def test_self_drafter_passes_its_draft_scores_to_eviction(monkeypatch):
+    """The self-drafter's drafting passes hand what their routers wanted to each layer's cache (counted on the
+    device, normalized to the most wanted), whether or not it prefetches."""
+    model, _e, _k = build("qwen3_moe")
+    handle = msc.offload_experts(model, resident=8)
+    seen = []
+    monkeypatch.setattr(offload_mod.SlotCache, "hint", lambda self, scores: seen.append(dict(scores)))
+    dec = msc.SpeculativeDecoder(model, msc.SelfDrafter(model), tree=4)
+    dec.generate(IDS[:1], max_new_tokens=12, eos_token_id=None)
+    assert seen and all(scores and max(scores.values()) == 1.0 and min(scores.values()) > 0 for scores in seen)
+    assert all(0 <= e < handle.blocks[next(iter(handle.blocks))].num_experts for scores in seen for e in scores)
+    handle.restore()
 
 
 def test_self_drafter_drafts_on_resident_experts_only_and_keeps_greedy():
