@@ -28,7 +28,6 @@ import torch
 import transformers
 
 import moe_spec_compile as msc
-from moe_spec_compile import offload
 from moe_spec_compile.offload import DiskStore, HostStore, SlotCache, Throttled, belady_hits
 from moe_spec_compile.small_models import config_models
 from moe_spec_compile.tiny import load_tiny, prompts_and_heldout
@@ -81,10 +80,6 @@ def policy_table(tr: dict, slots: int) -> list[str]:
 
 
 def run_row(target, make_drafter, dec_kwargs, policy, store, prompts, new_tokens, resident):
-    """One row; policy "lfu" (frequency and the self-drafter's draft scores), "lru", or "lfu, no draft scores"
-    (offload.DRAFT_WEIGHT = 0 for the row)."""
-    policy, _, variant = policy.partition(", ")
-    weight, offload.DRAFT_WEIGHT = offload.DRAFT_WEIGHT, 0.0 if variant == "no draft scores" else offload.DRAFT_WEIGHT
     handle = msc.offload_experts(target, resident=resident, store=store, policy=policy)
     try:
         dec = msc.SpeculativeDecoder(target, make_drafter(target), **dec_kwargs)
@@ -103,7 +98,6 @@ def run_row(target, make_drafter, dec_kwargs, policy, store, prompts, new_tokens
         pre, used = sum(s["prefetched"] for s in st), sum(s["prefetched_used"] for s in st)
     finally:
         handle.restore()
-        offload.DRAFT_WEIGHT = weight
     return {"tok_s": emitted / seconds, "bytes_per_tok": moved / emitted, "seqs": seqs,
             "hit_rate": hits / max(hits + misses, 1), "prefetch": f"{used}/{pre}" if pre else "-"}
 
@@ -113,8 +107,8 @@ def end_to_end(label, target, spec_drafter, prompts, new_tokens, resident, store
     rows = [("on-demand LRU, no speculation", ngram, {"tree": 0}, "lru"),
             ("moespec tree=0, LFU", ngram, {"tree": 0}, "lfu"),
             ("chain 4, " + spec_drafter[0], spec_drafter[1], {"tree": 4}, "lfu"),
-            ("chain 4, self-drafter, LFU without draft scores", msc.SelfDrafter, {"tree": 4}, "lfu, no draft scores"),
             ("chain 4, self-drafter", msc.SelfDrafter, {"tree": 4}, "lfu"),
+            ("chain 4, self-drafter, LFU + draft scores", msc.SelfDrafter, {"tree": 4}, "lfu+draft"),
             ("chain 4, self-drafter + prefetch", lambda t: msc.SelfDrafter(t, prefetch=True), {"tree": 4}, "lfu"),
             (f"chain 4, self-drafter, C = {resident}", msc.SelfDrafter,
              {"tree": 4, "budget": resident, "compile": True, "compile_options": {"inner": "eager"}}, "lfu")]

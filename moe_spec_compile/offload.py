@@ -14,7 +14,8 @@ A pass needing more than R experts runs in waves of at most R. Nothing is ever c
 
 Under a budget C the routing gives each pass at most C experts, so a pass misses at most C: the budget caps the
 loads. Policies: "lru" (least recently used, mixtral-offloading's), "lfu" (use counts with exponential decay, ties by
-recency; the default: on the bundled target's decode traces it beats LRU, benchmarks/results/offload_cpu.md).
+recency; the default: on the bundled target's decode traces it beats LRU, benchmarks/results/offload_cpu.md),
+"lfu+draft" (LFU plus the self-drafter's draft scores: what its drafting passes' routers wanted; measured no gain).
 
 Stores: "host" (host memory; pinned when the model is on CUDA), "disk" (a safetensors file read through mmap, for
 models larger than RAM), or Throttled(store, bytes_per_s) (a simulated tier: each load takes at least bytes /
@@ -40,11 +41,15 @@ from .experts_op import fused_experts_torch
 __all__ = ["offload_experts", "OffloadHandle", "Store", "HostStore", "DiskStore", "Throttled", "POLICIES", "SlotCache",
            "belady_hits"]
 
-POLICIES = ("lru", "lfu")
+POLICIES = ("lru", "lfu", "lfu+draft")
 LFU_DECAY = 0.9  # per pass of the layer: a use counts 1 now, 0.9 a pass later, ...
-# "lfu" ranks an expert by its decayed use count plus DRAFT_WEIGHT times its draft score: the share of the last drafting
-# step's tokens whose router wanted it (SelfDrafter: its own top-k before the resident-only restriction), so a verify
-# pass evicts what the draft did not ask for first (after MoE-SpAc: the draft's expert hits drive eviction). 0: off.
+# "lfu+draft" ranks an expert by its decayed use count plus DRAFT_WEIGHT times its draft score: the share of the last
+# drafting step's tokens whose router wanted it (SelfDrafter: its tokens' own top-k before the resident-only
+# restriction), so a verify pass evicts what the draft did not ask for first (after MoE-SpAc: the draft's expert hits
+# drive eviction). Not the default: measured with the self-drafter, chain 4, R = E/4 (4 held-out prompts x 48 tokens
+# on the bundled target, 3 x 32 on the config MoE), weights 0.5 to 100 moved 1.00-1.09x the bytes per token of plain
+# LFU (bundled 1.48 -> 1.48-1.61 MB, config 52.7 -> 53.3-54.6 MB) at the same or a lower hit rate: the experts a draft
+# wanted that its verify pass did not need were its mispredictions, no likelier than others to be needed next.
 DRAFT_WEIGHT = 2.0
 
 
@@ -207,8 +212,9 @@ def _make_store(store) -> Store:
 class SlotCache:
     """R slots holding experts; per pass, the experts it needs become resident in waves of at most R (resident ones
     first, so they load nothing), evicting what the policy ranks lowest among experts the wave does not need.
-    "lru": the least recently used; "lfu": the lowest use count decayed by LFU_DECAY per pass plus DRAFT_WEIGHT times
-    the draft score (hint(): what the drafting passes since the last verify pass wanted), ties by recency."""
+    "lru": the least recently used; "lfu": the lowest use count decayed by LFU_DECAY per pass, ties by recency;
+    "lfu+draft": that count plus DRAFT_WEIGHT times the draft score (hint(): what the drafting passes since the last
+    verify pass wanted)."""
 
     def __init__(self, slots: int, policy: str):
         self.slots, self.policy = slots, policy
@@ -279,7 +285,8 @@ class SlotCache:
         cands = [s for s, e in enumerate(self.slot_expert) if e not in keep]
         if self.policy == "lru":
             return min(cands, key=lambda s: self.last_use.get(self.slot_expert[s], -1))
-        score = lambda e: self.freq.get(e, 0.0) + DRAFT_WEIGHT * self.draft.get(e, 0.0)  # noqa: E731
+        weight = DRAFT_WEIGHT if self.policy == "lfu+draft" else 0.0
+        score = lambda e: self.freq.get(e, 0.0) + weight * self.draft.get(e, 0.0)  # noqa: E731
         return min(cands, key=lambda s: (score(self.slot_expert[s]), self.last_use.get(self.slot_expert[s], -1)))
 
 

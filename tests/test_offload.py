@@ -165,8 +165,8 @@ def test_cache_policies_and_the_belady_bound():
 
 
 def test_draft_scores_rank_in_eviction_until_the_verify_pass():
-    """LFU with draft scores: an expert the drafting passes wanted outranks a more frequent one the draft did not
-    ask for, through any drafting passes, until the next pass that is not drafting; LRU ignores them."""
+    """"lfu+draft": an expert the drafting passes wanted outranks a more frequent one the draft did not ask for,
+    through any drafting passes, until the next pass that is not drafting; "lfu" and "lru" ignore them."""
     from moe_spec_compile import offload
     from moe_spec_compile.offload import SlotCache
 
@@ -181,18 +181,22 @@ def test_draft_scores_rank_in_eviction_until_the_verify_pass():
         cache.plan([2])
         return ({0, 1} - set(cache.where)).pop(), dict(cache.draft)
 
-    assert victim("lfu", hint=False) == (1, {})  # plain LFU evicts the rarer expert
-    assert victim("lfu", hint=True) == (0, {})  # the draft asked for 1: 0 goes; the verify pass cleared the hint
-    assert victim("lfu", hint=True, drafting_between=True)[0] == 0
+    assert victim("lfu+draft", hint=False) == (1, {})  # no draft scores: the rarer expert goes
+    assert victim("lfu+draft", hint=True) == (0, {})  # the draft asked for 1: 0 goes; the verify pass cleared the hint
+    assert victim("lfu+draft", hint=True, drafting_between=True)[0] == 0
+    assert victim("lfu", hint=True)[0] == 1  # plain LFU ignores draft scores
     assert victim("lru", hint=True)[0] == 1  # LRU: the least recently used, draft or not
     assert offload.DRAFT_WEIGHT > 0
 
 
 def test_self_drafter_passes_its_draft_scores_to_eviction(monkeypatch):
-    """The self-drafter's drafting passes hand what their routers wanted to each layer's cache (counted on the
-    device, normalized to the most wanted), whether or not it prefetches."""
+    """Under "lfu+draft" the self-drafter's drafting passes hand what their routers wanted to each layer's cache
+    (counted on the device, normalized to the most wanted); under "lfu" nothing is collected."""
     model, _e, _k = build("qwen3_moe")
     handle = msc.offload_experts(model, resident=8)
+    assert not msc.SelfDrafter(model).hints and not handle.collect_wanted
+    handle.restore()
+    handle = msc.offload_experts(model, resident=8, policy="lfu+draft")
     seen = []
     monkeypatch.setattr(offload_mod.SlotCache, "hint", lambda self, scores: seen.append(dict(scores)))
     dec = msc.SpeculativeDecoder(model, msc.SelfDrafter(model), tree=4)

@@ -492,8 +492,9 @@ class SelfDrafter(ModelDrafter):
 
     The drafting passes run the target compiled by the moespec backend (inner eager, dynamic shapes) under a budget of
     R, the pool's size; before the first draft each layer gets at least top-k experts resident (loaded once).
-    What each drafting pass's router wanted (its tokens' own top-k before the restriction) becomes each layer's draft
-    scores: the verify pass that follows evicts experts the draft did not ask for first (offload.DRAFT_WEIGHT).
+    Under offload policy "lfu+draft", what each drafting pass's router wanted (its tokens' own top-k before the
+    restriction) becomes each layer's draft scores: the verify pass that follows evicts experts the draft did not ask
+    for first (off by default: measured no gain, offload.DRAFT_WEIGHT).
     prefetch: after each drafting pass, the experts its router wanted (its own top-k before the restriction, about
     what the verify pass of these tokens will need) start loading in a worker thread, evicting by the policy among
     experts not wanted; the verify pass waits for them (OffloadHandle.prefetch). Off by default: on the CPU it raised
@@ -515,7 +516,8 @@ class SelfDrafter(ModelDrafter):
         if not isinstance(prefetch, bool):
             raise ValueError(f"prefetch must be a bool, got {prefetch!r}")
         self.handle, self.top_k, self.prefetch = handle, k, prefetch
-        handle.collect_wanted = True  # the draft's wanted experts: eviction's draft scores, and prefetch
+        self.hints = any(b.cache.policy == "lfu+draft" for b in handle.blocks.values())
+        handle.collect_wanted = handle.collect_wanted or prefetch or self.hints  # the draft's wanted experts
         self.resident = max(b.resident for b in handle.blocks.values())
         options = {"inner": "eager", "policy": "substitute", "max_budget_tokens": None}
         self._run_model = compile_pass(base, "moespec", dynamic=True, options=options)
@@ -532,7 +534,7 @@ class SelfDrafter(ModelDrafter):
             out = super()._run(*args, **kwargs)
         if self.prefetch:  # the experts this pass's router wanted start loading while drafting goes on
             self.handle.prefetch()
-        else:  # they rank above the others when the verify pass evicts (offload.DRAFT_WEIGHT)
+        elif self.hints:  # policy "lfu+draft": they rank above the others when the verify pass evicts
             self.handle.hint()
         return out
 
