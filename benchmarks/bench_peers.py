@@ -301,8 +301,8 @@ def part_c(args, report: dict) -> list[str]:
     model = big_moe(args.layers)
     n = args.new_tokens
     prompts = [torch.tensor([[(13 * i + 7 * j) % 2000 + 5 for i in range(24)]]) for j in range(args.prompts)]
-    shapes = [4, (16, 4, 4)]
-    budgets = [None, 16, 32]
+    shapes = args.shapes
+    budgets = args.budgets
     verify = shared_compile(model, inner="eager")  # as before: part C compares exact and budgeted moespec graphs
     t0 = time.perf_counter()
     oracle = msc.OracleDrafter(model, acceptance=0.9, seed=1)
@@ -312,44 +312,58 @@ def part_c(args, report: dict) -> list[str]:
                                                                          collect_expert_stats=False))
     say(f"  (C) profile {time.perf_counter() - t0:.0f} s: AR {cm.ar_step * 1e3:.1f} ms, "
         + ", ".join(f"{k}: {v * 1e3:.1f} ms" for k, v in cm.verify.items()))
-    accs = [0.5, 0.9] if args.quick else [0.0, 0.5, 0.7, 0.8, 0.9, 1.0]
+    accs = args.acceptances or ([0.5, 0.9] if args.quick else [0.0, 0.5, 0.7, 0.8, 0.9, 1.0])
     rows = []
     ar = msc.SpeculativeDecoder(verify, tree=0, collect_expert_stats=False)
-    ar_tps = measure_decoder(ar, prompts, n, args.repeats, None)[0]
+    ar_rates = []
     best_at_09 = {}
     for a in accs:
-        for shape in [4, TreeSpec(16, 4, 4)]:
+        for shape in shapes:
             for c in budgets:
                 oracle = msc.OracleDrafter(model, acceptance=a, seed=1)
                 oracle.precompute(prompts, n)
                 dec = msc.SpeculativeDecoder(verify, drafter=oracle, tree=shape, budget=c, collect_expert_stats=False)
-                tps, tok_step = measure_decoder(dec, prompts, n, args.repeats, oracle)
-                pred = cm.speedup(shape, c, acceptance=a)
+                got = rates_side_by_side({"ar": (ar, None), "spec": (dec, oracle)}, prompts, n, args.repeats)
+                (tps, tok_step, dec_tps), (ar_tps, _, ar_dec) = got["spec"], got["ar"]
+                ar_rates.append(ar_tps)
                 key = f"{shape_key(shape)}, C={'exact' if c is None else c}"
-                rows.append((a, key, tok_step, tps / ar_tps, pred))
+                # predicted twice: at the chain law's tokens per step for this acceptance (the model alone), and
+                # at the tokens per step measured (the step-time model alone)
+                law = cm.speedup(shape, c, acceptance=a)
+                timed = law * tok_step / cm.tokens_per_step(shape, acceptance=a)
+                rows.append((a, key, tok_step, tps / ar_tps, dec_tps / ar_dec, law, timed))
                 if a == 0.9:
                     best_at_09[key] = tps
         say(f"  (C) acceptance {a} done ({uptime().split('load average:')[-1].strip()})")
     lines = [f"model: Qwen3-MoE config, {args.layers} layers, hidden 1024, 64 experts top-8 (moe_intermediate 256), "
              f"random weights (routers x8), fp32; expert bytes per layer {64 * cm.model.expert_bytes / 2**20:.0f} MiB "
              f"of {(cm.model.dense_bytes + cm.model.moe_layers * 64 * cm.model.expert_bytes) / 2**20:.0f} MiB total",
-             f"AR step through the decoder: {cm.ar_step * 1e3:.1f} ms (profile), {ar_tps:.1f} tok/s measured", "",
-             "| oracle acceptance | config | tokens/step | measured speedup | predicted speedup |",
-             "|---|---|---|---|---|"]
-    lines += [f"| {a} | {k} | {t:.2f} | {m:.2f}x | {p:.2f}x |" for a, k, t, m, p in rows]
-    report["C"] = [dict(acceptance=a, config=k, tokens_per_step=t, measured=m, predicted=p) for a, k, t, m, p in rows]
+             f"AR step through the decoder: {cm.ar_step * 1e3:.1f} ms (profile), "
+             f"{statistics.median(ar_rates):.1f} tok/s measured (median over the rows' AR runs)",
+             "Each row is measured side by side with tree=0 (rounds alternate). Measured: tokens/s with the prefill "
+             "(end to end) and without it (decode: what the cost model predicts). Predicted: at the chain law's tokens "
+             "per step for the acceptance, and at the tokens per step measured (the step-time model alone); error = "
+             "predicted / measured decode - 1.", "",
+             "| oracle acceptance | config | tokens/step | measured end to end | measured decode | predicted (law) "
+             "| predicted (measured tokens/step) | error (law) | error (step time) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {a} | {k} | {t:.2f} | {m:.2f}x | {d:.2f}x | {p:.2f}x | {q:.2f}x | {p / d - 1:+.0%} "
+              f"| {q / d - 1:+.0%} |" for a, k, t, m, d, p, q in rows]
+    report["C"] = [dict(acceptance=a, config=k, tokens_per_step=t, measured=m, measured_decode=d, predicted=p,
+                        predicted_at_measured_tokens=q) for a, k, t, m, d, p, q in rows]
     if 0.9 in accs:
         # auto against the sweep's best exact static config at 0.9, measured again side by side (rounds alternate
         # between the two), so that load drift since the sweep does not enter the ratio
         exact_best = max((k for k in best_at_09 if "exact" in k), key=best_at_09.get)
-        best_shape = 4 if exact_best.startswith("chain4") else TreeSpec(16, 4, 4)
+        best_shape = next(sh for sh in shapes if exact_best.startswith(shape_key(sh) + ","))
         pair = {}
         for name, tree in (("auto", "auto"), ("static", best_shape)):
             oracle = msc.OracleDrafter(model, acceptance=0.9, seed=1)
             oracle.precompute(prompts, n)
             pair[name] = (msc.SpeculativeDecoder(verify, drafter=oracle, tree=tree, collect_expert_stats=False), oracle)
         got = rates_side_by_side(pair, prompts, n, 2 * args.repeats + 1)
-        (tps, tok_step), static_tps = got["auto"], got["static"][0]
+        (tps, tok_step, _), static_tps = got["auto"], got["static"][0]
+        ar_tps = statistics.median(ar_rates)
         ratio = tps / static_tps
         lines += ["", f"auto at acceptance 0.9 (exact candidates): {tps / ar_tps:.2f}x AR, {tok_step:.2f} tokens/step; "
                   f"{ratio:.2f}x the best exact static config ({exact_best}), the two measured side by side "
@@ -361,31 +375,43 @@ def part_c(args, report: dict) -> list[str]:
     return lines
 
 
-def measure_decoder(dec, prompts, n, repeats, oracle) -> tuple[float, float]:
-    """(tokens/s without the oracle's reference runs, tokens per step) of one decoder (rates_side_by_side)."""
+def measure_decoder(dec, prompts, n, repeats, oracle) -> tuple[float, float, float]:
+    """(tokens/s, tokens per step, decode tokens/s) of one decoder (rates_side_by_side)."""
     return rates_side_by_side({"one": (dec, oracle)}, prompts, n, repeats)["one"]
 
 
-def rates_side_by_side(decs: dict, prompts, n, rounds) -> dict[str, tuple[float, float]]:
-    """name -> (median tokens/s without the oracle's reference runs, tokens per step) for decoders given as
+def rates_side_by_side(decs: dict, prompts, n, rounds) -> dict[str, tuple[float, float, float]]:
+    """name -> (median tokens/s without the oracle's reference runs, tokens per step, median decode tokens/s: the
+    n - 1 tokens after the prefill's over the time after it, what the cost model predicts) for decoders given as
     name -> (decoder, its oracle or None), after a warm-up on every prompt (a decoder's first requests compile the
     pass sizes they meet); each round times every decoder once, in turn."""
     for dec, _ in decs.values():
         for p in prompts:
             dec.generate(p, max_new_tokens=n, eos_token_id=None)
     rates = {name: [] for name in decs}
+    decode = {name: [] for name in decs}
     counts = {name: [0, 0] for name in decs}
     for _ in range(rounds):
         for name, (dec, oracle) in decs.items():
             ref0 = oracle.reference_seconds if oracle else 0.0
+            prefill = 0.0
             t0 = time.perf_counter()
             for p in prompts:
                 out = dec.generate(p, max_new_tokens=n, eos_token_id=None)
                 counts[name][0] += out.stats.steps
                 counts[name][1] += sum(out.stats.accepted_per_step)
+                prefill += out.stats.time_prefill
             spent = time.perf_counter() - t0 - ((oracle.reference_seconds - ref0) if oracle else 0.0)
             rates[name].append(n * len(prompts) / spent)
-    return {name: (statistics.median(rates[name]), counts[name][1] / max(counts[name][0], 1)) for name in decs}
+            decode[name].append((n - 1) * len(prompts) / (spent - prefill))
+    return {name: (statistics.median(rates[name]), counts[name][1] / max(counts[name][0], 1),
+                   statistics.median(decode[name])) for name in decs}
+
+
+def tree_arg(v: str):
+    """'6' -> a chain of 6; '16-4-4' -> TreeSpec(16, 4, 4)."""
+    parts = [int(x) for x in v.split("-")]
+    return parts[0] if len(parts) == 1 else TreeSpec(*parts)
 
 
 def main(argv=None) -> int:
@@ -398,6 +424,11 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=int, default=None, help="the budgeted row of (A) (default: half the experts)")
     p.add_argument("--layers", type=int, default=2, help="layers of the larger MoE in (C)")
     p.add_argument("--parts", default="ABC")
+    p.add_argument("--acceptances", type=float, nargs="+", help="oracle acceptances of (C) (default: 0, 0.5 ... 1)")
+    p.add_argument("--shapes", type=tree_arg, nargs="+", default=[4, TreeSpec(16, 4, 4)],
+                   help="tree shapes of (C): chain lengths or N-D-K trees (default: 4 16-4-4)")
+    p.add_argument("--budgets", type=lambda v: None if v == "exact" else int(v), nargs="+", default=[None, 16, 32],
+                   help="budgets of (C): C values or 'exact' (default: exact 16 32)")
     p.add_argument("--no-inductor", action="store_true", help="skip the inductor rows of (B) (slow to compile)")
     p.add_argument("--out", default=str(RESULTS / "peers_cpu.md"))
     args = p.parse_args(argv)
