@@ -19,6 +19,7 @@ uncompiled except the budgeted row (moespec graph, inner eager): bytes moved per
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import time
@@ -33,6 +34,7 @@ from moe_spec_compile.small_models import config_models
 from moe_spec_compile.tiny import load_tiny, prompts_and_heldout
 
 PCIE4 = 25e9
+PREFER_BONUS = 1.0  # handle.prefer_resident(bonus) in the row that prefers resident experts
 
 
 def experts_of(model) -> int:
@@ -80,18 +82,22 @@ def policy_table(tr: dict, slots: int) -> list[str]:
 
 
 def run_row(target, make_drafter, dec_kwargs, policy, store, prompts, new_tokens, resident):
+    """One row; dec_kwargs' "prefer" (a bonus) runs it inside handle.prefer_resident(bonus)."""
+    dec_kwargs = dict(dec_kwargs)
+    bonus = dec_kwargs.pop("prefer", None)
     handle = msc.offload_experts(target, resident=resident, store=store, policy=policy)
     try:
-        dec = msc.SpeculativeDecoder(target, make_drafter(target), **dec_kwargs)
-        dec.generate(prompts[0], max_new_tokens=new_tokens, eos_token_id=None)  # untimed: compiles every shape
-        before = sum(s["loaded_bytes"] for s in handle.stats().values())
-        t0 = time.perf_counter()
-        seqs, emitted = [], 0
-        for p in prompts:
-            out = dec.generate(p, max_new_tokens=new_tokens, eos_token_id=None)
-            seqs.append(out.sequences)
-            emitted += out.stats.new_tokens
-        seconds = time.perf_counter() - t0
+        with handle.prefer_resident(bonus) if bonus else contextlib.nullcontext():
+            dec = msc.SpeculativeDecoder(target, make_drafter(target), **dec_kwargs)
+            dec.generate(prompts[0], max_new_tokens=new_tokens, eos_token_id=None)  # untimed: compiles every shape
+            before = sum(s["loaded_bytes"] for s in handle.stats().values())
+            t0 = time.perf_counter()
+            seqs, emitted = [], 0
+            for p in prompts:
+                out = dec.generate(p, max_new_tokens=new_tokens, eos_token_id=None)
+                seqs.append(out.sequences)
+                emitted += out.stats.new_tokens
+            seconds = time.perf_counter() - t0
         moved = sum(s["loaded_bytes"] for s in handle.stats().values()) - before
         st = handle.stats().values()
         hits, misses = sum(s["hits"] for s in st), sum(s["misses"] for s in st)
@@ -111,7 +117,10 @@ def end_to_end(label, target, spec_drafter, prompts, new_tokens, resident, store
             ("chain 4, self-drafter, LFU + draft scores", msc.SelfDrafter, {"tree": 4}, "lfu+draft"),
             ("chain 4, self-drafter + prefetch", lambda t: msc.SelfDrafter(t, prefetch=True), {"tree": 4}, "lfu"),
             (f"chain 4, self-drafter, C = {resident}", msc.SelfDrafter,
-             {"tree": 4, "budget": resident, "compile": True, "compile_options": {"inner": "eager"}}, "lfu")]
+             {"tree": 4, "budget": resident, "compile": True, "compile_options": {"inner": "eager"}}, "lfu"),
+            (f"chain 4, self-drafter, C = {resident}, prefer resident (bonus {PREFER_BONUS:g})", msc.SelfDrafter,
+             {"tree": 4, "budget": resident, "compile": True, "compile_options": {"inner": "eager"},
+              "prefer": PREFER_BONUS}, "lfu")]
     lines = [f"### {label}", "", "| store | row | tok/s | x LRU | MB moved per token | x LRU | hit rate | "
              "prefetched used / loaded | same tokens as LRU |", "|---|---|---|---|---|---|---|---|---|"]
     for store_name, make_store in stores:

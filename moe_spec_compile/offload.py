@@ -421,15 +421,16 @@ _BLOCKS: weakref.WeakValueDictionary[int, OffloadedBlock] = weakref.WeakValueDic
 
 class _Restrict(threading.local):
     def __init__(self):
-        self.handle: OffloadHandle | None = None
+        self.handle: OffloadHandle | None = None  # resident_only(): drafting passes
+        self.prefer: tuple[OffloadHandle, float] | None = None  # prefer_resident(bonus)
 
 
 _restrict = _Restrict()
 
 
 def restricting() -> bool:
-    """Is an OffloadHandle.resident_only() block open in this thread?"""
-    return _restrict.handle is not None
+    """Is an OffloadHandle.resident_only() or prefer_resident() block open in this thread?"""
+    return _restrict.handle is not None or _restrict.prefer is not None
 
 
 def note_wanted(block: str, ids: torch.Tensor) -> None:
@@ -444,6 +445,16 @@ def resident_mask(block: str) -> torch.Tensor | None:
     h = _restrict.handle
     b = h.by_block.get(block) if h is not None else None
     return b.table >= 0 if b is not None else None
+
+
+def resident_bonus(block: str) -> tuple[float, torch.Tensor] | None:
+    """Inside OffloadHandle.prefer_resident(bonus): (bonus, the block's resident experts [E] bool on the device),
+    which budgeted routing weighs A's scores by; None outside, or for a block the handle did not offload."""
+    if _restrict.prefer is None:
+        return None
+    h, bonus = _restrict.prefer
+    b = h.by_block.get(block)
+    return (bonus, b.table >= 0) if b is not None else None
 
 
 def offload_live() -> bool:
@@ -541,6 +552,20 @@ class OffloadHandle:
             yield
         finally:
             _restrict.handle = saved
+
+    @contextlib.contextmanager
+    def prefer_resident(self, bonus: float = 1.0):
+        """Inside: a budget's expert scores count (1 + bonus) times for experts resident in the pool, so A (the C
+        experts a budgeted pass may use) takes a resident expert over one that must load unless that one's score is
+        more than 1 + bonus times higher. Only budgeted passes change (msc.budget, the decoder's budget=C), within
+        what their budget allows; exact passes are untouched. Measured in benchmarks/results/offload_cpu.md."""
+        if isinstance(bonus, bool) or not isinstance(bonus, int | float) or not 0 < bonus < float("inf"):
+            raise ValueError(f"bonus must be a positive finite number, got {bonus!r}")
+        saved, _restrict.prefer = _restrict.prefer, (self, float(bonus))
+        try:
+            yield
+        finally:
+            _restrict.prefer = saved
 
     def note_wanted(self, block: str, ids: torch.Tensor) -> None:
         """A drafting pass's router wanted experts `ids` [T, k] (its tokens' own top-k, before the resident-only

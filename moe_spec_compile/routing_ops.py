@@ -25,7 +25,7 @@ import torch
 from . import record
 from .budget import count_on_host, effective_budget, expert_ranks, slot_mode, slot_name, tables
 from .naming import current_slot, site_names
-from .offload import note_wanted, resident_mask, restricting
+from .offload import note_wanted, resident_bonus, resident_mask, restricting
 
 __all__ = ["budget_topk", "budget_apply", "token_weights"]
 
@@ -151,9 +151,13 @@ def budget_topk(
     ranked = natural_i if sorted or score != "top1" else torch.topk(x, k, dim=-1).indices  # top1 needs order
     s = _expert_scores(p, ranked.reshape(-1, k), _weights(token_mask, num_tokens, tabs), score)  # [E]
     size = _budget_size(s, tabs, slot, k, coverage=mode != "fixed")
-    # offload's resident-only passes (the self-drafter's); every other pass skips this with one host check
+    # offload's resident-only passes (the self-drafter's) and prefer_resident(); every other pass skips this with one
+    # host check
     block = slot_name(slot) if restricting() and not capturing else None
     allowed = resident_mask(block) if block is not None else None
+    prefer = resident_bonus(block) if block is not None else None
+    if prefer is not None:  # resident experts' scores count (1 + bonus) times: A takes fewer experts that must load
+        s = torch.where(prefer[1], s * (1.0 + prefer[0]), s)
     if allowed is not None:
         note_wanted(block, natural_i)  # what the router wanted: the verify pass's experts, to prefetch
         s = torch.where(allowed, s, -1.0)  # scores are >= 0: A fills from the resident experts

@@ -76,6 +76,44 @@ def test_offloaded_under_the_backend_with_budgets(policy, inner):
     handle.restore()
 
 
+def test_prefer_resident_budgets_miss_less_and_exact_passes_do_not_change():
+    """prefer_resident(bonus): under a budget, A takes resident experts over ones that must load (two identical
+    offloaded copies, the same passes: the preferring one misses fewer on the last); exact passes are untouched and
+    the budget still holds; a bad bonus is refused."""
+    import copy
+
+    model, _e, k = build("qwen3_moe")
+    twin = copy.deepcopy(model)
+    c = k + 2
+    handles = [msc.offload_experts(m, resident=c) for m in (model, twin)]
+    with pytest.raises(ValueError, match="bonus"):
+        for bad in (0, -1.0, float("inf"), True, "1"):
+            with handles[0].prefer_resident(bad):
+                pass
+    x = torch.randint(1, 96, (1, 12), generator=torch.Generator().manual_seed(5))
+    for budget in (None, c):
+        torch._dynamo.reset()
+        compiled = [torch.compile(m, backend="moespec", options={"inner": "eager", "budget": budget})
+                    for m in (model, twin)]
+        with torch.no_grad():
+            for m in compiled:
+                m(IDS[:1])
+            before = [sum(s["misses"] for s in h.stats().values()) for h in handles]
+            plain = compiled[0](x).logits
+            with handles[1].prefer_resident(100.0), msc.record_experts() as rec:
+                preferring = compiled[1](x).logits
+        misses = [sum(s["misses"] for s in h.stats().values()) - b for h, b in zip(handles, before)]
+        if budget is None:
+            torch.testing.assert_close(preferring, plain, rtol=1e-5, atol=1e-5)
+            assert misses[0] == misses[1]
+        else:
+            assert misses[1] < misses[0], misses
+            assert all(len(ev.experts) <= c for ev in rec.events)
+            assert torch.isfinite(preferring).all() and not torch.equal(preferring, plain)
+    for h in handles:
+        h.restore()
+
+
 def test_throttled_store_takes_its_time_and_stays_exact():
     model, _e, _k = build("mixtral")
     want = logits(model)
