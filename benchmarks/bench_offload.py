@@ -11,8 +11,8 @@ store behind a simulated 25 GB/s tier, Throttled: figures through it are a simul
 safetensors file read through mmap) for: on-demand LRU without speculation (mixtral-offloading's scheme), moespec's
 plain decoding (tree=0) with the LFU cache, and speculative decoding with the same cache (chain 4: the bundled draft
 on the bundled target, the oracle drafter at acceptance 0.8 on a config MoE with hidden 1024, 64 experts top-8; and
-msc.SelfDrafter, the target drafting on its resident experts, with and without prefetch, exact and with verify
-passes under C = R). Targets
+msc.SelfDrafter, the target drafting on its resident experts, with and without prefetch, with LFU + draft
+scores, exact and with verify passes under C = R, alone and preferring resident experts). Targets
 uncompiled except the budgeted row (moespec graph, inner eager): bytes moved per emitted token, tokens/s.
 """
 

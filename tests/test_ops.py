@@ -227,9 +227,10 @@ def test_expert_gemm_equals_x_times_w_transposed(dtype):
         w = torch.randn(out, inp, dtype=dtype) / inp ** 0.5  # [out, in]
         for n in (1, 2, 3, 5, 8, 17):
             for x in (torch.randn(n, inp, dtype=dtype), torch.randn(inp, n, dtype=dtype).t()):  # contiguous or not
-                got = experts_op._mm_t(x, w)
-                assert got.shape == (n, out)
-                torch.testing.assert_close(got, x @ w.t(), rtol=1e-5, atol=1e-5)
+                for ww in (w, w.t().contiguous().t()):  # the weight stored [in, out] too (a transposed view)
+                    got = experts_op._mm_t(x, ww)
+                    assert got.shape == (n, out)
+                    torch.testing.assert_close(got, x @ w.t(), rtol=1e-5, atol=1e-5)
     big = torch.empty(4, 512, 1024)  # 3 MB experts: the loop over used experts
     assert not experts_op._grouped_gemm_ok(torch.empty(2, 1024), big, torch.empty(4, 1024, 256), None)
 
