@@ -7,6 +7,7 @@ Imported by decoder.py, drafters.py, accept.py and tree.py; imports nothing of t
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 
 import torch
@@ -126,21 +127,46 @@ def check_batch(input_ids: torch.Tensor, attention_mask) -> tuple[torch.Tensor, 
 _WARNED_ENV: set[str] = set()
 
 
+def _passive_omp(device: torch.device) -> bool:
+    import os
+
+    return device.type == "cpu" and os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
+
+
 def warn_slow_cpu_environment(device: torch.device) -> str | None:
     """On the CPU, say once per process when the environment carries a setting known to slow moespec's passes
-    (it is read when torch loads OpenMP, too late to change from here) -> the message, or None.
+    (it is read when torch loads OpenMP, too late to change from here) and what the decoder does about it -> the
+    message, or None.
 
     OMP_WAIT_POLICY=PASSIVE puts OpenMP's threads to sleep between parallel regions; a verify pass is hundreds
-    of small ones, and each then pays a wake-up: an 8-token verify of the bundled pair took 23 ms instead of 8."""
-    import os
+    of small ones, and each then pays a wake-up: an 8-token pass of the bundled target took 24.8 ms with 2 threads
+    against 7.9 ms without the setting, and 8.4 ms with 1 thread under it (the larger MoE's 16-token passes: 1
+    thread as fast as 2 under it, both 1.2-1.4x the time without it). So the decoder decodes with one thread there
+    (passive_omp_threads)."""
     import warnings
 
-    if device.type != "cpu" or os.environ.get("OMP_WAIT_POLICY", "").strip().upper() != "PASSIVE":
+    if not _passive_omp(device):
         return None
-    msg = ("OMP_WAIT_POLICY=PASSIVE is set: on the CPU it makes moespec's multi-token passes about 3x slower "
-           "(OpenMP threads sleep between the many small parallel regions of a pass). Unset it, or set "
+    msg = ("OMP_WAIT_POLICY=PASSIVE is set: on the CPU it makes moespec's multi-token passes about 3x slower with "
+           "more than one thread (OpenMP threads sleep between the many small parallel regions of a pass), so "
+           "SpeculativeDecoder.generate runs with torch.set_num_threads(1) (restored after). Unset it, or set "
            "OMP_WAIT_POLICY=ACTIVE, before Python starts; it cannot be changed once torch is loaded.")
     if "omp_wait_policy" not in _WARNED_ENV:
         _WARNED_ENV.add("omp_wait_policy")
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
     return msg
+
+
+@contextlib.contextmanager
+def passive_omp_threads(device: torch.device):
+    """Inside: one intra-op thread where OMP_WAIT_POLICY=PASSIVE is set on the CPU (warn_slow_cpu_environment's
+    measurement), the caller's thread count restored after; elsewhere nothing changes."""
+    before = torch.get_num_threads()
+    if not _passive_omp(device) or before == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

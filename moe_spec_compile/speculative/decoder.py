@@ -40,6 +40,7 @@ from .checks import (
     check_input_ids,
     check_int,
     check_tree_fits_vocab,
+    passive_omp_threads,
     warn_slow_cpu_environment,
 )
 from .controller import make_controller
@@ -212,27 +213,29 @@ class SpeculativeDecoder:
         eos = self._eos_set(eos_token_id)
         ids, mask = check_batch(check_input_ids(torch.as_tensor(input_ids), self.vocab_size), attention_mask)
         ids, mask = ids.to(self.device), mask.to(self.device)
-        if self.ranks is not None:
-            self.ranks.check_same(torch.cat([ids, mask]), max_new_tokens, do_sample, temperature, top_p, top_k or 0)
-            generator = self.ranks.generator(generator) if do_sample else generator
-        stats = GenerateStats(rows=[RowStats() for _ in range(ids.shape[0])])
-        t = self._clock()
-        drafting = ctl.drafts if ctl else shape.max_nodes > 0  # tree=0: autoregressive, through the verify path
-        self.begin(ids, mask, max_new_tokens, shape, sampling, generator, drafting, eos)
-        stats.time_prefill = self._clock() - t
-        t_loop = self._clock()
-        while any(self.live):
-            self._pack()
-            if ctl:
-                ctl.step(self, sampling, generator, stats)
-            else:
-                c = schedule(stats.steps) if callable(schedule) else schedule
-                self._step(shape, c, sampling, generator, stats)
-        stats.time_host = max(self._clock() - t_loop - stats.time_draft - stats.time_verify - stats.time_accept, 0.0)
-        for rs, toks in zip(stats.rows, self.new):
-            rs.new_tokens = len(toks)
-        stats.new_tokens = sum(len(t) for t in self.new)
-        return GenerateOutput(self._sequences(ids, pad_token_id, eos), stats)
+        with passive_omp_threads(self.device):  # one thread where OpenMP's threads sleep between regions
+            if self.ranks is not None:
+                self.ranks.check_same(torch.cat([ids, mask]), max_new_tokens, do_sample, temperature, top_p, top_k or 0)
+                generator = self.ranks.generator(generator) if do_sample else generator
+            stats = GenerateStats(rows=[RowStats() for _ in range(ids.shape[0])])
+            t = self._clock()
+            drafting = ctl.drafts if ctl else shape.max_nodes > 0  # tree=0: autoregressive, through the verify path
+            self.begin(ids, mask, max_new_tokens, shape, sampling, generator, drafting, eos)
+            stats.time_prefill = self._clock() - t
+            t_loop = self._clock()
+            while any(self.live):
+                self._pack()
+                if ctl:
+                    ctl.step(self, sampling, generator, stats)
+                else:
+                    c = schedule(stats.steps) if callable(schedule) else schedule
+                    self._step(shape, c, sampling, generator, stats)
+            stats.time_host = max(self._clock() - t_loop - stats.time_draft - stats.time_verify - stats.time_accept,
+                                  0.0)
+            for rs, toks in zip(stats.rows, self.new):
+                rs.new_tokens = len(toks)
+            stats.new_tokens = sum(len(t) for t in self.new)
+            return GenerateOutput(self._sequences(ids, pad_token_id, eos), stats)
 
     def begin(self, ids: torch.Tensor, mask: torch.Tensor | None, max_new_tokens: int, shape, sampling,
               generator=None, drafting: bool = False, eos=frozenset()) -> None:
