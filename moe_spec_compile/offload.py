@@ -442,19 +442,20 @@ def note_wanted(block: str, ids: torch.Tensor) -> None:
 def resident_mask(block: str) -> torch.Tensor | None:
     """Inside OffloadHandle.resident_only(): the MoE block's resident experts [E] bool (device), which budgeted
     routing must choose among (moespec::budget_topk); None outside, or for a block the handle did not offload."""
-    h = _restrict.handle
-    b = h.by_block.get(block) if h is not None else None
-    return b.table >= 0 if b is not None else None
+    return _resident(_restrict.handle, block)
 
 
 def resident_bonus(block: str) -> tuple[float, torch.Tensor] | None:
     """Inside OffloadHandle.prefer_resident(bonus): (bonus, the block's resident experts [E] bool on the device),
     which budgeted routing weighs A's scores by; None outside, or for a block the handle did not offload."""
-    if _restrict.prefer is None:
-        return None
-    h, bonus = _restrict.prefer
-    b = h.by_block.get(block)
-    return (bonus, b.table >= 0) if b is not None else None
+    h, bonus = _restrict.prefer or (None, 0.0)
+    mask = _resident(h, block)
+    return (bonus, mask) if mask is not None else None
+
+
+def _resident(h: OffloadHandle | None, block: str) -> torch.Tensor | None:
+    b = h.by_block.get(block) if h is not None else None
+    return b.table >= 0 if b is not None else None
 
 
 def offload_live() -> bool:
@@ -579,9 +580,9 @@ class OffloadHandle:
         flat = ids.reshape(-1)
         m.index_add_(0, flat, torch.ones(flat.shape, dtype=m.dtype, device=m.device))
 
-    def _take_wanted(self) -> dict[str, list[int]]:
-        """block -> the experts drafting passes wanted since the last call, most wanted first; each block's cache
-        takes their draft scores (SlotCache.hint). One host read per block."""
+    def hint(self) -> dict[str, list[int]]:
+        """Pass what the drafting passes wanted since the last call to each layer's eviction policy (their draft
+        scores, SlotCache.hint), no loads -> block -> those experts, most wanted first. One host read per block."""
         out = {}
         for block, m in self._wanted.items():
             counts = m.tolist()
@@ -595,15 +596,11 @@ class OffloadHandle:
             out[block] = sorted((e for e, c in enumerate(counts) if c > 0), key=lambda e: -counts[e])
         return out
 
-    def hint(self) -> None:
-        """Pass what the drafting passes wanted to each layer's eviction policy (their draft scores), no loads."""
-        self._take_wanted()
-
     def prefetch(self, cap: int | None = None) -> None:
         """hint(), and start loading, in a worker thread, the experts the draft's routing wanted that the pool lacks,
         most wanted first, at most `cap` per layer (None: as many as the pool holds beside the wanted experts already
         resident, which are kept); the next pass that is not a drafting pass waits for them."""
-        for block, wanted in self._take_wanted().items():
+        for block, wanted in self.hint().items():
             b = self.by_block[block]
             keep = {e for e in wanted if e in b.cache.where}
             room = b.resident - len(keep)

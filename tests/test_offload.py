@@ -76,7 +76,8 @@ def test_offloaded_under_the_backend_with_budgets(policy, inner):
     handle.restore()
 
 
-def test_prefer_resident_budgets_miss_less_and_exact_passes_do_not_change():
+@pytest.mark.parametrize("inner", ["eager", "inductor"])
+def test_prefer_resident_budgets_miss_less_and_exact_passes_do_not_change(inner):
     """prefer_resident(bonus): under a budget, A takes resident experts over ones that must load (two identical
     offloaded copies, the same passes: the preferring one misses fewer on the last); exact passes are untouched and
     the budget still holds; a bad bonus is refused."""
@@ -93,7 +94,7 @@ def test_prefer_resident_budgets_miss_less_and_exact_passes_do_not_change():
     x = torch.randint(1, 96, (1, 12), generator=torch.Generator().manual_seed(5))
     for budget in (None, c):
         torch._dynamo.reset()
-        compiled = [torch.compile(m, backend="moespec", options={"inner": "eager", "budget": budget})
+        compiled = [torch.compile(m, backend="moespec", options={"inner": inner, "budget": budget})
                     for m in (model, twin)]
         with torch.no_grad():
             for m in compiled:

@@ -235,6 +235,38 @@ def test_expert_gemm_equals_x_times_w_transposed(dtype):
     assert not experts_op._grouped_gemm_ok(torch.empty(2, 1024), big, torch.empty(4, 1024, 256), None)
 
 
+def test_large_experts_loop_in_grad_mode_and_bf16():
+    """Experts of 512 KB and more take the loop through _mm_t (oneDNN for fp32): under grad mode the op's gradients
+    equal the dense reference's, and bf16 weights (upcast per used expert) match fp32 within bf16's tolerance."""
+    from moe_spec_compile import experts_op
+
+    torch.manual_seed(4)
+    e, k, h, i, t = 4, 2, 256, 256, 6  # 768 KB per fp32 expert
+    hidden, weights = torch.randn(t, h), torch.rand(t, k)
+    ids = torch.stack([torch.randperm(e)[:k] for _ in range(t)])
+    ids[2, 1] = -1
+    wgu, wd = torch.randn(e, 2 * i, h) / h ** 0.5, torch.randn(e, h, i) / i ** 0.5
+    assert not experts_op._grouped_gemm_ok(hidden, wgu, wd, None)
+    got_args = [a.clone().requires_grad_() for a in (hidden, weights, wgu, wd)]
+    ref_args = [a.clone().requires_grad_() for a in (hidden, weights, wgu, wd)]
+    got = torch.ops.moespec.fused_experts(got_args[0], ids, got_args[1], got_args[2], got_args[3])
+    ref = experts_op._dense(ref_args[0], ids, ref_args[1], ref_args[2], ref_args[3], "silu", None, None, False,
+                            1.702, 7.0, None)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    grad = torch.randn_like(got)
+    got.backward(grad)
+    ref.backward(grad)
+    for a, b in zip(got_args, ref_args):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        half = torch.ops.moespec.fused_experts(hidden.bfloat16(), ids, weights.bfloat16(), wgu.bfloat16(),
+                                               wd.bfloat16())
+        full = torch.ops.moespec.fused_experts(hidden.bfloat16().float(), ids, weights.bfloat16().float(),
+                                               wgu.bfloat16().float(), wd.bfloat16().float())
+    assert half.dtype == torch.bfloat16 and full.abs().sum() > 0
+    torch.testing.assert_close(half.float(), full, rtol=1.6e-2, atol=1e-2)
+
+
 @pytest.mark.parametrize("bias,w_up,inter,act,dtype", [(False, False, False, "silu", torch.float32),
                                                        (True, False, True, "swiglu_clamp", torch.float32),
                                                        (False, True, False, "gelu", torch.float32),

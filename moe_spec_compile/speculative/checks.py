@@ -141,7 +141,7 @@ def warn_slow_cpu_environment(device: torch.device) -> str | None:
     OMP_WAIT_POLICY=PASSIVE puts OpenMP's threads to sleep between parallel regions; a verify pass is hundreds
     of small ones, and each then pays a wake-up: an 8-token pass of the bundled target took 24.8 ms with 2 threads
     against 7.9 ms without the setting, and 8.4 ms with 1 thread under it (the larger MoE's 16-token passes: 1
-    thread as fast as 2 under it, both 1.2-1.4x the time without it). So the decoder decodes with one thread there
+    thread as fast as 2 under it, both 1.1-1.4x the time without it). So the decoder decodes with one thread there
     (passive_omp_threads)."""
     import warnings
 
