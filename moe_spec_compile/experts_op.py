@@ -121,14 +121,20 @@ def _per_slot(hidden, topk_ids, topk_weights, w_gate_up, w_down, activation, b_g
     ids = topk_ids.reshape(-1).long()  # [P]
     used = ids >= 0
     sid = ids.clamp(min=0)
-    x = _up(hidden).repeat_interleave(k, dim=0)[:, :, None]  # [P, H, 1]
-    gate_up = torch.bmm(_up(w_gate_up.index_select(0, sid)), x)[..., 0]  # [P, 2I] (gate rows only with w_up)
+    x = _up(hidden).repeat_interleave(k, dim=0)
+
+    def vec_mat(v, w):  # v [P, n] times each slot's gathered w [P, m, n] transposed -> [P, m]
+        # a row vector times a transposed matrix: torch's CPU bmm runs this orientation 8x faster than the
+        # matrix times a column vector (30 against 264 us on [30, 64, 256], 2 cores)
+        return torch.bmm(v[:, None, :], _up(w.index_select(0, sid)).transpose(1, 2))[:, 0]
+
+    gate_up = vec_mat(x, w_gate_up)  # [P, 2I] (gate rows only with w_up)
     if w_up is not None:
-        gate_up = torch.cat([gate_up, torch.bmm(_up(w_up.index_select(0, sid)), x)[..., 0]], dim=-1)
+        gate_up = torch.cat([gate_up, vec_mat(x, w_up)], dim=-1)
     if b_gate_up is not None:
         gate_up = gate_up + _up(b_gate_up.index_select(0, sid))
     a = _gate_act(gate_up, activation, interleaved, alpha, limit)  # [P, I]
-    y = torch.bmm(_up(w_down.index_select(0, sid)), a[:, :, None])[..., 0]  # [P, H]
+    y = vec_mat(a, w_down)  # [P, H]
     if b_down is not None:
         y = y + _up(b_down.index_select(0, sid))
     y = torch.where(used[:, None], y * _up(topk_weights.reshape(-1, 1)), 0.0)
@@ -156,11 +162,13 @@ GROUPED_GEMM = True  # use torch's grouped GEMM where _grouped_gemm_ok (tests sw
 PER_SLOT = True  # small passes gather per-slot weights (_per_slot); tests switch it off to compare
 # Per slot, a pass copies P experts' weights (a used expert once per slot); grouped by expert it reads each used
 # expert in place but pays a fixed cost per expert, used or not (a few us per group in torch's CPU grouped GEMM).
-# Gathering pays while P x expert bytes <= E x PER_SLOT_BYTES. Measured side by side (calls alternating, medians of
-# 300) on a 2-core CPU with the bundled target's 98 KB experts (E = 64, k = 6), per slot against grouped: 6 slots
-# 185 vs 316 us, 12: 276 vs 349, 18: 373 vs 410, 30: 537 vs 428, 48: 854 vs 549: gathering pays up to ~24 slots
-# (36 KB; it was 48 KB, which gathered 30 slots at 1.25x the grouped time); 3 MB experts never.
-PER_SLOT_BYTES = 36 * 1024
+# Measured side by side (calls alternating, medians of 40, 2-core CPU, 32 MB L3), per slot against grouped, by
+# slots P and expert size: 96 KB experts (the bundled target, E = 64): P = 6 0.39x, 24 0.49x, 96 0.58x, 144 0.66x,
+# 192 0.91x, 288 1.43x; 24 KB: 0.35-0.54x up to P = 288; 192 KB (E = 128): P = 64 0.81x, 128 1.22x; 384 KB (E = 64):
+# P = 32 0.79x, 64 1.22x; 384 KB (E = 16): P = 16 0.88x, 32 1.07x. Gathering pays while P <= 2E and the gathered
+# weights stay within PER_SLOT_GATHER_BYTES (about half this machine's L3); experts of LOOP_EXPERT_BYTES and more
+# never gather (each slot would copy MBs).
+PER_SLOT_GATHER_BYTES = 16 * 1024 * 1024
 
 
 # Large experts loop over the used ones (_grouped, each GEMM through _mm_t) instead of torch's grouped GEMM, which
@@ -178,8 +186,8 @@ def _expert_bytes(w_gate_up, w_down, w_up) -> int:
 
 
 def _per_slot_pays(topk_ids, w_gate_up, w_down, w_up) -> bool:
-    e, p = w_gate_up.shape[0], topk_ids.numel()
-    return p * 2 <= e and p * _expert_bytes(w_gate_up, w_down, w_up) <= e * PER_SLOT_BYTES
+    e, p, size = w_gate_up.shape[0], topk_ids.numel(), _expert_bytes(w_gate_up, w_down, w_up)
+    return p <= 2 * e and p * size <= PER_SLOT_GATHER_BYTES and size < LOOP_EXPERT_BYTES
 
 
 def fused_experts_torch(hidden, topk_ids, topk_weights, w_gate_up, w_down, activation="silu", b_gate_up=None,

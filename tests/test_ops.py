@@ -301,5 +301,13 @@ def test_small_passes_per_slot_equal_the_expert_loop(monkeypatch, bias, w_up, in
            torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2)}[dtype]  # both paths round the fp32 result once
     big = torch.empty(e, 2 * 512, 1024, dtype=dtype)  # 4 MB experts: gathering 8 of them costs more than it saves
     assert not experts_op._per_slot_pays(ids, big, big.transpose(1, 2)[:, :, :512], None)
+    # the rule's bounds: at most 2E slots, at most PER_SLOT_GATHER_BYTES gathered (a 98 KB expert: the bundled
+    # target's 5- and 17-token passes, 30 and 102 slots of E = 64, gather; 129 slots do not)
+    wgu98, wd98 = torch.empty(64, 64, 256), torch.empty(64, 256, 32)
+    assert all(experts_op._per_slot_pays(torch.zeros(n, 6, dtype=torch.long), wgu98, wd98, None) for n in (1, 5, 17))
+    assert not experts_op._per_slot_pays(torch.zeros(129, 1, dtype=torch.long), wgu98, wd98, None)
+    wgu384, wd384 = torch.empty(64, 128, 512), torch.empty(64, 512, 64)  # 384 KB: 16 MB hold 42 slots
+    assert experts_op._per_slot_pays(torch.zeros(42, 1, dtype=torch.long), wgu384, wd384, None)
+    assert not experts_op._per_slot_pays(torch.zeros(43, 1, dtype=torch.long), wgu384, wd384, None)
     assert torch.isfinite(slots).all() and slots.abs().sum() > 0
     torch.testing.assert_close(slots, looped, **tol)
