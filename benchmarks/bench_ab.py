@@ -33,10 +33,11 @@ ids = torch.tensor(tok(heldout_text())["input_ids"])
 new = int(sys.argv[1])
 prompts = [ids[i * 997 : i * 997 + 48] for i in range(4)]
 def config(name):
-    kind, tree, rows = name.split("/")
+    kind, tree, rows, *budget = name.split("/")
     tree = int(tree) if tree.isdigit() else msc.TreeSpec(*map(int, tree.split("-")))
     drafter = msc.NgramDrafter() if kind == "ngram" else msc.ModelDrafter(draft)
-    dec = msc.SpeculativeDecoder(target, drafter=drafter, tree=tree, compile=True)
+    dec = msc.SpeculativeDecoder(target, drafter=drafter, tree=tree, compile=True,
+                                 budget=int(budget[0]) if budget else None)
     rows = int(rows)
     if rows == 1:
         args = (prompts[0][None],), {}
@@ -70,7 +71,8 @@ def main(argv=None) -> int:
     ap.add_argument("--old", required=True, help="the commit to compare against")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--configs", nargs="+", default=CONFIGS, help="drafter/tree/rows, e.g. model/4/1")
+    ap.add_argument("--configs", nargs="+", default=CONFIGS,
+                    help="drafter/tree/rows[/budget C], e.g. model/4/1 or model/4/1/16")
     ap.add_argument("--out", type=Path, default=None, help="write the table (markdown) here")
     args = ap.parse_args(argv)
     load_before = os.getloadavg()
