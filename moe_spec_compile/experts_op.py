@@ -44,10 +44,11 @@ def _gate_act(gate_up: torch.Tensor, activation: str, interleaved: bool, alpha: 
     raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
 
 
-def _grouped(hidden, topk_ids, topk_weights, num_experts, gate_up_fn, act_fn, down_fn) -> torch.Tensor:
+def _grouped(hidden, topk_ids, topk_weights, num_experts, gate_up_fn, down_fn, activation, interleaved=False,
+             alpha=1.702, limit=7.0) -> torch.Tensor:
     """Group (token, slot) pairs by expert and run each used expert's two GEMMs on its rows only, the activation once
     over all rows between them (two small ops per used expert, as transformers' grouped_mm fallback): gate_up_fn(e,
-    x [n, H] fp32) -> [n, 2I] and down_fn(e, a [n, I]) -> [n, H] fp32, act_fn(gate_up [P, 2I]) -> [P, I].
+    x [n, H] fp32) -> [n, 2I] and down_fn(e, a [n, I]) -> [n, H] fp32 (biases, where any, inside them).
     Against the earlier loop (bias, activation and both GEMMs per expert), side by side on the 2-core CPU, six layers'
     weights in turn, N = 1-64 tokens exact and with ids inside 16 or 8 experts: 3 MB experts 0.93-1.04x its time,
     98 KB experts 0.81-0.94x (two runs; benchmarks/results/experts_cpu.md)."""
@@ -67,7 +68,7 @@ def _grouped(hidden, topk_ids, topk_weights, num_experts, gate_up_fn, act_fn, do
     slot_out = torch.zeros(t * k, h, dtype=x32.dtype, device=hidden.device)  # [T*k, H]; empty slots stay 0
     if spans:
         gate_up = torch.cat([gate_up_fn(e, x32[a:b]) for e, a, b in spans])  # [P, 2I]
-        act = act_fn(gate_up)  # [P, I]
+        act = _gate_act(gate_up, activation, interleaved, alpha, limit)  # [P, I]
         y = torch.cat([down_fn(e, act[a:b]) for e, a, b in spans])  # [P, H]
         slot_out.index_copy_(0, order, y * _up(topk_weights.reshape(-1))[order, None])
     return slot_out.view(t, k, h).sum(1).to(hidden.dtype)
@@ -223,8 +224,8 @@ def fused_experts_torch(hidden, topk_ids, topk_weights, w_gate_up, w_down, activ
         y = _mm_t(a, _up(w_down[e]))  # [n, H]
         return y + _up(b_down[e]) if b_down is not None else y
 
-    return _grouped(hidden, topk_ids, topk_weights, w_gate_up.shape[0], gate_up_fn,
-                    lambda gu: _gate_act(gu, activation, interleaved, alpha, limit), down_fn)
+    return _grouped(hidden, topk_ids, topk_weights, w_gate_up.shape[0], gate_up_fn, down_fn, activation, interleaved,
+                    alpha, limit)
 
 
 def _list_torch(hidden, topk_ids, topk_weights, gate, up, down, activation, alpha, limit) -> torch.Tensor:
@@ -232,8 +233,7 @@ def _list_torch(hidden, topk_ids, topk_weights, gate, up, down, activation, alph
 
     return _grouped(hidden, topk_ids, topk_weights, len(gate),
                     lambda e, x: torch.cat([_mm_t(x, _up(gate[e])), _mm_t(x, _up(up[e]))], dim=-1),
-                    lambda gu: _gate_act(gu, activation, False, alpha, limit),
-                    lambda e, a: _mm_t(a, _up(down[e])))
+                    lambda e, a: _mm_t(a, _up(down[e])), activation, False, alpha, limit)
 
 
 def _use_triton(impl: str, hidden: torch.Tensor) -> bool:
