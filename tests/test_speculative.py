@@ -199,6 +199,33 @@ def test_two_instances_and_changed_weights_through_inductor():
     assert decs[0].generate(prompt, max_new_tokens=8, eos_token_id=None).sequences[0].tolist() == ref
 
 
+def test_compile_pass_keeps_models_of_one_class_apart():
+    """Without module guards nothing in a guard tells two models of one class apart; compile_pass gives each
+    compilation a frame of its own, so a draft and a target of one family (different depths and widths here) each
+    run their own graph, as a compiled function does."""
+    from moe_spec_compile.speculative.buckets import compile_pass
+
+    class Stack(torch.nn.Module):
+        def __init__(self, n, width):
+            super().__init__()
+            self.layers = torch.nn.ModuleList(torch.nn.Linear(width, width) for _ in range(n))
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = torch.tanh(layer(x))
+            return x
+
+    torch.manual_seed(0)
+    one, three, wide = Stack(1, 4), Stack(3, 4), Stack(1, 6)
+    with torch.no_grad():
+        for model in (one, three, wide):
+            x = torch.randn(2, model.layers[0].in_features)
+            assert torch.equal(compile_pass(model, "eager")(x), model(x))
+        x = torch.randn(2, 4)
+        twice = compile_pass(lambda m, v: m(m(v)), "eager")
+        assert torch.equal(twice(one, x), one(one(x)))
+
+
 def test_cache_goes_in_by_the_models_own_keyword(target, draft):
     """kv.forward hands the TreeCache over by the keyword the model's forward declares (transformers renamed
     past_key_values to cache and warns on the old name), so decoding raises no deprecation warning for it."""

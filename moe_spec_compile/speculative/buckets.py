@@ -16,6 +16,9 @@ CPU path has run in this project's CPU tests; the CUDA graph path is covered by 
 from __future__ import annotations
 
 import contextlib
+import functools
+import itertools
+import types
 
 import torch
 
@@ -39,18 +42,41 @@ def pick_bucket(value: int | None, buckets) -> int | None:
 
 
 def compile_pass(model, backend="inductor", dynamic: bool = False, options: dict | None = None):
-    """torch.compile(model) for the decoder's own passes (verify, plain, drafting), without dynamo's guards on module
-    attributes (torch.compiler.skip_guard_on_all_nn_modules_unsafe, where this torch has it; a caller's
-    guard_filter_fn in options wins). Checking them cost 160-700 us before every pass on a 2-core CPU, 50-220 us
-    without (benchmarks/results/guards_cpu.md; an autoregressive step of the bundled target is 3-5 ms); what they
-    guard (submodules, attributes such as ``training``) is fixed once a model is compiled here: the decoder refuses
-    a target whose train/eval mode changed (SpeculativeDecoder.generate). Weight values are never guarded anyway.
-    While experts are offloaded anywhere in the process (msc.offload_experts), the guards stay: they are what tells
-    an offloaded model from an in-memory one of the same class."""
+    """torch.compile(model) for the decoder's own passes (verify, plain, drafting; a module or a function), without
+    dynamo's guards on module attributes (torch.compiler.skip_guard_on_all_nn_modules_unsafe, where this torch has
+    it; a caller's guard_filter_fn in options wins). Checking them cost 160-700 us before every pass on a 2-core CPU,
+    50-220 us without (benchmarks/results/guards_cpu.md; an autoregressive step of the bundled target is 3-5 ms);
+    what they guard (submodules, attributes such as ``training``) is fixed once a model is compiled here: the
+    decoder refuses a target whose train/eval mode changed (SpeculativeDecoder.generate). Weight values are never
+    guarded anyway. While experts are offloaded anywhere in the process (msc.offload_experts), the guards stay:
+    they are what tells an offloaded model from an in-memory one of the same class.
+
+    Each call compiles a frame of its own (_own_code): dynamo keeps graphs per code object, and without the module
+    guards nothing would tell two models of one class apart (a draft and a target of one family, different layer
+    counts or widths): the second would run the first one's graph."""
     options = dict(options or {})
     if getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None) is not None:
         options.setdefault("guard_filter_fn", _guards)
-    return torch.compile(model, backend=backend, dynamic=dynamic, options=options or None)
+    kwargs = {"backend": backend, "dynamic": dynamic, "options": options or None}
+    if not isinstance(model, torch.nn.Module):
+        return torch.compile(_own_code(model), **kwargs)
+    compiled = torch.compile(model, **kwargs)  # the OptimizedModule callers know (_orig_mod, state, modes)
+
+    def run(*args, **kw):
+        return model(*args, **kw)
+
+    compiled.forward = compiled.dynamo_ctx(_own_code(run))  # dynamo's frame: this copy, the model inlined in it
+    return compiled
+
+
+_codes = itertools.count()
+
+
+def _own_code(fn):
+    """fn with a code object of its own (same body, closure and defaults), so dynamo's cache for it is its own."""
+    code = fn.__code__.replace(co_name=f"{fn.__code__.co_name}_moespec{next(_codes)}")
+    return functools.update_wrapper(types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__,
+                                                       fn.__closure__), fn)
 
 
 def _guards(entries) -> list[bool]:
