@@ -540,13 +540,14 @@ class Eagle3Drafter(ModelDrafter):
         super().select(rows)
         self.feat = self.feat[torch.tensor(rows, device=self.feat.device)]
 
+    def _chain_carry(self):
+        return self._root_h[:, None]  # a chain's first step feeds the root's output feature (then each step's own)
+
     def _run(self, tokens, positions, mask, slots, fed_parent=None, first_fed: int = 0, graph: bool = True):
         r, n = tokens.shape
         if fed_parent is None:  # committed tokens: the target's features of the slot before each
             prev = (slots - 1).clamp(min=0)  # slot 0: a first token, which no query attends (start)
             features = self.head.project(self.feat.gather(1, prev[..., None].expand(r, n, self.feat.shape[-1])))
-        elif isinstance(fed_parent, int):  # a chain step: one parent for every row
-            features = (self._root_h if fed_parent < 0 else self._fed_h[:, fed_parent])[:, None]
         else:
             hsize = self._root_h.shape[-1]
             fed = self._fed_h if self._fed_h is not None and self._fed_h.shape[0] == r else \

@@ -487,7 +487,7 @@ def test_graph_replays_equal_eager_passes(monkeypatch, target, tmp_path):
                              tree=t) for c in (None, 2, 3) for t in (3, msc.TreeSpec(6, 3, 2))]
         runs[graphs] = [(o.sequences.tolist(), o.stats.accepted_per_step) for o in outs]
         if graphs:
-            assert dec.runner.graphs and drafter._passes().graphs  # both replayed
+            assert dec.runner.graphs and drafter._passes().graphs and drafter._chain_graphs  # all replayed
     assert runs[False][0][0] == runs[False][1][0] == want.tolist()
     assert max(runs[False][0][1]) > 1  # drafts accepted: the features reach the head
     assert runs[True] == runs[False]

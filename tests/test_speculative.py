@@ -437,7 +437,16 @@ def test_compiled_drafter_proposes_what_the_eager_one_does(target, draft):
     late.compile()
     tree = late.draft([int(prompt[0, -1])], TreeSpec(8, 3, 2), [True])
     assert (tree.tokens.tolist(), tree.parents.tolist()) == trees[0]
-    rows = torch.cat([prompt, prompt.flip(1)])  # batches draft through the compiled forward too
+    rows = torch.cat([prompt, prompt.flip(1)])
+    chains = []  # a compiled chain's steps run as one graph (_chain_steps): the same chain, log-probs included
+    for d in (eager, compiled):
+        d.start(rows, [0, 0], 64)
+        tree = d.draft(rows[:, -1].tolist(), TreeSpec(4, 4, 1), [True, True])
+        chains.append((tree.tokens, tree.logprob))
+    assert compiled._chain_fn is not None and eager._chain_fn is None
+    assert torch.equal(chains[0][0], chains[1][0])
+    torch.testing.assert_close(chains[0][1], chains[1][1], rtol=1e-4, atol=1e-4)
+    # batches draft through the compiled forward too
     out = dec.generate(rows, attention_mask=torch.ones_like(rows), max_new_tokens=8, eos_token_id=None)
     assert out.sequences.tolist() == [reference(target, r[None], 8) for r in rows]
     with pytest.raises(ValueError, match="compile must be a bool"):

@@ -34,11 +34,14 @@ fed per row at a step's first feed, G candidate nodes (gids).
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
+from functools import partial
 
 import torch
 
+from . import buckets
 from .accept import Acceptance
 from .buckets import VerifyRunner, compile_pass
 from .checks import check_int
@@ -131,6 +134,9 @@ class ModelDrafter(Drafter):
         self._runner = None  # the drafting passes' runner (CUDA graphs per pass shape), made with the caches
         self._fed_buffers: dict = {}  # (R, F) -> the fed nodes' ancestors [R, F, F] and positions [R, F]
         self._chains: dict = {}  # (depth, device) -> a chain's parents, depths, fed ids (_draft_chain)
+        self._chain_fn = None  # _chain_steps compiled (a compiled drafter's chains)
+        self._chain_graphs: dict = {}  # (rows, steps) -> static inputs, CUDA graph, outputs (_chain)
+        self._chain_pool = None
         if not isinstance(compile, bool):
             raise ValueError(f"compile must be a bool, got {compile!r}")
         if cuda_graphs is not None and not isinstance(cuda_graphs, bool):
@@ -170,6 +176,8 @@ class ModelDrafter(Drafter):
             self.max_len = -(-max_len // 64) * 64
             self.caches.clear()
             self._runner = None
+            self._chain_graphs.clear()  # captured on the caches just dropped
+            self._chain_pool = None
             self.masks = Masks(self.model, self.max_len)
         dev = self.device
         self.cache = self._cache_for(r)
@@ -242,9 +250,9 @@ class ModelDrafter(Drafter):
 
     def _run(self, tokens, positions, mask, slots, fed_parent=None, first_fed: int = 0, graph: bool = True):
         """Every drafting forward goes through here -> logits [R, n, V]: tokens [R, n] at positions and slots [R, n].
-        fed_parent: the fed id of each token's parent (-1: the root), [R, n] or one int for all (a chain step); None
-        for committed tokens (the prompt, a first feed); first_fed: the fed id of the first token. graph=False: a
-        plain forward (the prompt's feed)."""
+        fed_parent: the fed id of each token's parent (-1: the root), [R, n]; None for committed tokens (the prompt,
+        a first feed); first_fed: the fed id of the first token. graph=False: a plain forward (the prompt's feed).
+        A chain's steps do not come here (_chain)."""
         if not graph:
             return forward(self._run_model, self.cache, tokens, positions, mask, slots, self._cache_position)
         return self._passes()(self.cache, tokens, positions, mask, slots)
@@ -311,20 +319,16 @@ class ModelDrafter(Drafter):
 
     def _draft_chain(self, roots: torch.Tensor, root_logp: torch.Tensor, depth: int) -> DraftTree:
         """A chain (TreeSpec(K, K, 1)): each drafted token is the argmax after the one before, fed as a plain causal
-        one-token step at the next slot (a chain's tree mask is the causal mask), so a level costs one forward and a
-        few small ops. The same tree as _draft_dynamic with top_k=1 (ties: the lowest id)."""
-        c, dev, r = self.cache, self.device, roots.shape[0]
+        one-token step at the next slot (a chain's tree mask is the causal mask). The depth - 1 steps run as one
+        call (_chain_steps: one compiled graph, one CUDA graph, where the drafter compiles); the same tree as
+        _draft_dynamic with top_k=1 (ties: the lowest id)."""
+        dev, r = self.device, roots.shape[0]
         lp, tok = root_logp.max(-1)  # [R] each
-        lps, toks = [lp], [tok]
-        # drafted node f + 1 goes to slot base + f at position root + f + 1, both fresh contiguous tensors (a strided
-        # view of one tensor for all levels would compile a graph variant of its own)
-        for f in range(depth - 1):
-            logits = self._run(tok[:, None], self._root_pos + (f + 1),
-                               self.masks.causal(1, [b + f for b in self._base], c.pad), self._base_t[:, None] + f,
-                               f - 1, f)
-            lp, tok = self._logp(logits[:, 0]).max(-1)
-            lps.append(lp)
-            toks.append(tok)
+        lps, toks = lp[:, None], tok[:, None]
+        if depth > 1:
+            # drafted node f + 1 goes to slot base + f at position root + f + 1
+            more_lp, more_tok = self._chain(tok, self._chain_carry(), depth - 1)
+            lps, toks = torch.cat([lps, more_lp], 1), torch.cat([toks, more_tok], 1)
         self._num_fed = depth - 1
         meta = self._chains.get((depth, dev))
         if meta is None:  # parents, depths and fed ids of a chain of this depth (root -1, last node never fed)
@@ -332,9 +336,43 @@ class ModelDrafter(Drafter):
                                                  torch.arange(depth + 1, device=dev)[None],
                                                  torch.tensor([[-1, *range(depth - 1), -1]], device=dev))
         parents, depths, fed = (t.expand(r, depth + 1) for t in meta)
-        logprob = torch.cat([root_logp.new_zeros(r, 1), torch.stack(lps, 1).cumsum(1)], 1)
-        return DraftTree(torch.cat([roots[:, None], torch.stack(toks, 1)], 1), parents, depths, logprob=logprob,
-                         payload=fed)
+        logprob = torch.cat([root_logp.new_zeros(r, 1), lps.cumsum(1)], 1)
+        return DraftTree(torch.cat([roots[:, None], toks], 1), parents, depths, logprob=logprob, payload=fed)
+
+    _whole_chain = True  # a compiled drafter compiles its chain steps into one graph (SelfDrafter: each pass alone)
+
+    def _chain_carry(self) -> torch.Tensor | None:
+        """What the first chain step feeds beside its token (EAGLE-3: the root's feature), None for a plain LM."""
+        return None
+
+    def _chain(self, tok: torch.Tensor, carry: torch.Tensor | None, steps: int):
+        """The chain's steps after the first drafted token tok [R] -> (log-probs, tokens) [R, steps]: one call of
+        _chain_steps, compiled as a whole where the drafter compiles (inductor, static shapes: a graph per (rows,
+        steps)), else its loop over the drafting forward; captured into one CUDA graph per (rows, steps) where the
+        drafter's passes replay graphs (static inputs copied in, the cache written in place)."""
+        c = self.cache
+        args = (tok, carry, self._base_t, self._root_pos)
+        fn, model = _chain_steps, self._run_model
+        if self.compiled and self._whole_chain:
+            if self._chain_fn is None:  # its own frame (compile_pass), always called with this drafter's model
+                self._chain_fn = compile_pass(_chain_steps)
+            fn, model = self._chain_fn, self.model
+        run = partial(fn, model, c, self.masks, steps=steps, cache_position=self._cache_position,
+                      hidden=self._pass_hidden, vocab=self.vocab_size)
+        if not self.cuda_graphs:
+            return run(*args)
+        key = (c.rows, steps)
+        if key not in self._chain_graphs:
+            buf = [a if a is None else a.clone() for a in args]
+            if self._chain_pool is None:
+                self._chain_pool = torch.cuda.graph_pool_handle()
+            self._chain_graphs[key] = (buf, *buckets.capture_graph(lambda: run(*buf), self._chain_pool))
+        buf, graph, out = self._chain_graphs[key]
+        for dst, src in zip(buf, args):
+            if dst is not None:
+                dst.copy_(src)
+        graph.replay()
+        return out
 
     def _draft_dynamic(self, roots: torch.Tensor, root_logp: torch.Tensor, spec: TreeSpec) -> DraftTree:
         """EAGLE-2 per row: expand the top_k children of the row's top_k best frontier nodes per level (scores are
@@ -417,6 +455,27 @@ class ModelDrafter(Drafter):
         tree = DraftTree.from_lists([([0] * n, parents)], dev)
         fed = torch.tensor([[fed_id.get(i, -1) for i in range(n)]], device=dev).expand(r, n)
         return DraftTree(tokens, tree.parents.expand(r, n), tree.depth.expand(r, n), logprob=logprob, payload=fed)
+
+
+def _chain_steps(model, cache: TreeCache, masks: Masks, tok: torch.Tensor, carry: torch.Tensor | None,
+                 base: torch.Tensor, root_pos: torch.Tensor, steps: int, cache_position: bool = False,
+                 hidden: tuple[int, ...] | None = None, vocab: int | None = None):
+    """`steps` greedy one-token drafting passes of every row after its first drafted token tok [R]: step f feeds the
+    token before at slot base + f [R] (right after the root's slot), position root_pos + f + 1 ([R, 1]), causal over
+    the row's prefix (Masks.chain: device ops only, so the whole loop traces into one graph) -> (log-probs, tokens)
+    [R, steps]. carry: what each step feeds beside its token (features [R, 1, H], the step before's hidden states
+    when the model returns some: an EAGLE-3 head's own output feature), None for a plain LM."""
+    lps, toks = [], []
+    for f in range(steps):
+        end = base + f
+        out = forward(model, cache, tok[:, None], root_pos + (f + 1), masks.chain(end, cache.pad_t), end[:, None],
+                      cache_position, hidden, None if carry is None else {"features": carry})
+        logits, carry = out if hidden is not None else (out, None)
+        logits = logits[:, 0, :vocab] if vocab else logits[:, 0]
+        lp, tok = torch.log_softmax(logits.float(), -1).max(-1)
+        lps.append(lp)
+        toks.append(tok)
+    return torch.stack(lps, 1), torch.stack(toks, 1)
 
 
 class NgramDrafter(RowDrafter):
@@ -527,16 +586,28 @@ class SelfDrafter(ModelDrafter):
             b.warm(self.top_k)
         super().start(input_ids, pad, max_len)
 
-    def _run(self, *args, **kwargs):
+    _whole_chain = False  # its passes run under host-side scopes (resident experts, budget, prefetch): one by one
+
+    @contextlib.contextmanager
+    def _scope(self):
+        """Drafting passes see only the resident experts, under a budget of the pool's size; after them, the experts
+        their routers wanted start loading (prefetch) or rank the next evictions (hints)."""
         from ..budget import budget
 
         with self.handle.resident_only(), budget(self.resident):
-            out = super()._run(*args, **kwargs)
-        if self.prefetch:  # the experts this pass's router wanted start loading while drafting goes on
+            yield
+        if self.prefetch:  # the experts these passes' routers wanted start loading while the step goes on
             self.handle.prefetch()
         elif self.hints:  # policy "lfu+draft": they rank above the others when the verify pass evicts
             self.handle.hint()
-        return out
+
+    def _run(self, *args, **kwargs):
+        with self._scope():
+            return super()._run(*args, **kwargs)
+
+    def _chain(self, *args, **kwargs):
+        with self._scope():  # a chain's steps: one scope, prefetch once after them (hint() sums what they wanted)
+            return super()._chain(*args, **kwargs)
 
 
 class OracleDrafter(RowDrafter):
