@@ -29,9 +29,13 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 demo: $(STAMP)
 	$(VPY) -P -m moe_spec_compile.commands demo
 
+# TEST_WORKERS pytest-xdist processes, one file each at a time (a file's fixtures are built once), one thread each
+# (OMP_NUM_THREADS=1: two workers on 2 cores, not four threads): 10.7 min against 18-21 min serial on 2 cores.
+# TEST_WORKERS=0 runs the suite in this one process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
 	# -P: keep the repo root off sys.path, or transformers would import our kernels/ as the `kernels` hub package
-	TRITON_INTERPRET=1 $(VPY) -P -m pytest tests
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} TRITON_INTERPRET=1 $(VPY) -P -m pytest -n $(TEST_WORKERS) --dist loadfile tests
 
 # The suite against the newest releases (torch stays at its pin: an unpinned torch pulls CUDA wheels), with
 # the versions that differ from constraints.txt listed first: drift shows up here, not as a red CI.
@@ -40,7 +44,7 @@ test-latest:
 	grep '^torch==' $(CONSTRAINTS) > $(LATEST)/torch-pin.txt
 	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -c $(LATEST)/torch-pin.txt -e ".[dev]"
 	$(LATEST)/bin/python .ci/constraints.py --diff $(CONSTRAINTS)
-	TRITON_INTERPRET=1 $(LATEST)/bin/python -P -m pytest tests
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} TRITON_INTERPRET=1 $(LATEST)/bin/python -P -m pytest -n $(TEST_WORKERS) --dist loadfile tests
 
 # Re-pin constraints.txt to what .venv has now (after `make test` passed there on the versions you mean to pin).
 constraints: $(STAMP)
