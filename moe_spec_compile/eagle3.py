@@ -540,21 +540,23 @@ class Eagle3Drafter(ModelDrafter):
         super().select(rows)
         self.feat = self.feat[torch.tensor(rows, device=self.feat.device)]
 
-    def _chain_carry(self):
-        return self._root_h[:, None]  # a chain's first step feeds the root's output feature (then each step's own)
+    def _feed_inputs(self, slots):
+        """Committed tokens at slots [R, n] take the target's features of the slot before each (slot 0: a first
+        token, which no query attends, start), through fc."""
+        r, n = slots.shape
+        prev = (slots - 1).clamp(min=0)
+        return {"features": self.head.project(self.feat.gather(1, prev[..., None].expand(r, n, self.feat.shape[-1])))}
 
     def _run(self, tokens, positions, mask, slots, fed_parent=None, first_fed: int = 0, graph: bool = True):
         r, n = tokens.shape
-        if fed_parent is None:  # committed tokens: the target's features of the slot before each
-            prev = (slots - 1).clamp(min=0)  # slot 0: a first token, which no query attends (start)
-            features = self.head.project(self.feat.gather(1, prev[..., None].expand(r, n, self.feat.shape[-1])))
-        else:
+        if fed_parent is None:  # committed tokens
+            inputs = self._feed_inputs(slots)
+        else:  # tree nodes: the head's own output feature of each one's parent
             hsize = self._root_h.shape[-1]
             fed = self._fed_h if self._fed_h is not None and self._fed_h.shape[0] == r else \
                 self._root_h.new_zeros(r, 1, hsize)  # a first level: every parent is the root
             parent = fed.gather(1, fed_parent.clamp(min=0)[..., None].expand(r, n, hsize))
-            features = torch.where((fed_parent < 0)[..., None], self._root_h[:, None], parent)
-        inputs = {"features": features.contiguous()}
+            inputs = {"features": torch.where((fed_parent < 0)[..., None], self._root_h[:, None], parent)}
         if graph:
             logits, h = self._passes()(self.cache, tokens, positions, mask, slots, inputs=inputs)
         else:

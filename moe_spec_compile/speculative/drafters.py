@@ -192,15 +192,15 @@ class ModelDrafter(Drafter):
     @torch.no_grad()
     def draft(self, roots: list[int], shape: TreeSpec | StaticTree, live: list[bool] | None = None) -> DraftTree:
         live = [True] * len(roots) if live is None else live
-        root_logp = self._first_feed(roots, live)  # commits the pending tokens and the roots
         roots_t = torch.tensor(roots, dtype=torch.long, device=self.device)
+        if isinstance(shape, TreeSpec) and shape.top_k == 1 and shape.total_tokens == shape.depth > 0:
+            return self._draft_chain(roots_t, self._plan_feed(roots, live), shape.depth)
+        root_logp = self._first_feed(roots, live)  # commits the pending tokens and the roots
         if shape.max_nodes == 0:
             self._num_fed = 0
             tree = DraftTree.root_only(roots_t)
             tree.payload = torch.full_like(tree.tokens, -1)
             return tree
-        if isinstance(shape, TreeSpec) and shape.top_k == 1 and shape.total_tokens == shape.depth:
-            return self._draft_chain(roots_t, root_logp, shape.depth)
         if isinstance(shape, TreeSpec):
             return self._draft_dynamic(roots_t, root_logp, shape)
         return self._draft_static(roots_t, root_logp, shape)
@@ -263,8 +263,19 @@ class ModelDrafter(Drafter):
         return torch.log_softmax(logits.float(), -1)
 
     def _first_feed(self, roots: list[int], live: list[bool]) -> torch.Tensor:
-        """Feed each row its queued tokens and root (W per row, re-feeding committed tokens where a row has fewer
-        queued) causally after its prefix -> the roots' log-probs [R, V]."""
+        """Feed each row its queued tokens and root (_plan_feed) causally after its prefix -> the roots' log-probs
+        [R, V]."""
+        c = self.cache
+        tokens, start_t, start = self._plan_feed(roots, live)
+        slots = start_t[:, None] + torch.arange(tokens.shape[1], device=self.device)
+        logits = self._run(tokens, slots - c.pad_t[:, None], self.masks.causal(tokens.shape[1], start, c.pad), slots)
+        return self._logp(logits[:, -1])
+
+    def _plan_feed(self, roots: list[int], live: list[bool]):
+        """A step's first feed, planned on the host: each row's queued tokens and root (W per row, re-feeding
+        committed tokens where a row has fewer queued) at slots start[b] .. start[b] + W - 1 -> (tokens [R, W],
+        start [R] on the device, start as host ints). Commits them: the rows' lengths, the drafted nodes' base slots
+        and the roots' positions are set for the feed that follows."""
         c, dev = self.cache, self.device
         w = 1 + max((len(p) for p, alive in zip(self.pending, live) if alive), default=0)
         start, tokens = [], []
@@ -278,14 +289,11 @@ class ModelDrafter(Drafter):
                 self.committed[b] = self.committed[b][:s] + feed
                 self.pending[b] = []
         start_t = torch.tensor(start, device=dev)
-        slots = start_t[:, None] + torch.arange(w, device=dev)
-        logits = self._run(torch.tensor(tokens, device=dev), slots - c.pad_t[:, None],
-                           self.masks.causal(w, start, c.pad), slots)
         c.lengths = [s + w if alive else n for s, n, alive in zip(start, c.lengths, live)]
         self._base = list(c.lengths)  # drafted nodes are fed after here (fed id f at slot base + f)
         self._base_t = start_t + w
         self._root_pos = (self._base_t - 1 - c.pad_t)[:, None]  # [R, 1] the roots' positions (slot base - 1)
-        return self._logp(logits[:, -1])
+        return torch.tensor(tokens, device=dev), start_t, start
 
     def _begin_tree(self, rows: int, max_fed: int) -> None:
         """The fed nodes' ancestors [R, F, F] and positions [R, F]: buffers allocated once per (R, F), cleared per
@@ -317,18 +325,15 @@ class ModelDrafter(Drafter):
         self._num_fed += m
         return self._logp(logits)
 
-    def _draft_chain(self, roots: torch.Tensor, root_logp: torch.Tensor, depth: int) -> DraftTree:
-        """A chain (TreeSpec(K, K, 1)): each drafted token is the argmax after the one before, fed as a plain causal
-        one-token step at the next slot (a chain's tree mask is the causal mask). The depth - 1 steps run as one
-        call (_chain_steps: one compiled graph, one CUDA graph, where the drafter compiles); the same tree as
-        _draft_dynamic with top_k=1 (ties: the lowest id)."""
+    def _draft_chain(self, roots: torch.Tensor, feed, depth: int) -> DraftTree:
+        """A chain (TreeSpec(K, K, 1)): the first feed (_plan_feed's), then each drafted token is the argmax after
+        the one before, fed as a plain causal one-token step at the next slot (a chain's tree mask is the causal
+        mask). The feed and the depth - 1 steps run as one call (_chain); the same tree as _draft_dynamic with
+        top_k=1 (ties: the lowest id)."""
         dev, r = self.device, roots.shape[0]
-        lp, tok = root_logp.max(-1)  # [R] each
-        lps, toks = lp[:, None], tok[:, None]
-        if depth > 1:
-            # drafted node f + 1 goes to slot base + f at position root + f + 1
-            more_lp, more_tok = self._chain(tok, self._chain_carry(), depth - 1)
-            lps, toks = torch.cat([lps, more_lp], 1), torch.cat([toks, more_tok], 1)
+        tokens, start_t, _ = feed
+        slots = start_t[:, None] + torch.arange(tokens.shape[1], device=dev)
+        lps, toks = self._chain(tokens, start_t, self._feed_inputs(slots), depth - 1)  # [R, depth] each
         self._num_fed = depth - 1
         meta = self._chains.get((depth, dev))
         if meta is None:  # parents, depths and fed ids of a chain of this depth (root -1, last node never fed)
@@ -336,22 +341,24 @@ class ModelDrafter(Drafter):
                                                  torch.arange(depth + 1, device=dev)[None],
                                                  torch.tensor([[-1, *range(depth - 1), -1]], device=dev))
         parents, depths, fed = (t.expand(r, depth + 1) for t in meta)
-        logprob = torch.cat([root_logp.new_zeros(r, 1), lps.cumsum(1)], 1)
+        logprob = torch.cat([lps.new_zeros(r, 1), lps.cumsum(1)], 1)
         return DraftTree(torch.cat([roots[:, None], toks], 1), parents, depths, logprob=logprob, payload=fed)
 
-    _whole_chain = True  # a compiled drafter compiles its chain steps into one graph (SelfDrafter: each pass alone)
+    _whole_chain = True  # a compiled drafter compiles its chains into one graph (SelfDrafter: each pass alone)
 
-    def _chain_carry(self) -> torch.Tensor | None:
-        """What the first chain step feeds beside its token (EAGLE-3: the root's feature), None for a plain LM."""
+    def _feed_inputs(self, slots: torch.Tensor) -> dict | None:
+        """What the model takes beside committed tokens at slots [R, n] (EAGLE-3: the target's features), None for a
+        plain LM."""
         return None
 
-    def _chain(self, tok: torch.Tensor, carry: torch.Tensor | None, steps: int):
-        """The chain's steps after the first drafted token tok [R] -> (log-probs, tokens) [R, steps]: one call of
-        _chain_steps, compiled as a whole where the drafter compiles (inductor, static shapes: a graph per (rows,
-        steps)), else its loop over the drafting forward; captured into one CUDA graph per (rows, steps) where the
-        drafter's passes replay graphs (static inputs copied in, the cache written in place)."""
+    def _chain(self, tokens: torch.Tensor, start: torch.Tensor, inputs: dict | None, steps: int):
+        """The first feed (tokens [R, W] at slots start [R] ..) and the chain's steps after it -> (log-probs,
+        tokens) [R, steps + 1]: one call of _chain_steps, compiled as a whole where the drafter compiles (inductor,
+        static shapes: a graph per (rows, W, steps)), else its loop over the drafting forward; captured into one
+        CUDA graph per (rows, W, steps) where the drafter's passes replay graphs (static inputs copied in, the
+        cache written in place)."""
         c = self.cache
-        args = (tok, carry, self._base_t, self._root_pos)
+        args = (tokens, start, inputs)
         fn, model = _chain_steps, self._run_model
         if self.compiled and self._whole_chain:
             if self._chain_fn is None:  # its own frame (compile_pass), always called with this drafter's model
@@ -361,16 +368,17 @@ class ModelDrafter(Drafter):
                       hidden=self._pass_hidden, vocab=self.vocab_size)
         if not self.cuda_graphs:
             return run(*args)
-        key = (c.rows, steps)
+        key = (c.rows, tokens.shape[1], steps)
         if key not in self._chain_graphs:
-            buf = [a if a is None else a.clone() for a in args]
+            buf = (tokens.clone(), start.clone(), None if inputs is None else {k: v.clone() for k, v in inputs.items()})
             if self._chain_pool is None:
                 self._chain_pool = torch.cuda.graph_pool_handle()
             self._chain_graphs[key] = (buf, *buckets.capture_graph(lambda: run(*buf), self._chain_pool))
         buf, graph, out = self._chain_graphs[key]
-        for dst, src in zip(buf, args):
-            if dst is not None:
-                dst.copy_(src)
+        buf[0].copy_(tokens)
+        buf[1].copy_(start)
+        for k, v in (inputs or {}).items():
+            buf[2][k].copy_(v)
         graph.replay()
         return out
 
@@ -457,24 +465,28 @@ class ModelDrafter(Drafter):
         return DraftTree(tokens, tree.parents.expand(r, n), tree.depth.expand(r, n), logprob=logprob, payload=fed)
 
 
-def _chain_steps(model, cache: TreeCache, masks: Masks, tok: torch.Tensor, carry: torch.Tensor | None,
-                 base: torch.Tensor, root_pos: torch.Tensor, steps: int, cache_position: bool = False,
-                 hidden: tuple[int, ...] | None = None, vocab: int | None = None):
-    """`steps` greedy one-token drafting passes of every row after its first drafted token tok [R]: step f feeds the
-    token before at slot base + f [R] (right after the root's slot), position root_pos + f + 1 ([R, 1]), causal over
-    the row's prefix (Masks.chain: device ops only, so the whole loop traces into one graph) -> (log-probs, tokens)
-    [R, steps]. carry: what each step feeds beside its token (features [R, 1, H], the step before's hidden states
-    when the model returns some: an EAGLE-3 head's own output feature), None for a plain LM."""
+def _chain_steps(model, cache: TreeCache, masks: Masks, tokens: torch.Tensor, start: torch.Tensor,
+                 inputs: dict | None, steps: int, cache_position: bool = False, hidden: tuple[int, ...] | None = None,
+                 vocab: int | None = None):
+    """A chain's drafting: the first feed, tokens [R, W] at slots start .. start + W - 1 (positions slot - pad, causal
+    over each row's prefix; inputs: the model's other inputs for them), whose last token is the root; then `steps`
+    greedy one-token passes, step f feeding the token drafted before at slot start + W + f (Masks.chain: device ops
+    only, so the whole call traces into one graph) -> (log-probs, tokens) [R, steps + 1]. When the model returns
+    hidden states (an EAGLE-3 head's output feature), each step feeds the one before's as its features."""
+    w = tokens.shape[1]
+    slots = start[:, None] + torch.arange(w, device=start.device)
+    positions = slots - cache.pad_t[:, None]
     lps, toks = [], []
-    for f in range(steps):
-        end = base + f
-        out = forward(model, cache, tok[:, None], root_pos + (f + 1), masks.chain(end, cache.pad_t), end[:, None],
-                      cache_position, hidden, None if carry is None else {"features": carry})
-        logits, carry = out if hidden is not None else (out, None)
-        logits = logits[:, 0, :vocab] if vocab else logits[:, 0]
+    for _ in range(steps + 1):
+        out = forward(model, cache, tokens, positions, masks.chain(slots[:, 0], cache.pad_t, slots.shape[1]), slots,
+                      cache_position, hidden, inputs)
+        logits, h = out if hidden is not None else (out, None)
+        logits = logits[:, -1, :vocab] if vocab else logits[:, -1]
         lp, tok = torch.log_softmax(logits.float(), -1).max(-1)
         lps.append(lp)
         toks.append(tok)
+        tokens, positions, slots = tok[:, None], positions[:, -1:] + 1, slots[:, -1:] + 1
+        inputs = None if h is None else {"features": h[:, -1:]}
     return torch.stack(lps, 1), torch.stack(toks, 1)
 
 

@@ -283,19 +283,20 @@ class Masks:
             pos = torch.tensor([s - p for s, p in zip(start, pad)], device=dev)[:, None] + torch.arange(n, device=dev)
         return self.tree(anc, start, pad, pos, pos, buffered)
 
-    def chain(self, end: torch.Tensor, pad: torch.Tensor):
-        """One query per row at slot end[b] whose prefix is contiguous (a chain draft's step): it attends slots
-        [pad[b], end[b]]; end, pad [R] on the device -> the mask(s) [R, 1, 1, S], device ops only (no host ints, so a
-        compiled chain computes it inside its graph). Slot s is position s - pad[b] throughout, so the sliding
-        window keeps end[b] - s < window (tree_mask's rule)."""
-        cols = torch.arange(self.max_len, device=end.device)
-        allowed = ((cols >= pad[:, None]) & (cols <= end[:, None]))[:, None, None, :]  # [R, 1, 1, S]
+    def chain(self, first: torch.Tensor, pad: torch.Tensor, n: int = 1):
+        """n queries per row at slots first[b] .. first[b] + n - 1 after a contiguous prefix (a chain draft's feed
+        and steps): query i attends slots [pad[b], first[b] + i]; first, pad [R] on the device -> the mask(s)
+        [R, 1, n, S], device ops only (no host ints, so a compiled chain computes it inside its graph). Slot s is
+        position s - pad[b] throughout, so the sliding window keeps (first[b] + i) - s < window (tree_mask's
+        rule)."""
+        cols = torch.arange(self.max_len, device=first.device)
+        last = (first[:, None] + torch.arange(n, device=first.device))[:, None, :, None]  # [R, 1, n, 1]
+        allowed = (cols >= pad[:, None, None, None]) & (cols <= last)  # [R, 1, n, S]
         low = torch.finfo(self.dtype).min
-        full = torch.zeros(allowed.shape, dtype=self.dtype, device=end.device).masked_fill(~allowed, low)
+        full = torch.zeros(allowed.shape, dtype=self.dtype, device=first.device).masked_fill(~allowed, low)
         if self.window is None:
             return full
-        near = ((end[:, None] - cols) < self.window)[:, None, None, :]
-        sliding = full.masked_fill(~near, low)
+        sliding = full.masked_fill((last - cols) >= self.window, low)
         if self.layer_types is None:
             return sliding
         return {"full_attention": full, "sliding_attention": sliding}
