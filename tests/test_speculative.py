@@ -529,3 +529,25 @@ def test_pass_inputs_live_in_preallocated_buffers(monkeypatch, target, draft):
     assert any(k[:2] == ("verify", 1) for k in seen) and any(k[:2] == ("verify", 2) for k in seen)
     assert any(k[0] == "draft" and k[1:] == (1, 2) for k in seen) and any(k[:2] == ("draft", 2) for k in seen)
     assert all(len(v) == 1 for v in seen.values()), seen
+
+
+@pytest.mark.parametrize("layers", [None, ["sliding_attention", "full_attention"]])
+def test_chain_masks_equal_the_causal_tree_masks(layers):
+    """Masks.chain (device ops only, a compiled chain's feed and steps) equals Masks.causal (tree_mask from host
+    ints) for every feed width, rows of different padding, a feed that re-feeds padding slots, and a sliding
+    window alone or mixed with full attention layers (a dict of masks)."""
+    from types import SimpleNamespace
+
+    from moe_spec_compile.speculative.kv import Masks
+
+    model = torch.nn.Linear(2, 2)
+    for window in (None, 3):
+        cfg = SimpleNamespace(sliding_window=window, layer_types=layers if window else None)
+        model.config = cfg
+        masks = Masks(model, 16)
+        pad, first = [0, 4, 2], [5, 2, 9]  # row 1's feed starts in its padding
+        for n in (1, 3, 5):
+            want = masks.causal(n, first, pad, buffered=False)
+            got = masks.chain(torch.tensor(first), torch.tensor(pad), n)
+            for w, g in (zip(want.values(), got.values()) if isinstance(want, dict) else [(want, got)]):
+                assert torch.equal(w, g), (window, n)

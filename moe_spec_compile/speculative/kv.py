@@ -285,13 +285,14 @@ class Masks:
 
     def chain(self, first: torch.Tensor, pad: torch.Tensor, n: int = 1):
         """n queries per row at slots first[b] .. first[b] + n - 1 after a contiguous prefix (a chain draft's feed
-        and steps): query i attends slots [pad[b], first[b] + i]; first, pad [R] on the device -> the mask(s)
-        [R, 1, n, S], device ops only (no host ints, so a compiled chain computes it inside its graph). Slot s is
-        position s - pad[b] throughout, so the sliding window keeps (first[b] + i) - s < window (tree_mask's
-        rule)."""
+        and steps): query i attends slots [min(pad[b], first[b]), first[b] + i] (its prefix, itself and the
+        queries before it, as tree_mask: a re-fed padding token is never fully masked); first, pad [R] on the device
+        -> the mask(s) [R, 1, n, S], device ops only (no host ints, so a compiled chain computes it inside its
+        graph). Slot s is position s - pad[b] throughout, so the sliding window keeps (first[b] + i) - s < window
+        (tree_mask's rule)."""
         cols = torch.arange(self.max_len, device=first.device)
         last = (first[:, None] + torch.arange(n, device=first.device))[:, None, :, None]  # [R, 1, n, 1]
-        allowed = (cols >= pad[:, None, None, None]) & (cols <= last)  # [R, 1, n, S]
+        allowed = (cols >= torch.minimum(pad, first)[:, None, None, None]) & (cols <= last)  # [R, 1, n, S]
         low = torch.finfo(self.dtype).min
         full = torch.zeros(allowed.shape, dtype=self.dtype, device=first.device).masked_fill(~allowed, low)
         if self.window is None:
