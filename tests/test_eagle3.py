@@ -462,6 +462,41 @@ def test_greedy_through_the_moespec_graph(target, tmp_path):
     assert runs[0] == runs[1] and max(runs[0]) > 1, runs  # drafts accepted, step for step the same
 
 
+@pytest.mark.skipif(not (_shipped() / "model.safetensors").exists(), reason="no shipped EAGLE-3 head")
+def test_compiled_chains_compile_once_per_length():
+    """A compiled drafter's chain (first feed and steps in one inductor graph, dynamic shapes) keeps greedy output
+    the target's and compiles once per chain length: two graphs (a feed of one token, of more), whatever feed
+    widths the accepted lengths bring and when its cache grows (a longer request), none in the middle of decoding.
+    The shipped head on the bundled target: it accepts enough for feeds of several widths."""
+    import moe_spec_compile as msc
+    from moe_spec_compile.tiny import heldout_text, load_tiny
+
+    torch._dynamo.reset()
+    target, _, tok = load_tiny()
+    drafter = msc.Eagle3Drafter.from_pretrained(_shipped(), target, compile=True)
+    dec = msc.SpeculativeDecoder(target, drafter=drafter, tree=3)
+    ids = torch.tensor(tok(heldout_text())["input_ids"])[None, :16]
+    widths = set()
+    plan = drafter._plan_feed
+
+    def spy(*args):
+        out = plan(*args)
+        widths.add(out[0].shape[1])
+        return out
+
+    drafter._plan_feed = spy
+
+    def graphs():
+        code = drafter._chain_fn._torchdynamo_orig_callable.__code__
+        return len(torch._dynamo.eval_frame._debug_get_cache_entry_list(code))
+
+    for n, max_len in ((24, 64), (64, 128)):
+        want = target.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False)
+        assert dec.generate(ids, max_new_tokens=n, eos_token_id=None).sequences.tolist() == want.tolist()
+        assert drafter.max_len == max_len and graphs() <= 2
+    assert len(widths) >= 3, widths  # feeds of several widths ran through the same graphs
+
+
 def test_graph_replays_equal_eager_passes(monkeypatch, target, tmp_path):
     """Both runners on their CUDA-graph path (emulated on the CPU, graph_replay.py): the verify passes returning the
     aux features and the head's drafting passes fed the features as static inputs, on a left-padded batch, exact and

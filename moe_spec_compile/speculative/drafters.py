@@ -353,18 +353,21 @@ class ModelDrafter(Drafter):
 
     def _chain(self, tokens: torch.Tensor, start: torch.Tensor, inputs: dict | None, steps: int):
         """The first feed (tokens [R, W] at slots start [R] ..) and the chain's steps after it -> (log-probs,
-        tokens) [R, steps + 1]: one call of _chain_steps, compiled as a whole where the drafter compiles (inductor;
-        a graph per steps, W and rows dynamic), else its loop over the drafting forward; captured into one CUDA graph
+        tokens) [R, steps + 1]: one call of _chain_steps, compiled as a whole where the drafter compiles (inductor,
+        dynamic shapes: a graph per steps), else its loop over the drafting forward; captured into one CUDA graph
         per (rows, W, steps) where the drafter's passes replay graphs (static inputs copied in, the cache written in
         place)."""
         c = self.cache
+        # the feed's slots first (kv.forward does it again): the call meets one shape of cache.slots whatever pass ran
+        # before it (a prompt's feed, a tree level), so a compiled chain's guards do not see the previous pass
+        c.write_at(start[:, None] + torch.arange(tokens.shape[1], device=start.device))
         args = (tokens, start, inputs)
         fn, model = _chain_steps, self._run_model
         if self.compiled and self._whole_chain:
             if self._chain_fn is None:  # its own frame (compile_pass), always called with this drafter's model;
-                # dynamic=None: static shapes first, then one graph for every feed width W (and rows) once a second
-                # one is met, not a compile per W in the middle of decoding
-                self._chain_fn = compile_pass(_chain_steps, dynamic=None)
+                # dynamic shapes (as the drafter's forward): one graph per chain length for every feed width W > 1,
+                # rows count and cache size, not a compile per W or cache growth in the middle of decoding
+                self._chain_fn = compile_pass(_chain_steps, dynamic=True)
             fn, model = self._chain_fn, self.model
         run = partial(fn, model, c, self.masks, steps=steps, cache_position=self._cache_position,
                       hidden=self._pass_hidden, vocab=self.vocab_size)
