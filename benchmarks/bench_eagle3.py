@@ -74,9 +74,12 @@ def main(argv=None) -> int:
     configs = {  # name -> (drafter, tree, budget)
         "moespec tree=0 (AR)": (msc.NgramDrafter(), 0, None),
         "chain 4, dense draft": (dense, 4, None),
+        "chain 5, dense draft": (dense, 5, None),
         "tree 16-4-4, dense draft": (dense, tree16, None),
         "chain 3, EAGLE-3": (eagle, 3, None),
         "chain 4, EAGLE-3": (eagle, 4, None),
+        "chain 5, EAGLE-3": (eagle, 5, None),
+        "chain 6, EAGLE-3": (eagle, 6, None),
         "tree 16-4-4, EAGLE-3": (eagle, tree16, None),
         f"chain 4, EAGLE-3, C={quarter}": (eagle, 4, quarter),
         f"tree 16-4-4, EAGLE-3, C={quarter}": (eagle, tree16, quarter),
