@@ -333,7 +333,7 @@ class ModelDrafter(Drafter):
         dev, r = self.device, roots.shape[0]
         tokens, start_t, _ = feed
         slots = start_t[:, None] + torch.arange(tokens.shape[1], device=dev)
-        lps, toks = self._chain(tokens, start_t, self._feed_inputs(slots), depth - 1)  # [R, depth] each
+        lps, toks = self._chain(tokens, slots, self._feed_inputs(slots), depth - 1)  # [R, depth] each
         self._num_fed = depth - 1
         meta = self._chains.get((depth, dev))
         if meta is None:  # parents, depths and fed ids of a chain of this depth (root -1, last node never fed)
@@ -351,16 +351,17 @@ class ModelDrafter(Drafter):
         plain LM."""
         return None
 
-    def _chain(self, tokens: torch.Tensor, start: torch.Tensor, inputs: dict | None, steps: int):
-        """The first feed (tokens [R, W] at slots start [R] ..) and the chain's steps after it -> (log-probs,
-        tokens) [R, steps + 1]: one call of _chain_steps, compiled as a whole where the drafter compiles (inductor,
-        dynamic shapes: a graph per steps), else its loop over the drafting forward; captured into one CUDA graph
-        per (rows, W, steps) where the drafter's passes replay graphs (static inputs copied in, the cache written in
-        place)."""
+    def _chain(self, tokens: torch.Tensor, slots: torch.Tensor, inputs: dict | None, steps: int):
+        """The first feed (tokens [R, W] at slots [R, W], contiguous per row) and the chain's steps after it ->
+        (log-probs, tokens) [R, steps + 1]: one call of _chain_steps, compiled as a whole where the drafter compiles
+        (inductor, dynamic shapes: a graph per steps), else its loop over the drafting forward; captured into one
+        CUDA graph per (rows, W, steps) where the drafter's passes replay graphs (static inputs copied in, the cache
+        written in place)."""
         c = self.cache
         # the feed's slots first (kv.forward does it again): the call meets one shape of cache.slots whatever pass ran
         # before it (a prompt's feed, a tree level), so a compiled chain's guards do not see the previous pass
-        c.write_at(start[:, None] + torch.arange(tokens.shape[1], device=start.device))
+        c.write_at(slots)
+        start = slots[:, 0].contiguous()
         args = (tokens, start, inputs)
         fn, model = _chain_steps, self._run_model
         if self.compiled and self._whole_chain:
