@@ -440,7 +440,7 @@ def test_compiled_drafter_proposes_what_the_eager_one_does(target, draft):
     rows = torch.cat([prompt, prompt.flip(1)])
     chains = []  # a compiled chain's steps run as one graph (_chain_steps): the same chain, log-probs included
     for d in (eager, compiled):
-        d.start(rows, [0, 0], 64)
+        d.start(rows, [0, 3], 64)  # row 1 left-padded by 3
         tree = d.draft(rows[:, -1].tolist(), TreeSpec(4, 4, 1), [True, True])
         chains.append((tree.tokens, tree.logprob))
     assert compiled._chain_fn is not None and eager._chain_fn is None
@@ -523,6 +523,9 @@ def test_pass_inputs_live_in_preallocated_buffers(monkeypatch, target, draft):
     out = dec.generate(prompt, max_new_tokens=16, eos_token_id=None)
     assert out.sequences[0].tolist() == reference(target, prompt, 16)
     assert out.stats.steps >= 3
+    short = prompt[:, 1:]  # an eager chain's steps too (a prompt of another length: prompts' masks are fresh)
+    out = dec.generate(short, max_new_tokens=12, eos_token_id=None, tree=4)
+    assert out.sequences[0].tolist() == reference(target, short, 12)
     rows = torch.cat([prompt, prompt.flip(1)])  # a batch: buffers of its own pass shapes, allocated once too
     out = dec.generate(rows, attention_mask=torch.ones_like(rows), max_new_tokens=16, eos_token_id=None)
     assert out.sequences.tolist() == [reference(target, r[None], 16) for r in rows]
@@ -532,22 +535,26 @@ def test_pass_inputs_live_in_preallocated_buffers(monkeypatch, target, draft):
 
 
 @pytest.mark.parametrize("layers", [None, ["sliding_attention", "full_attention"]])
-def test_chain_masks_equal_the_causal_tree_masks(layers):
-    """Masks.chain (device ops only, a compiled chain's feed and steps) equals Masks.causal (tree_mask from host
-    ints) for every feed width, rows of different padding, a feed that re-feeds padding slots, and a sliding
-    window alone or mixed with full attention layers (a dict of masks)."""
+def test_causal_masks_equal_tree_masks_of_a_chain(layers):
+    """Masks.causal (device ops only: a drafter's first feed, a compiled chain's feed and steps) equals Masks.tree
+    (tree_mask from host ints) with a lower-triangular ancestor matrix, for every feed width, rows of different
+    padding, a feed that re-feeds padding slots, and a sliding window alone or mixed with full attention layers
+    (a dict of masks)."""
     from types import SimpleNamespace
 
     from moe_spec_compile.speculative.kv import Masks
 
     model = torch.nn.Linear(2, 2)
     for window in (None, 3):
-        cfg = SimpleNamespace(sliding_window=window, layer_types=layers if window else None)
-        model.config = cfg
+        model.config = SimpleNamespace(sliding_window=window, layer_types=layers if window else None)
         masks = Masks(model, 16)
         pad, first = [0, 4, 2], [5, 2, 9]  # row 1's feed starts in its padding
         for n in (1, 3, 5):
-            want = masks.causal(n, first, pad, buffered=False)
-            got = masks.chain(torch.tensor(first), torch.tensor(pad), n)
-            for w, g in (zip(want.values(), got.values()) if isinstance(want, dict) else [(want, got)]):
-                assert torch.equal(w, g), (window, n)
+            anc = torch.ones(n, n, dtype=torch.bool).tril().expand(3, n, n)
+            pos = torch.tensor([f - p for f, p in zip(first, pad)])[:, None] + torch.arange(n)
+            want = masks.tree(anc, first, pad, pos, pos, buffered=False)
+            want = {k: v.clone() for k, v in want.items()} if isinstance(want, dict) else want.clone()
+            for buffered in (False, True):  # a fresh tensor, or written into Masks' (R, n) buffers
+                got = masks.causal(torch.tensor(first), torch.tensor(pad), n, buffered)
+                for w, g in (zip(want.values(), got.values()) if isinstance(want, dict) else [(want, got)]):
+                    assert torch.equal(w, g), (window, n, buffered)

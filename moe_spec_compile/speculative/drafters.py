@@ -135,7 +135,7 @@ class ModelDrafter(Drafter):
         self._fed_buffers: dict = {}  # (R, F) -> the fed nodes' ancestors [R, F, F] and positions [R, F]
         self._chains: dict = {}  # (depth, device) -> a chain's parents, depths, fed ids (_draft_chain)
         self._chain_fn = None  # _chain_steps compiled (a compiled drafter's chains)
-        self._chain_graphs: dict = {}  # (rows, steps) -> static inputs, CUDA graph, outputs (_chain)
+        self._chain_graphs: dict = {}  # (rows, W, steps) -> static inputs, CUDA graph, outputs (_chain)
         self._chain_pool = None
         if not isinstance(compile, bool):
             raise ValueError(f"compile must be a bool, got {compile!r}")
@@ -258,23 +258,21 @@ class ModelDrafter(Drafter):
         return self._passes()(self.cache, tokens, positions, mask, slots)
 
     def _logp(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.vocab_size:
-            logits = logits[..., : self.vocab_size]
-        return torch.log_softmax(logits.float(), -1)
+        return _log_probs(logits, self.vocab_size)
 
     def _first_feed(self, roots: list[int], live: list[bool]) -> torch.Tensor:
         """Feed each row its queued tokens and root (_plan_feed) causally after its prefix -> the roots' log-probs
         [R, V]."""
         c = self.cache
-        tokens, start_t, start = self._plan_feed(roots, live)
-        slots = start_t[:, None] + torch.arange(tokens.shape[1], device=self.device)
-        logits = self._run(tokens, slots - c.pad_t[:, None], self.masks.causal(tokens.shape[1], start, c.pad), slots)
+        tokens, slots = self._plan_feed(roots, live)
+        mask = self.masks.causal(slots[:, 0], c.pad_t, slots.shape[1], buffered=True)
+        logits = self._run(tokens, slots - c.pad_t[:, None], mask, slots)
         return self._logp(logits[:, -1])
 
     def _plan_feed(self, roots: list[int], live: list[bool]):
         """A step's first feed, planned on the host: each row's queued tokens and root (W per row, re-feeding
         committed tokens where a row has fewer queued) at slots start[b] .. start[b] + W - 1 -> (tokens [R, W],
-        start [R] on the device, start as host ints). Commits them: the rows' lengths, the drafted nodes' base slots
+        their slots [R, W]). Commits them: the rows' lengths, the drafted nodes' base slots
         and the roots' positions are set for the feed that follows."""
         c, dev = self.cache, self.device
         w = 1 + max((len(p) for p, alive in zip(self.pending, live) if alive), default=0)
@@ -293,7 +291,7 @@ class ModelDrafter(Drafter):
         self._base = list(c.lengths)  # drafted nodes are fed after here (fed id f at slot base + f)
         self._base_t = start_t + w
         self._root_pos = (self._base_t - 1 - c.pad_t)[:, None]  # [R, 1] the roots' positions (slot base - 1)
-        return torch.tensor(tokens, device=dev), start_t, start
+        return torch.tensor(tokens, device=dev), start_t[:, None] + torch.arange(w, device=dev)
 
     def _begin_tree(self, rows: int, max_fed: int) -> None:
         """The fed nodes' ancestors [R, F, F] and positions [R, F]: buffers allocated once per (R, F), cleared per
@@ -331,8 +329,7 @@ class ModelDrafter(Drafter):
         mask). The feed and the depth - 1 steps run as one call (_chain); the same tree as _draft_dynamic with
         top_k=1 (ties: the lowest id)."""
         dev, r = self.device, roots.shape[0]
-        tokens, start_t, _ = feed
-        slots = start_t[:, None] + torch.arange(tokens.shape[1], device=dev)
+        tokens, slots = feed
         lps, toks = self._chain(tokens, slots, self._feed_inputs(slots), depth - 1)  # [R, depth] each
         self._num_fed = depth - 1
         meta = self._chains.get((depth, dev))
@@ -361,28 +358,27 @@ class ModelDrafter(Drafter):
         # the feed's slots first (kv.forward does it again): the call meets one shape of cache.slots whatever pass ran
         # before it (a prompt's feed, a tree level), so a compiled chain's guards do not see the previous pass
         c.write_at(slots)
-        start = slots[:, 0].contiguous()
-        args = (tokens, start, inputs)
-        fn, model = _chain_steps, self._run_model
+        args = (tokens, slots, inputs)
+        fn, model, buffered = _chain_steps, self._run_model, True  # eager steps: masks in Masks' buffers
         if self.compiled and self._whole_chain:
             if self._chain_fn is None:  # its own frame (compile_pass), always called with this drafter's model;
                 # dynamic shapes (as the drafter's forward): one graph per chain length for every feed width W > 1,
                 # rows count and cache size, not a compile per W or cache growth in the middle of decoding
                 self._chain_fn = compile_pass(_chain_steps, dynamic=True)
-            fn, model = self._chain_fn, self.model
+            fn, model, buffered = self._chain_fn, self.model, False
         run = partial(fn, model, c, self.masks, steps=steps, cache_position=self._cache_position,
-                      hidden=self._pass_hidden, vocab=self.vocab_size)
+                      hidden=self._pass_hidden, vocab=self.vocab_size, buffered=buffered)
         if not self.cuda_graphs:
             return run(*args)
         key = (c.rows, tokens.shape[1], steps)
         if key not in self._chain_graphs:
-            buf = (tokens.clone(), start.clone(), None if inputs is None else {k: v.clone() for k, v in inputs.items()})
+            buf = (tokens.clone(), slots.clone(), None if inputs is None else {k: v.clone() for k, v in inputs.items()})
             if self._chain_pool is None:
                 self._chain_pool = torch.cuda.graph_pool_handle()
             self._chain_graphs[key] = (buf, *buckets.capture_graph(lambda: run(*buf), self._chain_pool))
         buf, graph, out = self._chain_graphs[key]
         buf[0].copy_(tokens)
-        buf[1].copy_(start)
+        buf[1].copy_(slots)
         for k, v in (inputs or {}).items():
             buf[2][k].copy_(v)
         graph.replay()
@@ -471,24 +467,29 @@ class ModelDrafter(Drafter):
         return DraftTree(tokens, tree.parents.expand(r, n), tree.depth.expand(r, n), logprob=logprob, payload=fed)
 
 
-def _chain_steps(model, cache: TreeCache, masks: Masks, tokens: torch.Tensor, start: torch.Tensor,
+def _log_probs(logits: torch.Tensor, vocab: int | None) -> torch.Tensor:
+    """Log-probabilities over the first `vocab` logits (all of them for None), in fp32."""
+    if vocab:
+        logits = logits[..., :vocab]
+    return torch.log_softmax(logits.float(), -1)
+
+
+def _chain_steps(model, cache: TreeCache, masks: Masks, tokens: torch.Tensor, slots: torch.Tensor,
                  inputs: dict | None, steps: int, cache_position: bool = False, hidden: tuple[int, ...] | None = None,
-                 vocab: int | None = None):
-    """A chain's drafting: the first feed, tokens [R, W] at slots start .. start + W - 1 (positions slot - pad, causal
-    over each row's prefix; inputs: the model's other inputs for them), whose last token is the root; then `steps`
-    greedy one-token passes, step f feeding the token drafted before at slot start + W + f (Masks.chain: device ops
+                 vocab: int | None = None, buffered: bool = False):
+    """A chain's drafting: the first feed, tokens [R, W] at slots [R, W] (contiguous per row; positions slot - pad,
+    causal over each row's prefix; inputs: the model's other inputs for them), whose last token is the root; then
+    `steps` greedy one-token passes, each feeding the token drafted before at the next slot (Masks.causal: device ops
     only, so the whole call traces into one graph) -> (log-probs, tokens) [R, steps + 1]. When the model returns
-    hidden states (an EAGLE-3 head's output feature), each step feeds the one before's as its features."""
-    w = tokens.shape[1]
-    slots = start[:, None] + torch.arange(w, device=start.device)
+    hidden states (an EAGLE-3 head's output feature), each step feeds the one before's as its features. buffered: the
+    masks go to Masks' buffers (an eager loop), not fresh tensors (a compiled graph)."""
     positions = slots - cache.pad_t[:, None]
     lps, toks = [], []
     for _ in range(steps + 1):
-        out = forward(model, cache, tokens, positions, masks.chain(slots[:, 0], cache.pad_t, slots.shape[1]), slots,
-                      cache_position, hidden, inputs)
+        out = forward(model, cache, tokens, positions, masks.causal(slots[:, 0], cache.pad_t, slots.shape[1], buffered),
+                      slots, cache_position, hidden, inputs)
         logits, h = out if hidden is not None else (out, None)
-        logits = logits[:, -1, :vocab] if vocab else logits[:, -1]
-        lp, tok = torch.log_softmax(logits.float(), -1).max(-1)
+        lp, tok = _log_probs(logits[:, -1], vocab).max(-1)
         lps.append(lp)
         toks.append(tok)
         tokens, positions, slots = tok[:, None], positions[:, -1:] + 1, slots[:, -1:] + 1

@@ -245,7 +245,6 @@ class Masks:
         self.dtype = next(model.parameters()).dtype
         self.device = next(model.parameters()).device
         self._buffers: dict[tuple, torch.Tensor] = {}
-        self._tril: dict[tuple, torch.Tensor] = {}
 
     def _out(self, r: int, n: int, kind: str, device, buffered: bool):
         if not buffered or n > self.BUFFERED:
@@ -269,35 +268,30 @@ class Masks:
             return sliding
         return {"full_attention": full, "sliding_attention": sliding}
 
-    def causal(self, n: int, start: list[int], pad: list[int], buffered: bool = True):
-        """A causal pass of n tokens per row written at slots start[b] .. start[b]+n-1 (host ints)."""
-        r, dev = len(start), self.device
-        key = (r, n)
-        anc = self._tril.get(key)
-        if anc is None:
-            anc = torch.ones(n, n, dtype=torch.bool, device=dev).tril().expand(r, n, n)
-            if buffered:
-                self._tril[key] = anc
-        pos = None
-        if self.window is not None:
-            pos = torch.tensor([s - p for s, p in zip(start, pad)], device=dev)[:, None] + torch.arange(n, device=dev)
-        return self.tree(anc, start, pad, pos, pos, buffered)
-
-    def chain(self, first: torch.Tensor, pad: torch.Tensor, n: int = 1):
-        """n queries per row at slots first[b] .. first[b] + n - 1 after a contiguous prefix (a chain draft's feed
-        and steps): query i attends slots [min(pad[b], first[b]), first[b] + i] (its prefix, itself and the
+    def causal(self, first: torch.Tensor, pad: torch.Tensor, n: int = 1, buffered: bool = False):
+        """n queries per row at slots first[b] .. first[b] + n - 1 after a contiguous prefix (a drafter's first feed,
+        a chain's steps): query i attends slots [min(pad[b], first[b]), first[b] + i] (its prefix, itself and the
         queries before it, as tree_mask: a re-fed padding token is never fully masked); first, pad [R] on the device
         -> the mask(s) [R, 1, n, S], device ops only (no host ints, so a compiled chain computes it inside its
-        graph). Slot s is position s - pad[b] throughout, so the sliding window keeps (first[b] + i) - s < window
-        (tree_mask's rule)."""
-        cols = torch.arange(self.max_len, device=first.device)
-        last = (first[:, None] + torch.arange(n, device=first.device))[:, None, :, None]  # [R, 1, n, 1]
+        graph). buffered: written into this Masks' buffers for (R, n), as tree masks are (eager passes); else fresh
+        tensors (inside a compiled graph). Slot s is position s - pad[b] throughout, so the sliding window keeps
+        (first[b] + i) - s < window (tree_mask's rule)."""
+        r, dev = first.shape[0], first.device
+        cols = torch.arange(self.max_len, device=dev)
+        last = (first[:, None] + torch.arange(n, device=dev))[:, None, :, None]  # [R, 1, n, 1]
         allowed = (cols >= torch.minimum(pad, first)[:, None, None, None]) & (cols <= last)  # [R, 1, n, S]
         low = torch.finfo(self.dtype).min
-        full = torch.zeros(allowed.shape, dtype=self.dtype, device=first.device).masked_fill(~allowed, low)
+
+        def write(kind, ok):
+            out = self._out(r, n, kind, dev, buffered)
+            if out is None:
+                return torch.zeros(ok.shape, dtype=self.dtype, device=dev).masked_fill(~ok, low)
+            return out.fill_(low).masked_fill_(ok, 0)
+
+        full = write("full", allowed)
         if self.window is None:
             return full
-        sliding = full.masked_fill((last - cols) >= self.window, low)
+        sliding = write("sliding", allowed & ((last - cols) < self.window))
         if self.layer_types is None:
             return sliding
         return {"full_attention": full, "sliding_attention": sliding}
