@@ -323,6 +323,12 @@ def test_fastest_exact_keeps_the_faster_path():
     ran = [fe(None, eight, None, None, None) for _ in range(2 * (fe.WARM + fe.TIMED))]
     assert ran.count("moespec") == ran.count("plain") and fe.choices == {(1, 1): "plain", (1, 8): "moespec"}
     assert fe(None, eight, None, None, None) == "moespec" and fe(None, one, None, None, None) == "plain"
+    # more paths: calls go round all of them, the fastest is kept
+    cost.update(batched=2.0)
+    fe = FastestExact(path("moespec"), path("plain"), lambda: now[0], batched=path("batched"))
+    ran = [fe(None, one, None, None, None) for _ in range(3 * (fe.WARM + fe.TIMED))]
+    assert ran[:3] == ["moespec", "plain", "batched"] and {ran.count(p) for p in cost} == {fe.WARM + fe.TIMED}
+    assert fe.choice == "moespec" and fe(None, one, None, None, None) == "moespec"
 
 
 def test_autoregressive_steps_take_the_faster_exact_path(target, compiled):
@@ -357,7 +363,9 @@ def test_exact_speculation_takes_the_faster_exact_path_per_pass_size(target, dra
     out = dec.generate(prompt, max_new_tokens=24, eos_token_id=None)
     assert out.sequences[0].tolist() == want
     assert {v.bucket for v in out.stats.verify} == {5}  # the chain's own size: no padding to 8
-    assert {v.path for v in out.stats.verify if v.bucket == 5} == {"moespec", "plain"}  # both measured at N=5
+    # every exact path measured at N=5: the moespec graph, the plain target, the plain target with batched_mm experts
+    assert {v.path for v in out.stats.verify if v.bucket == 5} == {"moespec", "plain", "batched_mm"}
+    assert target.config._experts_implementation == "grouped_mm"  # switched only inside the batched_mm passes
     assert dec.exact_one.settled(5) and {v.path for v in out.stats.verify[-2:]} == {dec.exact_one.choices[(1, 5)]}
     again = dec.generate(prompt, max_new_tokens=24, eos_token_id=None)
     assert again.sequences[0].tolist() == want
@@ -383,7 +391,29 @@ def test_exact_speculation_takes_the_faster_exact_path_per_pass_size(target, dra
     # an inner eager graph keeps the eager model as its plain path (one-token passes only)
     eager = msc.SpeculativeDecoder(target, tree=4, compile=True, compile_options={"inner": "eager"},
                                    collect_expert_stats=False)
-    assert eager.plain_target is target
+    assert eager.plain_target is target and set(eager.exact_one.paths) == {"moespec", "plain"}
+
+
+def test_batched_experts_path_only_for_grouped_mm_experts():
+    """The batched_mm exact path is offered where the model's experts dispatch grouped_mm, runs with batched_mm
+    switched on only around its own passes (restored when a pass raises), and is not offered for other experts
+    implementations (the user's choice of eager experts stays theirs)."""
+    from moe_spec_compile.speculative import decoder as dec_mod
+
+    grouped, _, _ = build("qwen3_moe", "grouped_mm")
+    configs = dec_mod._experts_configs(grouped)
+    assert configs == [grouped.config]
+    with pytest.raises(RuntimeError, match="inside"):
+        with dec_mod._experts_implementation(configs, "batched_mm"):
+            assert grouped.model.layers[0].mlp.experts.config._experts_implementation == "batched_mm"
+            raise RuntimeError("inside")
+    assert grouped.config._experts_implementation == "grouped_mm"
+    dec = msc.SpeculativeDecoder(grouped, tree=0, compile=True, compile_options={"inner": "inductor"})
+    assert set(dec.exact_one.paths) == {"moespec", "plain", "batched_mm"}
+    eager, _, _ = build("qwen3_moe", "eager")
+    assert dec_mod._experts_configs(eager) == []
+    dec = msc.SpeculativeDecoder(eager, tree=0, compile=True, compile_options={"inner": "inductor"})
+    assert set(dec.exact_one.paths) == {"moespec", "plain"}
 
 
 @torch.no_grad()

@@ -193,27 +193,27 @@ def _copy_mask(dst, src) -> None:
 
 
 class FastestExact:
-    """Exact passes run on the faster of two exact paths, measured on this device per pass size N: the verify
-    runner (the moespec-compiled target; a CUDA graph where captured) and the plain target (the unmodified model:
-    eager, or compiled by inductor when the moespec graph's inner compiler is inductor, see SpeculativeDecoder).
-    Both compute the model's own output. On the CPU the plain target often wins (the moespec ops are opaque to
-    inductor's fusion and cost a Python dispatch each, which an exact pass gains nothing from); on a GPU the
-    captured graph.
+    """Exact passes run on the fastest of the exact paths, measured on this device per pass shape (R, N): the verify
+    runner (the moespec-compiled target; a CUDA graph where captured), the plain target (the unmodified model:
+    eager, or compiled by inductor when the moespec graph's inner compiler is inductor, see SpeculativeDecoder) and
+    any `more` (name -> a pass: the plain target with transformers' "batched_mm" experts, decoder.BATCHED). All
+    compute the model's own output. On the CPU a plain target often wins (the moespec ops are opaque to inductor's
+    fusion and cost a Python dispatch each, which an exact pass gains nothing from); on a GPU the captured graph.
 
-    Per N, calls alternate between the two: each is warmed up WARM times (the first calls compile), then timed
-    TIMED times; the path with the lower best time is kept for that N from then on (``choices[N]``: "moespec" or
-    "plain"; the minimum, since timing noise only ever adds). Budgeted passes never come here: a budget binds
-    only in the moespec graph."""
+    Per shape, calls go round the paths: each is warmed up WARM times (the first calls compile), then timed TIMED
+    times; the path with the lowest best time is kept for that shape from then on (``choices[(R, N)]``, the path's
+    name; the minimum, since timing noise only ever adds). Budgeted passes never come here: a budget binds only in
+    the moespec graph."""
 
     WARM = 2
     TIMED = 4
 
-    def __init__(self, runner, plain, clock):
-        self.paths = {"moespec": runner, "plain": plain}
+    def __init__(self, runner, plain, clock, **more):
+        self.paths = {"moespec": runner, "plain": plain, **more}
         self.clock = clock
-        self.calls: dict[int, dict[str, int]] = {}  # N -> calls per path while measuring
-        self.times: dict[int, dict[str, list[float]]] = {}  # N -> timed calls per path
-        self.choices: dict[int, str] = {}  # N -> the path kept
+        self.calls: dict[tuple, dict[str, int]] = {}  # (R, N) -> calls per path while measuring
+        self.times: dict[tuple, dict[str, list[float]]] = {}  # (R, N) -> timed calls per path
+        self.choices: dict[tuple, str] = {}  # (R, N) -> the path kept
         self.last: str | None = None  # the path the latest call ran
 
     @property
@@ -227,9 +227,9 @@ class FastestExact:
         if kept is not None:
             self.last = kept
             return self.paths[kept](cache, tokens, positions, mask, slots)
-        calls = self.calls.setdefault(n, {"moespec": 0, "plain": 0})
-        times = self.times.setdefault(n, {"moespec": [], "plain": []})
-        name = self.last = min(calls, key=lambda p: (calls[p], p))  # alternate, moespec first
+        calls = self.calls.setdefault(n, dict.fromkeys(self.paths, 0))
+        times = self.times.setdefault(n, {p: [] for p in self.paths})
+        name = self.last = min(calls, key=calls.get)  # round the paths, in order: moespec first
         calls[name] += 1
         t0 = self.clock()
         out = self.paths[name](cache, tokens, positions, mask, slots)

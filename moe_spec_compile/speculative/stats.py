@@ -22,7 +22,8 @@ class VerifyStats:
     budget_bound: bool | None = None  # some block used all the experts its budget allowed
     layer_budgets: dict[str, int | None] | None = None  # the C each block applied: C clamped to [k, E], None when
     #                                                     C >= E (exact); None: not recorded
-    path: str = "moespec"  # the path that ran it: "moespec", or "plain" (an exact pass on the plain target)
+    path: str = "moespec"  # the path that ran it: "moespec", or an exact pass's "plain" (the plain target) or
+    #                        "batched_mm" (the plain target with transformers' batched_mm experts)
     rows: int = 1  # live rows verified in this pass
     row_bucket: int = 1  # R: rows the pass ran (live rows + padding rows)
     tokens: int = 0  # real tokens (live rows' tree nodes): the tokens that vote in the budget
