@@ -188,7 +188,9 @@ class SpeculativeDecoder:
         # the plain target with transformers' batched_mm experts is one more exact path where the model's experts
         # dispatch grouped_mm (its default): in-graph gathers and bmm beat grouped_mm's opaque per-expert loop on
         # small passes (bundled target, CPU: passes of 1, 6 and 17 tokens 1.6-2.0x, 2.0-2.4x and 2.0-2.7x faster)
-        batched = _experts_configs(self.eager_target) if self._exact_any_n and not offloaded else []
+        # (not for offloaded experts, whose forward is moespec's, nor sharded ones, whose weights are DTensors)
+        batched = _experts_configs(self.eager_target) if self._exact_any_n and not offloaded and \
+            self.ranks is None else []
         more = {BATCHED: partial(self._plain_pass, plain_compiled(self.verify_model, BATCHED), batched)
                 } if batched else {}
         self.exact_one = None if self.verify_model is self.eager_target else FastestExact(
