@@ -154,6 +154,16 @@ def _cost_stats(target, draft, ids, prompt_len, steps, rounds, DynamicCache) -> 
             "load_average_1min": round(__import__("os").getloadavg()[0], 2)}
 
 
+def _rerun_line(r: dict | None) -> str:
+    """The card's line on a rerun of the head's training with nothing else on the cores, when one is recorded."""
+    if not r:
+        return ""
+    agree = " / ".join(f"{a:.4f}" for a in r["heldout_top1_agreement_per_step"])
+    return (f"\n  The same command rerun on idle cores: {r['total_seconds']:.0f} s in all "
+            f"({r['seconds_per_step']} s per step),\n  held-out agreement {agree} (not bitwise the shipped weights: "
+            "thread scheduling).")
+
+
 def _eagle_lines(e: dict | None, t: dict | None) -> str:
     """The card's EAGLE-3 section from eval_stats.json's "eagle3" and eagle3/train_stats.json."""
     if e is None or t is None:
@@ -168,7 +178,7 @@ def _eagle_lines(e: dict | None, t: dict | None) -> str:
   {t['draft_vocab_train_token_coverage']:.1%} of the train tokens), {t['params']:,} parameters, fp16
   {t['file_bytes'] / 1e6:.1f} MB; {t['steps']} steps of training-time test unrolled over {t['ttt_steps']} steps,
   weights {t['step_weight']}^k, against the target's distribution on the draft vocabulary;
-  {t['train_seconds']:.0f} s on {t['cpu_threads']} threads; seed {t['seed']}.
+  {t['train_seconds']:.0f} s on {t['cpu_threads']} threads; seed {t['seed']}.{_rerun_line(t.get('rerun_idle'))}
 - Held-out top-1 agreement with the target per drafting depth (teacher-forced, {t['heldout_windows']} windows):
   {agree}; the dense draft {t['dense_draft_target_top1_agreement']:.3f}.
 - Exact greedy speculative decoding with the head ({e['prompts']} held-out prompts of {e['prompt_len']} tokens,
