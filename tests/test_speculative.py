@@ -416,6 +416,32 @@ def test_batched_experts_path_only_for_grouped_mm_experts():
     assert set(dec.exact_one.paths) == {"moespec", "plain"}
 
 
+def test_chain_acceptance_equals_the_general_acceptance():
+    """A tree flagged as a chain takes the acceptance without the ancestor walk: on random chains whose drafts the
+    target agrees with up to every depth (none, some, all), every field equals the general path's, and the chain's
+    ancestor matrix is the one the parent walk gives."""
+    from moe_spec_compile.speculative.accept import accept_greedy
+
+    g = torch.Generator().manual_seed(0)
+    for n, r, agree in [(1 + d, 1, a) for d in (1, 3, 5) for a in range(d + 1)] + [(5, 3, 2)]:
+        logits = torch.randn(r, n, 50, generator=g)
+        target = logits.argmax(-1)
+        tokens = torch.randint(0, 50, (r, n), generator=g)
+        tokens[:, 1 : agree + 1] = target[:, :agree]  # the first `agree` drafts are what the target would emit
+        tokens[:, agree + 1 :] = (target[:, agree : n - 1] + 1) % 50  # the rest disagree
+        parents, depth = torch.arange(-1, n - 1).expand(r, n), torch.arange(n).expand(r, n)
+        payload = torch.randint(-1, 9, (r, n), generator=g)
+        chain = DraftTree(tokens, parents, depth, payload=payload, chain=True)
+        general = DraftTree(tokens, parents, depth, payload=payload)
+        anc = ancestors(parents, n)
+        assert torch.equal(ancestors(parents, n, chain=True), anc)
+        fast, ref = accept_greedy(chain, logits, anc, None), accept_greedy(general, logits, anc, None)
+        assert fast.paths == ref.paths and fast.paths[0] == list(range(agree + 1))
+        assert (fast.tokens, fast.bonus, fast.payload, fast.nodes) == (ref.tokens, ref.bonus, ref.payload, ref.nodes)
+        for name in ("on_path", "best", "order", "length"):
+            assert torch.equal(getattr(fast, name), getattr(ref, name)), name
+
+
 @torch.no_grad()
 def test_chain_drafting_path_equals_the_tree_path(draft):
     """ModelDrafter drafts a chain (TreeSpec(K, K, 1)) as causal one-token steps: the same tokens, parents, depths,

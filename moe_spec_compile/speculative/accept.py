@@ -106,6 +106,8 @@ def accept_greedy(tree: DraftTree, logits: torch.Tensor, anc: torch.Tensor, live
             tree.tokens), valid[:, 0].long(), keep([0] * r), keep(roots), bonus,
             keep(fed) if tree.payload is not None else None, sum(alive))
     target = logits.argmax(-1)  # [R, n]
+    if live is None and tree.chain:  # node i's parent is i - 1: the path is the longest correct prefix, in order
+        return _accept_chain(tree, target)
     correct = tree.tokens == target.gather(1, tree.parents.clamp(min=0))
     if live is not None:
         correct &= valid
@@ -131,6 +133,28 @@ def accept_greedy(tree: DraftTree, logits: torch.Tensor, anc: torch.Tensor, live
     payload = _split(rest, r, n, lengths) if tree.payload is not None else None
     return Acceptance(on_path, best, order, length, _split(host, r, n, lengths), _split(host[m:], r, n, lengths),
                       host[t : t + r], payload, nodes)
+
+
+def _accept_chain(tree: DraftTree, target: torch.Tensor) -> Acceptance:
+    """accept_greedy for chains with every row live and every node valid: the same Acceptance without the ancestor
+    matrix (node i is correct when its token is the target's argmax at node i - 1; the path is the correct prefix,
+    already first in order). One host read."""
+    r, n = tree.tokens.shape
+    correct = torch.cat([torch.ones_like(target[:, :1]), (tree.tokens[:, 1:] == target[:, :-1]).long()], 1)
+    on_path = correct.cumprod(1).bool()
+    length = on_path.sum(1)
+    best = length - 1
+    bonus = target.gather(1, best[:, None])[:, 0]
+    parts = [tree.tokens.reshape(-1), bonus, length]
+    if tree.payload is not None:
+        parts.append(tree.payload.reshape(-1))
+    host = torch.cat(parts).tolist()
+    m = r * n
+    lengths = host[m + r : m + 2 * r]
+    payload = _split(host[m + 2 * r :], r, n, lengths) if tree.payload is not None else None
+    order = torch.arange(n, device=target.device).expand(r, n)
+    return Acceptance(on_path, best, order, length, [list(range(k)) for k in lengths], _split(host, r, n, lengths),
+                      host[m : m + r], payload, m)
 
 
 def accept_sample(tree: DraftTree, logits: torch.Tensor, cfg: SamplingConfig, live: torch.Tensor | None,

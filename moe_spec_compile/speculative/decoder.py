@@ -337,7 +337,7 @@ class SpeculativeDecoder:
         live = self.live if len(self.live) == r else [True] * r
         tree = self._tree = tree.padded(big_n, None if all(live) else torch.tensor(live, device=dev))
         buf = self._pass_buffers(r, big_n)
-        anc = ancestors(tree.parents, self._max_depth, out=buf["anc"])
+        anc = ancestors(tree.parents, self._max_depth, out=buf["anc"], chain=tree.chain)
         self._has_padding = big_n > n or r > 1 or not all(live)  # padding nodes (one row's own tree has none)
         if self._has_padding:
             anc &= tree.valid[..., None]
@@ -378,8 +378,9 @@ class SpeculativeDecoder:
         self.cache.lengths = [n + len(p) for n, p in zip(self.cache.lengths, acc.paths)]
         if tell_drafter:
             path = None
-            if self.features is not None:  # the path's nodes first, in path order
-                path = self._aux.gather(1, acc.order[..., None].expand(*acc.order.shape, self._aux.shape[-1]))
+            if self.features is not None:  # the path's nodes first, in path order (a chain's order is its own)
+                path = self._aux if tree.chain else \
+                    self._aux.gather(1, acc.order[..., None].expand(*acc.order.shape, self._aux.shape[-1]))
             self.drafter.accept(acc, self.live, **self._drafter_features(path))
         return acc
 

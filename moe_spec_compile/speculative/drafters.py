@@ -339,7 +339,8 @@ class ModelDrafter(Drafter):
                                                  torch.tensor([[-1, *range(depth - 1), -1]], device=dev))
         parents, depths, fed = (t.expand(r, depth + 1) for t in meta)
         logprob = torch.cat([lps.new_zeros(r, 1), lps.cumsum(1)], 1)
-        return DraftTree(torch.cat([roots[:, None], toks], 1), parents, depths, logprob=logprob, payload=fed)
+        return DraftTree(torch.cat([roots[:, None], toks], 1), parents, depths, logprob=logprob, payload=fed,
+                         chain=True)
 
     _whole_chain = True  # a compiled drafter compiles its chains into one graph (SelfDrafter: each pass alone)
 

@@ -109,7 +109,9 @@ class DraftTree:
     cumulative log-probability of each node's path from the root (0 at the root), when it has one; the decoder's
     node_weights="path" weighs the nodes' tokens by its exp in the budget's expert scores.  payload [R, n] int64 or
     None: the drafter's own per-node data (ModelDrafter: where it fed each node into its KV cache); the acceptance
-    reads it back for the accepted paths in the step's one host read (Acceptance.payload)."""
+    reads it back for the accepted paths in the step's one host read (Acceptance.payload).  chain: every row is a
+    chain (parents[b, i] = i - 1) with every node valid, as a drafter's chain draft; verification and acceptance then
+    skip the ancestor walk (the ancestors are the nodes before)."""
 
     tokens: torch.Tensor
     parents: torch.Tensor
@@ -117,6 +119,7 @@ class DraftTree:
     valid: torch.Tensor | None = None
     logprob: torch.Tensor | None = None
     payload: torch.Tensor | None = None
+    chain: bool = False
 
     def __post_init__(self):
         if self.valid is None:
@@ -176,12 +179,17 @@ class DraftTree:
                          None if self.payload is None else pad(self.payload, zero - 1))
 
 
-def ancestors(parents: torch.Tensor, max_depth: int, out: torch.Tensor | None = None) -> torch.Tensor:
+def ancestors(parents: torch.Tensor, max_depth: int, out: torch.Tensor | None = None,
+              chain: bool = False) -> torch.Tensor:
     """anc [R, n, n] bool: anc[b, i, j] is True when node j is node i itself or one of its ancestors in row b's tree.
 
-    Device-side, no host sync: climb the parent pointers max_depth times. out: an [R, n, n] bool buffer to write."""
+    Device-side, no host sync: climb the parent pointers max_depth times (chain: parents are known to be i - 1, so
+    anc is the lower triangle, written at once). out: an [R, n, n] bool buffer to write."""
     r, n = parents.shape
     dev = parents.device
+    if chain:
+        tril = torch.ones(n, n, dtype=torch.bool, device=dev).tril_()
+        return tril.expand(r, n, n).clone() if out is None else out.copy_(tril)
     anc = torch.zeros(r, n, n, dtype=torch.bool, device=dev) if out is None else out.zero_()
     cur = torch.arange(n, device=dev).expand(r, n).contiguous()
     anc.scatter_(2, cur[..., None], True)
