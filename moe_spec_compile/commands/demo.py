@@ -197,6 +197,15 @@ def add_heldout(row: DemoRow, target, heldout, budget, policy, windows, scorer, 
     return scores.predictions
 
 
+def warm_configs(decoder, prompts: list[torch.Tensor], new_tokens: int) -> None:
+    """Decode every prompt once under every (tree, budget) the controller of `decoder` may choose, untimed: each
+    pass shape (tree size, cache size) compiles and settles its exact path, and each drafting shape compiles, here
+    rather than inside a timed round the first time the controller picks it (through inductor, seconds each)."""
+    for shape, c in decoder.controller.configs:
+        for prompt in prompts:
+            decoder.generate(prompt, max_new_tokens=new_tokens, eos_token_id=None, tree=shape, budget=c)
+
+
 def auto_decoder(target, drafter, policy, options):
     """The controller's row (tree="auto", budget="auto"), or (None, why) where the decoder does not take it."""
     from ..speculative import SpeculativeDecoder
@@ -386,6 +395,7 @@ def main(argv=None) -> int:
     if auto is None:
         _say(f"auto: skipped, the decoder does not take tree/budget 'auto' yet ({why})\n")
     else:
+        warm_configs(auto, prompts, args.new_tokens)
         runs.append((DemoRow("auto", "auto"), spec(auto, "auto")))
     print(f"timing {len(runs)} rows: each once untimed (compiles the verify passes), then {args.repeats} rounds of "
           "every row in turn ...", file=sys.stderr, flush=True)
