@@ -267,11 +267,54 @@ def test_large_experts_loop_in_grad_mode_and_bf16():
     torch.testing.assert_close(half.float(), full, rtol=1.6e-2, atol=1e-2)
 
 
-@pytest.mark.parametrize("bias,w_up,inter,act,dtype", [(False, False, False, "silu", torch.float32),
-                                                       (True, False, True, "swiglu_clamp", torch.float32),
-                                                       (False, True, False, "gelu", torch.float32),
-                                                       (True, False, False, "silu", torch.float16),
-                                                       (False, True, False, "silu", torch.bfloat16)])
+# weight layouts, activations and dtypes the small-pass paths are checked on against the loop over experts
+_SMALL_PASS_VARIANTS = [(False, False, False, "silu", torch.float32),
+                        (True, False, True, "swiglu_clamp", torch.float32),
+                        (False, True, False, "gelu", torch.float32), (True, False, False, "silu", torch.float16),
+                        (False, True, False, "silu", torch.bfloat16)]
+
+
+@pytest.mark.parametrize("bias,w_up,inter,act,dtype", _SMALL_PASS_VARIANTS)
+def test_small_passes_in_few_experts_equal_the_expert_loop(monkeypatch, bias, w_up, inter, act, dtype):
+    """A small CPU pass routed inside a few experts (a budgeted pass: every slot in the budget set) gathers each used
+    expert once and runs every token through all of them, each token weighted only by its own slots: same result as
+    the loop over experts; empty slots add exactly 0, an unused expert holding NaN is never read, and a pass whose
+    slots spread over many experts (or a single token) stays per slot."""
+    from moe_spec_compile import experts_op
+
+    torch.manual_seed(3)
+    e, k, h, i, t = 16, 2, 20, 12, 6
+    budget_set = torch.tensor([3, 7, 11])  # 12 slots in 3 experts
+    hidden, weights = torch.randn(t, h).to(dtype), torch.rand(t, k).to(dtype)
+    ids = torch.stack([budget_set[torch.randperm(3)[:k]] for _ in range(t)])
+    ids[2, 1] = -1  # an empty slot (truncate policy)
+    wgu = (torch.randn(e, i if w_up else 2 * i, h) / h ** 0.5).to(dtype)
+    wgu[0] = float("nan")  # an expert no slot uses, the one an empty slot would index after clamping
+    wu = (torch.randn(e, i, h) / h ** 0.5).to(dtype) if w_up else None
+    wd = (torch.randn(e, h, i) / i ** 0.5).to(dtype)
+    bgu, bd = ((torch.randn(e, 2 * i).to(dtype), torch.randn(e, h).to(dtype)) if bias else (None, None))
+    args = (hidden, ids, weights, wgu, wd, act, bgu, bd, inter, 1.702, 7.0, wu)
+    calls = []
+    monkeypatch.setattr(experts_op, "_per_expert", lambda *a, f=experts_op._per_expert: calls.append(a[1]) or f(*a))
+    with torch.no_grad():
+        got = experts_op.fused_experts_torch(*args)
+        assert len(calls) == 1 and calls[0].tolist() == budget_set.tolist(), "the per-expert path did not run"
+        monkeypatch.setattr(experts_op, "PER_SLOT", False)
+        monkeypatch.setattr(experts_op, "GROUPED_GEMM", False)
+        looped = experts_op.fused_experts_torch(*args)
+    tol = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3),
+           torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2)}[dtype]
+    assert torch.isfinite(got).all() and got.abs().sum() > 0
+    torch.testing.assert_close(got, looped, **tol)
+    # the rule: at most half as many experts as slots, at most 4k of them, two tokens or more
+    assert experts_op._used_experts(torch.arange(12).view(6, 2), e) is None  # 12 slots in 12 experts
+    assert experts_op._used_experts(torch.tensor([[3, 7]]), e) is None  # one token
+    assert experts_op._used_experts(torch.tensor([[3, 7], [7, 3], [3, 7], [7, -1]]), e).tolist() == [3, 7]
+    assert experts_op._used_experts((torch.arange(20) % 10)[:, None], e) is None  # k = 1: 10 experts > 4k
+    assert experts_op._used_experts((torch.arange(20) % 4)[:, None], e).tolist() == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("bias,w_up,inter,act,dtype", _SMALL_PASS_VARIANTS)
 def test_small_passes_per_slot_equal_the_expert_loop(monkeypatch, bias, w_up, inter, act, dtype):
     """Small passes of small experts gather each slot's expert weights and batch the GEMMs (no loop over experts):
     same result as the loop, empty slots add exactly 0 even when the expert they would index holds NaN; large
