@@ -157,7 +157,7 @@ def _per_expert(hidden, used_ids, topk_ids, topk_weights, w_gate_up, w_down, act
     expert's weights once (used_ids [U], sorted) and run every token through all U of them as dense batched GEMMs,
     each token's output the sum over its own slots' experts weighted by its routing weights (the others weigh 0).
     Reads U experts where _per_slot copies one per slot: U = 16 experts against 102 slots, the bundled target's
-    17-token pass at C = 16, 0.46x _per_slot's time (benchmarks/results/experts_cpu.md)."""
+    17-token pass at C = 16, 0.46-0.54x _per_slot's time in two measurements (benchmarks/results/experts_cpu.md)."""
     t, h = hidden.shape
     u = used_ids.shape[0]
     ids = topk_ids.long()
@@ -184,9 +184,9 @@ def _per_expert(hidden, used_ids, topk_ids, topk_weights, w_gate_up, w_down, act
 def _used_experts(topk_ids, num_experts: int) -> torch.Tensor | None:
     """The experts a small CPU pass uses (sorted) when _per_expert pays for it, else None: at most half as many as
     the pass's slots (each gathered once instead of once per slot) and at most 4k (each token runs through all of
-    them). Measured on the bundled target's layer (E = 64, k = 6, 96 KB experts; 2-core CPU, medians of 50) against
-    _per_slot: 17 tokens in 16 experts 471 / 1023 us, 6 tokens in 16 experts 344 / 527 us; exact passes (6 tokens
-    in 29 experts 544 / 553, 17 in 51 1121 / 1121) and one token (174 / 160) gain nothing and stay per slot."""
+    them). Measured on the bundled target's layer (E = 64, k = 6, 96 KB experts; 2-core CPU) against _per_slot: 17
+    tokens in 16 experts 0.46-0.54x its time, in 8 0.35x, 6 tokens in 16 0.65-0.71x; exact passes (6 tokens in ~29
+    experts, 17 in ~51) and one token gain nothing and stay per slot (benchmarks/results/experts_cpu.md)."""
     t, k = topk_ids.shape
     if not PER_EXPERT or topk_ids.device.type != "cpu" or t < 2:  # one token: its k slots are k experts
         return None
