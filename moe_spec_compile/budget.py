@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import re
 import threading
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -194,21 +195,25 @@ class _Tables:
         self.lock = threading.Lock()
         self.slots: dict[tuple[str, object], int] = {}  # (block name, compile-time spec) -> slot
         self.names: list[str] = []
-        self.order: list[int] = []  # the slot's rank among the slots of its compile-time spec (layer order)
+        self.order: list[int] = []  # the slot's block's rank among its model's MoE blocks (layer order)
+        self.ranks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {block name: rank}
+        self.unrooted: dict[str, int] = {}  # the same for blocks whose model is unknown ("<op>", a bare graph)
         self.base: list[object] = []
         self.devices: dict[torch.device, dict[str, torch.Tensor]] = {}
         self.host_stats: dict[int, list[int]] = {}  # slot -> [passes, tokens] counted on the host (count_on_host)
 
-    def slot(self, name: str, base) -> int:
-        key = (name, base)
-        s = self.slots.get(key)
-        if s is not None:
-            return s
+    def slot(self, name: str, base, root: torch.nn.Module | None = None) -> int:
+        """The slot of block `name` of model `root` under compile-time spec `base`. A list budget binds by the
+        block's rank among its own model's MoE blocks (first runs in layer order), so models that share block names
+        share a slot only where the rank agrees too (two instances of one architecture)."""
         with self.lock:
+            ranks = self.unrooted if root is None else self.ranks.setdefault(root, {})
+            order = ranks.setdefault(name, len(ranks))
+            key = (name, base, order)
             if key not in self.slots:
                 if len(self.names) >= MAX_SLOTS:
                     raise RuntimeError(f"moespec: more than {MAX_SLOTS} MoE blocks registered")
-                self.order.append(sum(1 for b in self.base if b == base))
+                self.order.append(order)
                 self.slots[key] = len(self.names)
                 self.names.append(name)
                 self.base.append(base)
@@ -266,8 +271,8 @@ def register_spec(spec) -> int:
     return _specs.index(spec)
 
 
-def slot_of(name: str, spec_id: int) -> int:
-    return _tables.slot(name, _specs[spec_id])
+def slot_of(name: str, spec_id: int, root: torch.nn.Module | None = None) -> int:
+    return _tables.slot(name, _specs[spec_id], root)
 
 
 def slot_name(slot: int) -> str:

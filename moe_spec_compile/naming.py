@@ -25,10 +25,12 @@ import weakref
 
 import torch
 
-__all__ = ["register", "param_name", "root_of", "block_of_weight", "block_namer", "Sites", "current_slot", "site_names"]
+__all__ = ["register", "param_name", "root_of", "root_of_weight", "block_of_weight", "block_namer", "Sites",
+           "current_slot", "site_names"]
 
 _names: dict[int, tuple[weakref.ref, str, weakref.ref]] = {}  # id(param) -> (param, full name, root module)
 _by_ptr: dict[int, str] = {}  # data pointer -> full name (a graph's inputs are plain tensors at run time)
+_root_by_ptr: dict[int, weakref.ref] = {}  # data pointer -> the root module that named it
 
 
 def _clean(name: str) -> str:
@@ -46,6 +48,7 @@ def register(root: torch.nn.Module) -> None:
         _names[id(p)] = (weakref.ref(p), name, ref)
         if p.device.type != "meta":
             _by_ptr[p.data_ptr()] = name
+            _root_by_ptr[p.data_ptr()] = ref
 
 
 def _lookup(p: torch.Tensor):
@@ -80,6 +83,14 @@ def root_of(p: torch.Tensor) -> torch.nn.Module | None:
         _from_stack()
     entry = _lookup(p)
     return entry[2]() if entry else None
+
+
+def root_of_weight(weight: torch.Tensor) -> torch.nn.Module | None:
+    """The model a router weight belongs to (a parameter, or a plain tensor by its data pointer), or None."""
+    if isinstance(weight, torch.nn.Parameter):
+        return root_of(weight)
+    ref = _root_by_ptr.get(weight.data_ptr())
+    return ref() if ref is not None else None
 
 
 def _block_of(full: str) -> str:
@@ -142,8 +153,8 @@ class Sites:
         hit = self._cache.get(key)
         if hit is not None and all(r is None or r() is w for r, w in zip(hit[1], weights)):
             return hit[0]  # the same tensors (a freed model's addresses reused by another miss here)
-        slots = tuple(slot_of(block_of_weight(w, name) if w is not None else name, self.spec)
-                      for w, name in zip(weights, self.names))
+        slots = tuple(slot_of(block_of_weight(w, name), self.spec, root_of_weight(w)) if w is not None
+                      else slot_of(name, self.spec) for w, name in zip(weights, self.names))
         self._cache[key] = (slots, tuple(weakref.ref(w) if w is not None else None for w in weights))
         return slots
 

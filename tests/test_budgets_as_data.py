@@ -52,6 +52,25 @@ def test_per_layer_budgets_bind_per_layer(qwen, c):
     assert used["model.layers.0.mlp"] != used["model.layers.1.mlp"] or isinstance(c, dict)
 
 
+def test_list_budgets_bind_by_each_models_own_layer_order():
+    """Entry i of a list budget is the i-th MoE block of the model it runs on, whatever ran before it in the process
+    (another model's blocks once took ranks 0 and 1, so a list then bound nothing here)."""
+    torch._dynamo.reset()
+    other, _, _ = build("gpt_fast", "plain", seed=3)  # other block names, seen first
+    with torch.no_grad(), msc.budget([5, 9]):
+        torch.compile(other, backend="moespec", options={"inner": "eager"})(_ids(8))
+    model, e, _ = build("qwen3_moe", "grouped_mm", seed=4)
+    compiled = torch.compile(model, backend="moespec", options={"inner": "eager"})
+    x = _ids(24, seed=5)
+    exact, wide = _run(compiled, x)
+    got, used = _run(compiled, x, [5, 9])
+    with torch.no_grad(), reference_budget(model, [5, 9], "substitute"):
+        want = model(x, use_cache=False).logits
+    _close(got, want)
+    assert min(wide.values()) > 9 and (got - exact).abs().max() > 1e-3  # the caps bind on this pass
+    assert used == {"model.layers.0.mlp": 5, "model.layers.1.mlp": 9}
+
+
 def test_coverage_budgets_bind_and_grow_with_share(qwen):
     model, compiled, e, k = qwen
     x = _ids(32, seed=2)
