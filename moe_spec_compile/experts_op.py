@@ -163,7 +163,7 @@ def _per_expert(hidden, used_ids, topk_ids, topk_weights, w_gate_up, w_down, act
     ids = topk_ids.long()
     col = torch.searchsorted(used_ids, ids.clamp(min=0))  # [T, k] each slot's expert's row among the used
     w = torch.where(ids >= 0, _up(topk_weights), 0.0)  # empty slots add exactly 0
-    coef = torch.zeros(t, u, dtype=w.dtype, device=hidden.device).scatter_add_(1, col.clamp(max=u - 1), w)  # [T, U]
+    coef = torch.zeros(t, u, dtype=w.dtype, device=hidden.device).scatter_add_(1, col, w)  # [T, U]
     x = _up(hidden).expand(u, t, h)
 
     def mat(v, weights):  # v [U, T, in] times each used expert's w [U, out, in] transposed -> [U, T, out]
