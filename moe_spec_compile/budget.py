@@ -200,6 +200,7 @@ class _Tables:
         self.unrooted: dict[str, int] = {}  # the same for blocks whose model is unknown ("<op>", a bare graph)
         self.base: list[object] = []
         self.devices: dict[torch.device, dict[str, torch.Tensor]] = {}
+        self.written: dict[torch.device, list] = {}  # per device: the (C, share, cap) rows its tables hold
         self.host_stats: dict[int, list[int]] = {}  # slot -> [passes, tokens] counted on the host (count_on_host)
 
     def slot(self, name: str, base, root: torch.nn.Module | None = None) -> int:
@@ -241,9 +242,10 @@ class _Tables:
         rows = [_resolve(over if over is not _UNSET else base, name, order)
                 for name, base, order in zip(self.names, self.base, self.order)]
         n = len(rows)
-        if not n:
-            return
         dev = t["c"].device
+        if not n or self.written.get(dev) == rows:  # unchanged (an exact pass after an exact pass): no copies
+            return
+        self.written[dev] = rows
         t["c"][:n].copy_(torch.tensor([r[0] for r in rows], dtype=torch.int64), non_blocking=dev.type == "cuda")
         t["share"][:n].copy_(torch.tensor([r[1] for r in rows], dtype=torch.float32))
         t["cap"][:n].copy_(torch.tensor([r[2] for r in rows], dtype=torch.int64))
