@@ -97,6 +97,29 @@ def test_controller_falls_back_to_autoregressive_with_a_wrong_drafter(target):
     assert sum(d.tree == "ar" for d in trace) >= 0.9 * len(trace)  # speculation only in one-step probes
 
 
+def test_back_off_spans_requests_and_skips_the_drafter_it_outlasts(target):
+    """With a drafter that is always wrong the autoregressive set phases keep doubling across requests, up to
+    2**max_streak x set_steps: a request such a phase outlasts starts no drafter (no draft prefill, no catch-up) and
+    drafts nothing; output stays the target's greedy output."""
+    oracle = msc.OracleDrafter(target, acceptance=0.0, seed=5)
+    oracle.precompute([PROMPT], 24)
+    dec = msc.SpeculativeDecoder(target, drafter=oracle, tree="auto")
+    virtual_time(dec, 0.05)
+    starts, start = [], oracle.start
+    oracle.start = lambda *a, **k: starts.append(1) or start(*a, **k)
+    want, started, drafted = reference(target, PROMPT, 24), [], []
+    for _ in range(10):
+        n = len(starts)
+        out = dec.generate(PROMPT, max_new_tokens=24, eos_token_id=None)
+        assert out.sequences[0].tolist() == want
+        started.append(len(starts) > n)
+        drafted.append(any(d.tree != "ar" for d in out.stats.decisions))
+    assert not any(d and not s for d, s in zip(drafted, started))  # only a started drafter drafts
+    assert started[0] and sum(started) <= 5, started  # phases of 16, 32, 64, 128, 256 steps; requests of 23
+    ctl = dec.controller
+    assert ctl.fallbacks >= 4 and ctl.left <= ctl.set_steps * 2 ** ctl.max_streak
+
+
 def test_controller_speculates_with_the_oracle_and_stays_exact(target):
     oracle = msc.OracleDrafter(target, acceptance=1.0)
     oracle.precompute([PROMPT], 48)

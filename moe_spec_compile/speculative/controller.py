@@ -6,7 +6,8 @@ promising candidate a few steps, measured) -> set phase (the best for set_steps)
 utility U(config) = tokens per step / (step time / autoregressive step time); U(autoregressive) = 1
 
 Cascade (arXiv 2506.20675), adapted: when no speculative config beats autoregressive decoding the set phase
-runs autoregressively and doubles in length at each consecutive fall-back (back-off); after it, the best
+runs autoregressively and doubles in length at each consecutive fall-back (back-off, up to 2**max_streak x
+set_steps, carried across requests: a request that such a phase outlasts starts no drafter); after it, the best
 speculative config is probed for one step, and tested further only if that step looks worth it. Likewise a
 speculative config that wins the test phase after its own set phase gets a set phase twice as long (up to
 2**max_streak x set_steps), unless it stops paying, which ends the phase and the streak.
@@ -33,7 +34,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 
-from ..cost import chain_acceptance, chain_tokens
+from ..cost import chain_acceptance, chain_tokens, shape_key
 from .tree import StaticTree, TreeSpec, as_tree_shape
 
 __all__ = ["Controller", "Decision", "DEFAULT_TREES", "auto_budgets"]
@@ -78,7 +79,8 @@ class Controller:
     requests; prior_weight: the prior's weight (in steps) against this request's measured steps; max_climbs:
     extra candidates a test phase may try when one not tried yet is estimated to beat the best so far;
     max_streak: a speculative config set again right after its own set phase gets a set phase twice as long, up to
-    2**max_streak times set_steps (a stable choice is re-tested ever more rarely)."""
+    2**max_streak times set_steps (a stable choice is re-tested ever more rarely); the autoregressive back-off stops
+    doubling there too."""
 
     def __init__(self, trees=DEFAULT_TREES, budgets=(None,), cost_model=None, prior_acceptance: float = 0.6,
                  test_steps: int = 2, set_steps: int = 16, explore: float = 0.9, max_tests: int = 2,
@@ -95,12 +97,15 @@ class Controller:
         self.margin, self.window, self.ema, self.prior_weight = margin, window, ema, prior_weight
         self.max_climbs, self.max_streak = max_climbs, max_streak
         self.streak, self.last_set = 0, None  # consecutive set phases of the same speculative config
+        self.fallbacks = 0  # consecutive autoregressive set phases (across requests)
         self.alpha_prior: float | None = None  # acceptance per depth measured by earlier requests
         self._times_by_rows: dict = {}  # rows bucket -> {config -> the last `window` step times (across requests)}
         self.times: dict = self._times_by_rows.setdefault(1, {})  # the current rows bucket's
         self.tokens: dict = {}  # config -> EMA tokens per step (across requests)
         self._runs: dict = {}  # verify bucket -> runs so far (the first two are not timed: compile, warm-up)
-        self.has_ar = any(s.max_nodes == 0 for s, _ in self.configs)
+        self._ar_cfg = next(((s, c) for s, c in self.configs if s.max_nodes == 0), None)
+        self.has_ar = self._ar_cfg is not None
+        self._keys = {s: shape_key(s) for s, _ in self.configs}  # each shape's name in the trace
 
     # --- set-up ------------------------------------------------------------------------------------
     def bind(self, decoder) -> None:
@@ -126,6 +131,11 @@ class Controller:
     def drafts(self) -> bool:
         return any(s.max_nodes for s, _ in self.configs)
 
+    def drafts_within(self, steps: int) -> bool:
+        """Whether any of the next `steps` steps may draft: False while an autoregressive set phase has at least that
+        many steps left (a request of at most `steps` steps then needs no drafter: no draft prefill, no catch-up)."""
+        return self.drafts and not (self.phase == "set" and not self.current[0].max_nodes and self.left >= steps)
+
     def start(self) -> None:
         """A new request: acceptance measured afresh; a test phase first, or (when earlier requests measured the
         configs) the last request's set phase runs on (phases span requests, so short requests still get their
@@ -135,7 +145,6 @@ class Controller:
             old = self.alpha_prior
             self.alpha_prior = alpha if old is None else (1 - self.ema) * old + self.ema * alpha
         self.req: dict = {}  # config -> [tokens, steps] this request
-        self.fallbacks = 0
         if self.ar_time() is None or not any(c[0].max_nodes for c in self.times):
             self._plan(first=True)
         elif self.phase != "set" or self.left <= 0:  # else the set phase of the last request runs on
@@ -144,7 +153,7 @@ class Controller:
 
     # --- estimates ---------------------------------------------------------------------------------
     def _ar(self):
-        return next(((s, c) for s, c in self.configs if s.max_nodes == 0), None)
+        return self._ar_cfg
 
     def _predicted_ratio(self, cfg) -> float:
         """A config not measured yet: the slope of step-time ratio per verify token through the measured configs
@@ -258,7 +267,7 @@ class Controller:
         best = max(candidates or self.configs, key=self.utility)
         if self.has_ar and (not best[0].max_nodes or self.utility(best) < 1 + self.margin):
             best = self._ar()
-            self.left = self.set_steps * 2 ** self.fallbacks
+            self.left = self.set_steps * 2 ** min(self.fallbacks, self.max_streak)
             self.fallbacks += 1
             self.streak = 0
         else:
@@ -305,8 +314,6 @@ class Controller:
         """One decode step of every live row under the chosen config; records the decision in stats.decisions.
         Utility is per row (tokens each live row emitted); step times are kept per rows bucket (a pass of fewer rows
         costs less, for every config alike)."""
-        from ..cost import shape_key
-
         self.times = self._times_by_rows.setdefault(decoder.cache.rows, {})
         cfg = self.next()
         if decoder.ranks is not None:  # the ranks of a sharded target take one rank's choice (speculative.ranks)
@@ -320,7 +327,7 @@ class Controller:
         phase = self.phase
         self.observe(cfg, emitted / rows, seconds, (v.row_bucket, v.bucket, v.budget))
         base = self.ar_time()
-        stats.decisions.append(Decision(stats.steps - 1, shape_key(shape), c, phase, emitted, seconds,
+        stats.decisions.append(Decision(stats.steps - 1, self._keys[shape], c, phase, emitted, seconds,
                                         None if not base else emitted / rows / (seconds / base)))
         return emitted
 

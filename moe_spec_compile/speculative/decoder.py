@@ -231,7 +231,10 @@ class SpeculativeDecoder:
                 generator = self.ranks.generator(generator) if do_sample else generator
             stats = GenerateStats(rows=[RowStats() for _ in range(ids.shape[0])])
             t = self._clock()
-            drafting = ctl.drafts if ctl else shape.max_nodes > 0  # tree=0: autoregressive, through the verify path
+            # tree=0: autoregressive through the verify path; auto: a request its autoregressive set phase outlasts
+            # starts no drafter (the ranks of a sharded target keep theirs started: their phases may differ)
+            drafting = (ctl.drafts_within(max_new_tokens) if self.ranks is None else ctl.drafts) if ctl \
+                else shape.max_nodes > 0
             self.begin(ids, mask, max_new_tokens, shape, sampling, generator, drafting, eos)
             stats.time_prefill = self._clock() - t
             t_loop = self._clock()
@@ -602,13 +605,13 @@ def _experts_implementation(configs, impl: str):
     """Inside: `configs`' experts dispatch `impl` (what transformers' experts modules read on every call, also while
     dynamo traces); restored after."""
     before = [c._experts_implementation_internal for c in configs]
-    for c in configs:
-        c._experts_implementation_internal = impl
+    for c in configs:  # object.__setattr__: a private field, set twice a pass, past the configs' validating setattr
+        object.__setattr__(c, "_experts_implementation_internal", impl)
     try:
         yield
     finally:
         for c, b in zip(configs, before):
-            c._experts_implementation_internal = b
+            object.__setattr__(c, "_experts_implementation_internal", b)
 
 
 def _check_budget(budget):
