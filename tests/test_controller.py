@@ -120,6 +120,28 @@ def test_back_off_spans_requests_and_skips_the_drafter_it_outlasts(target):
     assert ctl.fallbacks >= 4 and ctl.left <= ctl.set_steps * 2 ** ctl.max_streak
 
 
+def test_acceptance_is_pooled_and_switching_steps_are_not_timed():
+    """The acceptance per depth pools recent steps of every config (one step that accepted nothing moves it a little;
+    chains' tokens per step follow from it by the chain law), and a step observed as untimed (a first draft after
+    autoregressive steps, an exact path still being measured) neither enters the config's times nor ends a phase."""
+    from moe_spec_compile.cost import chain_tokens
+    from moe_spec_compile.speculative.controller import Controller
+
+    ctl = Controller(trees=(0, 2, 4))
+    ctl.start()
+    chain2, chain4 = (next(c for c in ctl.configs if c[0].max_nodes == n) for n in (2, 4))
+    for _ in range(8):
+        ctl.observe(chain2, 3.0, 2e-3, (1, 3, None))  # every drafted token accepted
+    assert ctl.times[chain2] == [2e-3] * 5 and ctl._alpha() > 0.9  # the first two runs of a bucket: warm-up
+    left = ctl.left
+    ctl.observe(chain2, 3.0, 9.0, (1, 3, None), timed=False)
+    assert ctl.times[chain2] == [2e-3] * 5 and ctl.left == left
+    ctl.observe(chain4, 1.0, 3e-3, (1, 5, None))  # one step of chain 4 that accepted nothing
+    alpha = ctl._alpha()
+    assert 0.8 < alpha < 0.98
+    assert ctl.tokens_per_step(chain4) == pytest.approx(chain_tokens(alpha, 4)) and ctl.tokens_per_step(chain4) > 3
+
+
 def test_controller_speculates_with_the_oracle_and_stays_exact(target):
     oracle = msc.OracleDrafter(target, acceptance=1.0)
     oracle.precompute([PROMPT], 48)

@@ -215,6 +215,7 @@ class FastestExact:
         self.times: dict[tuple, dict[str, list[float]]] = {}  # (R, N) -> timed calls per path
         self.choices: dict[tuple, str] = {}  # (R, N) -> the path kept
         self.last: str | None = None  # the path the latest call ran
+        self.measuring = False  # the latest call was one of the measuring round (not the kept path)
 
     @property
     def choice(self) -> str | None:
@@ -224,6 +225,7 @@ class FastestExact:
     def __call__(self, cache, tokens, positions, mask, slots) -> torch.Tensor:
         n = tuple(tokens.shape)  # the pass shape (R, N)
         kept = self.choices.get(n)
+        self.measuring = kept is None
         if kept is not None:
             self.last = kept
             return self.paths[kept](cache, tokens, positions, mask, slots)

@@ -13,13 +13,16 @@ speculative config that wins the test phase after its own set phase gets a set p
 2**max_streak x set_steps), unless it stops paying, which ends the phase and the streak.
 
 Step times are measured per config and kept across requests (the median of the last `window` steps; the
-first two runs of each verify bucket are left out: compilation and warm-up). Tokens per step are measured
-per request, starting from what earlier requests (or the cost model) gave. A verify pass of more tokens never
+first two runs of each verify bucket are left out: compilation and warm-up; so are a first draft after
+autoregressive steps, which feeds the drafter what they committed, and a pass on an exact path the decoder is
+still measuring). The acceptance per depth is pooled over recent speculative steps of every config and request
+(decaying weights); a chain's tokens per step follow from it by the chain law, a tree's are measured per request
+starting from what earlier requests (or the cost model) gave. A verify pass of more tokens never
 costs less than a one-token step, so a config's utility is capped at its tokens per step, and speculation
 must beat autoregressive decoding by `margin` to be set (timing noise alone never turns it on). A config not
 measured yet is estimated: its step-time ratio by the slope through the measured configs (or the cost
-model's ratio), its tokens per step by the chain law at the acceptance this request (or earlier ones)
-showed, else the cost model's acceptance or ``prior_acceptance``. After a test phase, a config not tried yet
+model's ratio), its tokens per step by the chain law at the pooled acceptance, else the cost model's
+acceptance or ``prior_acceptance``. After a test phase, a config not tried yet
 whose estimate beats the best is tested too (hill-climbing, at most max_climbs per phase). Phases span
 requests: a short request continues the last one's set phase. A speculative set phase whose measured utility
 falls below 1 ends early (a new test phase follows).
@@ -34,12 +37,14 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 
-from ..cost import chain_acceptance, chain_tokens, shape_key
+from ..cost import chain_tokens, shape_key
 from .tree import StaticTree, TreeSpec, as_tree_shape
 
 __all__ = ["Controller", "Decision", "DEFAULT_TREES", "auto_budgets"]
 
 DEFAULT_TREES = (0, 1, 2, 4, TreeSpec(8, 4, 2), TreeSpec(16, 4, 4))
+ACCEPT_DECAY = 0.95  # per speculative step: the acceptance estimate weighs about the last 20 steps (_alpha)
+MAX_ALPHA = 0.98  # an acceptance of 1 would make every longer chain look free of rejections
 
 
 @dataclass
@@ -75,16 +80,16 @@ class Controller:
     measured steps per candidate in a test phase; set_steps: the set phase (doubled per consecutive fall-back
     to autoregressive decoding); explore: test only candidates whose estimated utility reaches this;
     max_tests: candidates per test phase; margin: how much a speculative config must beat autoregressive
-    decoding by to be set; window: step times kept per config; ema: smoothing of tokens per step across
-    requests; prior_weight: the prior's weight (in steps) against this request's measured steps; max_climbs:
-    extra candidates a test phase may try when one not tried yet is estimated to beat the best so far;
+    decoding by to be set; window: step times kept per config; ema: smoothing of a tree's tokens per step
+    across steps; prior_weight: the prior's weight (in steps) against this request's measured steps of a tree;
+    max_climbs: extra candidates a test phase may try when one not tried yet is estimated to beat the best so far;
     max_streak: a speculative config set again right after its own set phase gets a set phase twice as long, up to
     2**max_streak times set_steps (a stable choice is re-tested ever more rarely); the autoregressive back-off stops
     doubling there too."""
 
     def __init__(self, trees=DEFAULT_TREES, budgets=(None,), cost_model=None, prior_acceptance: float = 0.6,
                  test_steps: int = 2, set_steps: int = 16, explore: float = 0.9, max_tests: int = 2,
-                 margin: float = 0.1, window: int = 5, ema: float = 0.3, prior_weight: float = 0.25,
+                 margin: float = 0.1, window: int = 5, ema: float = 0.3, prior_weight: float = 2.0,
                  max_climbs: int = 3, max_streak: int = 4):
         shapes = [as_tree_shape(t) for t in trees]
         if not shapes:
@@ -98,7 +103,7 @@ class Controller:
         self.max_climbs, self.max_streak = max_climbs, max_streak
         self.streak, self.last_set = 0, None  # consecutive set phases of the same speculative config
         self.fallbacks = 0  # consecutive autoregressive set phases (across requests)
-        self.alpha_prior: float | None = None  # acceptance per depth measured by earlier requests
+        self.accepted = [0.0, 0.0]  # drafted tokens accepted, steps that rejected one: decayed over steps (_alpha)
         self._times_by_rows: dict = {}  # rows bucket -> {config -> the last `window` step times (across requests)}
         self.times: dict = self._times_by_rows.setdefault(1, {})  # the current rows bucket's
         self.tokens: dict = {}  # config -> EMA tokens per step (across requests)
@@ -137,14 +142,11 @@ class Controller:
         return self.drafts and not (self.phase == "set" and not self.current[0].max_nodes and self.left >= steps)
 
     def start(self) -> None:
-        """A new request: acceptance measured afresh; a test phase first, or (when earlier requests measured the
+        """A new request: a test phase first, or (when earlier requests measured the
         configs) the last request's set phase runs on (phases span requests, so short requests still get their
         tests), or a set phase of the best estimate."""
-        alpha = self._request_alpha() if hasattr(self, "req") else None
-        if alpha is not None:  # what the last request measured is this one's prior
-            old = self.alpha_prior
-            self.alpha_prior = alpha if old is None else (1 - self.ema) * old + self.ema * alpha
         self.req: dict = {}  # config -> [tokens, steps] this request
+        self._after_ar = False  # the last step of this request was autoregressive (the drafter has tokens to catch up)
         if self.ar_time() is None or not any(c[0].max_nodes for c in self.times):
             self._plan(first=True)
         elif self.phase != "set" or self.left <= 0:  # else the set phase of the last request runs on
@@ -192,11 +194,12 @@ class Controller:
         shape = cfg[0]
         if not shape.max_nodes:
             return 1.0
-        alpha = self._request_alpha()
-        alpha = self.alpha_prior if alpha is None else alpha
+        alpha = self._alpha()
+        if alpha is not None and isinstance(shape, TreeSpec) and shape.top_k == 1:
+            return chain_tokens(alpha, shape.depth)  # a chain: the law at the acceptance of every recent step
         prior = self.tokens.get(cfg) if not self.req else None  # a new request: what this config got before
         if prior is None and alpha is not None and cfg not in self.req:
-            prior = chain_tokens(alpha, min(shape.depth, shape.max_nodes))
+            prior = chain_tokens(alpha, min(shape.depth, shape.max_nodes))  # a tree not tried: the chain law
         prior = self.tokens.get(cfg) if prior is None else prior
         if prior is None:
             cm = self.cost_model
@@ -205,16 +208,17 @@ class Controller:
         got, steps = self.req.get(cfg, (0, 0))
         if not steps:
             return prior
-        w = self.prior_weight  # this request's steps, with the prior as a fraction of a step
+        w = self.prior_weight  # this request's steps, with the prior counting as prior_weight steps
         return (got + w * prior) / (steps + w)
 
-    def _request_alpha(self) -> float | None:
-        """This request's acceptance per depth, solved from the chain law over the configs tried so far."""
-        got = [(c, t / n, n) for c, (t, n) in self.req.items() if c[0].max_nodes and n]
-        if not got:
-            return None
-        alphas = [chain_acceptance(tokens, min(c[0].depth, c[0].max_nodes)) for c, tokens, _ in got]
-        return sum((1.0 if a is None else a) * n for a, (_, _, n) in zip(alphas, got)) / sum(n for *_, n in got)
+    def _alpha(self) -> float | None:
+        """The acceptance per depth of recent speculative steps, across requests and configs: accepted drafted tokens
+        / (accepted + steps that rejected one), the estimate of a constant per-depth acceptance (each step a path of
+        accepted tokens ended by one rejection unless the whole depth was accepted), every step's weight decaying by
+        ACCEPT_DECAY per later step. Pooled over configs, one step that accepted nothing (or all) moves it a little:
+        a config's own few steps vary from 1 to depth + 1 tokens. None before the first speculative step."""
+        a, r = self.accepted
+        return min(a / (a + r), MAX_ALPHA) if a + r > 0 else None
 
     def utility(self, cfg) -> float:
         """tokens per step / step-time ratio, at most tokens per step (a pass of more tokens never costs less)."""
@@ -287,17 +291,22 @@ class Controller:
                 self._advance()
         return self.current
 
-    def observe(self, cfg, tokens: float, seconds: float, bucket) -> None:
+    def observe(self, cfg, tokens: float, seconds: float, bucket, timed: bool = True) -> None:
         """A step of cfg emitted tokens (per live row) in seconds; bucket: the verify pass's (R, N, C) (its first run
-        compiles)."""
+        compiles); timed=False: the step's time is not the config's (see step), so it neither counts as a measured step
+        nor ends a phase."""
         got = self.req.setdefault(cfg, [0, 0])
         got[0] += tokens
         got[1] += 1
+        if cfg[0].max_nodes:
+            drafted = max(tokens - 1.0, 0.0)  # accepted drafted tokens (per live row)
+            rejected = 1.0 if drafted < min(cfg[0].depth, cfg[0].max_nodes) - 1e-6 else 0.0
+            self.accepted = [ACCEPT_DECAY * self.accepted[0] + drafted, ACCEPT_DECAY * self.accepted[1] + rejected]
         old = self.tokens.get(cfg)
         self.tokens[cfg] = tokens if old is None else (1 - self.ema) * old + self.ema * tokens
         key = bucket
         self._runs[key] = self._runs.get(key, 0) + 1
-        if self._runs[key] > 2:
+        if self._runs[key] > 2 and timed:
             self.times[cfg] = (self.times.get(cfg, []) + [seconds])[-self.window :]
             self.left -= 1
         if self.phase == "probe" and self.left <= 0 and self.promising(cfg):
@@ -325,7 +334,13 @@ class Controller:
         seconds = decoder._clock() - t0
         v = stats.verify[-1]
         phase = self.phase
-        self.observe(cfg, emitted / rows, seconds, (v.row_bucket, v.bucket, v.budget))
+        # not the config's steady cost: a first draft after autoregressive steps (it feeds the drafter what they
+        # committed), an exact pass on a path the decoder is still measuring for this pass shape (FastestExact)
+        catch_up = self._after_ar and shape.max_nodes > 0
+        measuring = decoder.measuring
+        self._after_ar = not shape.max_nodes
+        self.observe(cfg, emitted / rows, seconds, (v.row_bucket, v.bucket, v.budget),
+                     timed=not (catch_up or measuring))
         base = self.ar_time()
         stats.decisions.append(Decision(stats.steps - 1, self._keys[shape], c, phase, emitted, seconds,
                                         None if not base else emitted / rows / (seconds / base)))

@@ -196,6 +196,7 @@ class SpeculativeDecoder:
         self.exact_one = None if self.verify_model is self.eager_target else FastestExact(
             lambda cache, *a: self.runner(cache, *a, None, None), partial(self._plain_pass, self.plain_target, ()),
             self._clock, **more)
+        self.measuring = False  # the latest verify pass ran on a path FastestExact was still measuring
         self._buffers: dict[tuple, dict[str, torch.Tensor]] = {}  # (R, N) -> a pass's input buffers
 
     # --- the loop ----------------------------------------------------------------------------------
@@ -354,9 +355,10 @@ class SpeculativeDecoder:
         mask = self.masks.tree(anc, cache.lengths, cache.pad, pos, pos)
         weights = None if c is None else node_weights(tree, self.node_weights)  # exact: nothing to rank
         stat = VerifyStats(tree_size=n, bucket=big_n, budget=c, rows=sum(live), row_bucket=r)
+        self.measuring = False
         if c is None and self.exact_choice(big_n):  # an exact pass (an AR step, exact speculation): the faster path
             logits = self.exact_one(cache, tokens, pos, mask, slots)
-            stat.path = self.exact_one.last
+            stat.path, self.measuring = self.exact_one.last, self.exact_one.measuring
         elif self.records_experts():
             with record_experts() as rec:
                 logits = self.runner(cache, tokens, pos, mask, slots, c, weights)
