@@ -183,8 +183,9 @@ def ancestors(parents: torch.Tensor, max_depth: int, out: torch.Tensor | None = 
               chain: bool = False) -> torch.Tensor:
     """anc [R, n, n] bool: anc[b, i, j] is True when node j is node i itself or one of its ancestors in row b's tree.
 
-    Device-side, no host sync: climb the parent pointers max_depth times (chain: parents are known to be i - 1, so
-    anc is the lower triangle, written at once). out: an [R, n, n] bool buffer to write."""
+    Device-side, no host sync: climb the parent pointers max_depth times, at most n - 1 (no deeper path fits in n
+    nodes; a root alone climbs none) (chain: parents are known to be i - 1, so anc is the lower triangle, written at
+    once). out: an [R, n, n] bool buffer to write."""
     r, n = parents.shape
     dev = parents.device
     if chain:
@@ -194,7 +195,7 @@ def ancestors(parents: torch.Tensor, max_depth: int, out: torch.Tensor | None = 
     cur = torch.arange(n, device=dev).expand(r, n).contiguous()
     anc.scatter_(2, cur[..., None], True)
     up = parents.clamp(min=0)  # the root is its own parent
-    for _ in range(max_depth):
+    for _ in range(min(max_depth, n - 1)):
         cur = up.gather(1, cur)
         anc.scatter_(2, cur[..., None], True)
     return anc
