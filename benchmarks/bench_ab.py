@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = r"""
 import json, sys, time, torch
 import moe_spec_compile as msc
-from moe_spec_compile.tiny import heldout_text
+from moe_spec_compile.tiny import HERE, heldout_text
 torch.manual_seed(0)
 target, draft, tok = msc.load_tiny()
 ids = torch.tensor(tok(heldout_text())["input_ids"])
@@ -34,8 +34,9 @@ new = int(sys.argv[1])
 prompts = [ids[i * 997 : i * 997 + 48] for i in range(4)]
 def config(name):
     kind, tree, rows, *budget = name.split("/")
-    tree = int(tree) if tree.isdigit() else msc.TreeSpec(*map(int, tree.split("-")))
-    drafter = msc.NgramDrafter() if kind == "ngram" else msc.ModelDrafter(draft)
+    tree = int(tree) if tree.isdigit() else tree if tree == "auto" else msc.TreeSpec(*map(int, tree.split("-")))
+    drafter = msc.NgramDrafter() if kind == "ngram" else msc.ModelDrafter(draft) if kind == "model" else \
+        msc.Eagle3Drafter.from_pretrained(HERE / "eagle3", target)
     dec = msc.SpeculativeDecoder(target, drafter=drafter, tree=tree, compile=True,
                                  budget=int(budget[0]) if budget else None)
     rows = int(rows)
@@ -48,6 +49,8 @@ def config(name):
 decs = {}
 for name in sys.argv[2:]:
     dec, (a, kw) = decs[name] = config(name)
+    for shape, c in dec.controller.configs if dec.controller else ():  # auto: every config it may pick compiles
+        dec.generate(*a, max_new_tokens=new, eos_token_id=None, tree=shape, budget=c, **kw)
     for _ in range(4):  # compiles every pass shape the config meets
         dec.generate(*a, max_new_tokens=new, eos_token_id=None, **kw)
 print(json.dumps({"ready": msc.__file__}), flush=True)
@@ -72,7 +75,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--configs", nargs="+", default=CONFIGS,
-                    help="drafter/tree/rows[/budget C], e.g. model/4/1 or model/4/1/16")
+                    help="drafter/tree/rows[/budget C]: drafter model | ngram | eagle3 (the shipped head), tree an "
+                         "int, a TreeSpec as 16-4-4 or auto; e.g. model/4/1, model/4/1/16, eagle3/auto/1")
     ap.add_argument("--out", type=Path, default=None, help="write the table (markdown) here")
     args = ap.parse_args(argv)
     load_before = os.getloadavg()

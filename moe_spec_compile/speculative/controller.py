@@ -6,7 +6,7 @@ promising candidate a few steps, measured) -> set phase (the best for set_steps)
 utility U(config) = tokens per step / (step time / autoregressive step time); U(autoregressive) = 1
 
 Cascade (arXiv 2506.20675), adapted: when no speculative config beats autoregressive decoding the set phase
-runs autoregressively and doubles in length at each consecutive fall-back (back-off, up to 2**max_streak x
+runs autoregressively and doubles in length at each consecutive fall-back (back-off, up to 2**max_backoff x
 set_steps, carried across requests: a request that such a phase outlasts starts no drafter); after it, the best
 speculative config is probed for one step, and tested further only if that step looks worth it. Likewise a
 speculative config that wins the test phase after its own set phase gets a set phase twice as long (up to
@@ -84,13 +84,14 @@ class Controller:
     across steps; prior_weight: the prior's weight (in steps) against this request's measured steps of a tree;
     max_climbs: extra candidates a test phase may try when one not tried yet is estimated to beat the best so far;
     max_streak: a speculative config set again right after its own set phase gets a set phase twice as long, up to
-    2**max_streak times set_steps (a stable choice is re-tested ever more rarely); the autoregressive back-off stops
-    doubling there too."""
+    2**max_streak times set_steps (a stable choice is re-tested ever more rarely); max_backoff: likewise for
+    autoregressive set phases (a fall-back decided while timings were off, e.g. under another process's load, is
+    re-probed within 2**max_backoff x set_steps steps, whichever request they fall in)."""
 
     def __init__(self, trees=DEFAULT_TREES, budgets=(None,), cost_model=None, prior_acceptance: float = 0.6,
                  test_steps: int = 2, set_steps: int = 16, explore: float = 0.9, max_tests: int = 2,
                  margin: float = 0.1, window: int = 5, ema: float = 0.3, prior_weight: float = 2.0,
-                 max_climbs: int = 3, max_streak: int = 4):
+                 max_climbs: int = 3, max_streak: int = 4, max_backoff: int = 2):
         shapes = [as_tree_shape(t) for t in trees]
         if not shapes:
             raise ValueError("the controller needs at least one tree shape")
@@ -100,7 +101,7 @@ class Controller:
         self.cost_model, self.prior_acceptance = cost_model, prior_acceptance
         self.test_steps, self.set_steps, self.explore, self.max_tests = test_steps, set_steps, explore, max_tests
         self.margin, self.window, self.ema, self.prior_weight = margin, window, ema, prior_weight
-        self.max_climbs, self.max_streak = max_climbs, max_streak
+        self.max_climbs, self.max_streak, self.max_backoff = max_climbs, max_streak, max_backoff
         self.streak, self.last_set = 0, None  # consecutive set phases of the same speculative config
         self.fallbacks = 0  # consecutive autoregressive set phases (across requests)
         self.accepted = [0.0, 0.0]  # drafted tokens accepted, steps that rejected one: decayed over steps (_alpha)
@@ -271,7 +272,7 @@ class Controller:
         best = max(candidates or self.configs, key=self.utility)
         if self.has_ar and (not best[0].max_nodes or self.utility(best) < 1 + self.margin):
             best = self._ar()
-            self.left = self.set_steps * 2 ** min(self.fallbacks, self.max_streak)
+            self.left = self.set_steps * 2 ** min(self.fallbacks, self.max_backoff)
             self.fallbacks += 1
             self.streak = 0
         else:
