@@ -200,7 +200,11 @@ def add_heldout(row: DemoRow, target, heldout, budget, policy, windows, scorer, 
 def warm_configs(decoder, prompts: list[torch.Tensor], new_tokens: int) -> None:
     """Decode every prompt once under every (tree, budget) the controller of `decoder` may choose, untimed: each
     pass shape (tree size, cache size) compiles and settles its exact path, and each drafting shape compiles, here
-    rather than inside a timed round the first time the controller picks it (through inductor, seconds each)."""
+    rather than inside a timed round the first time the controller picks it (through inductor, seconds each). The
+    controller's own requests come first: they size the caches for its largest shape, which the static decodes then
+    share (a cache only grows; graphs compiled at a smaller one would compile again at the controller's size)."""
+    for prompt in prompts:
+        decoder.generate(prompt, max_new_tokens=new_tokens, eos_token_id=None)
     for shape, c in decoder.controller.configs:
         for prompt in prompts:
             decoder.generate(prompt, max_new_tokens=new_tokens, eos_token_id=None, tree=shape, budget=c)
