@@ -235,6 +235,24 @@ def test_expert_gemm_equals_x_times_w_transposed(dtype):
     assert not experts_op._grouped_gemm_ok(torch.empty(2, 1024), big, torch.empty(4, 1024, 256), None)
 
 
+def _op_and_gradients_equal_dense(base, ids, tol):
+    """fused_experts through the op with gradients on (base: hidden, weights, w_gate_up, w_down) against the dense
+    reference: the output and every input's gradient (each nonzero) equal within tol."""
+    from moe_spec_compile import experts_op
+
+    got_args = [a.clone().requires_grad_() for a in base]
+    ref_args = [a.clone().requires_grad_() for a in base]
+    got = torch.ops.moespec.fused_experts(got_args[0], ids, *got_args[1:])
+    ref = experts_op._dense(ref_args[0], ids, *ref_args[1:], "silu", None, None, False, 1.702, 7.0, None)
+    torch.testing.assert_close(got, ref, **tol)
+    grad = torch.randn_like(got)
+    got.backward(grad)
+    ref.backward(grad)
+    for a, b in zip(got_args, ref_args):
+        assert a.grad is not None and a.grad.abs().sum() > 0
+        torch.testing.assert_close(a.grad, b.grad, **tol)
+
+
 def test_large_experts_loop_in_grad_mode_and_bf16():
     """Experts of 512 KB and more take the loop through _mm_t (oneDNN for fp32): under grad mode the op's gradients
     equal the dense reference's, and bf16 weights (upcast per used expert) match fp32 within bf16's tolerance."""
@@ -247,17 +265,7 @@ def test_large_experts_loop_in_grad_mode_and_bf16():
     ids[2, 1] = -1
     wgu, wd = torch.randn(e, 2 * i, h) / h ** 0.5, torch.randn(e, h, i) / i ** 0.5
     assert not experts_op._grouped_gemm_ok(hidden, wgu, wd, None)
-    got_args = [a.clone().requires_grad_() for a in (hidden, weights, wgu, wd)]
-    ref_args = [a.clone().requires_grad_() for a in (hidden, weights, wgu, wd)]
-    got = torch.ops.moespec.fused_experts(got_args[0], ids, got_args[1], got_args[2], got_args[3])
-    ref = experts_op._dense(ref_args[0], ids, ref_args[1], ref_args[2], ref_args[3], "silu", None, None, False,
-                            1.702, 7.0, None)
-    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
-    grad = torch.randn_like(got)
-    got.backward(grad)
-    ref.backward(grad)
-    for a, b in zip(got_args, ref_args):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
+    _op_and_gradients_equal_dense((hidden, weights, wgu, wd), ids, dict(rtol=1e-4, atol=1e-5))
     with torch.no_grad():
         half = torch.ops.moespec.fused_experts(hidden.bfloat16(), ids, weights.bfloat16(), wgu.bfloat16(),
                                                wd.bfloat16())
@@ -325,21 +333,10 @@ def test_small_pass_in_few_experts_under_grad_mode(monkeypatch):
     ids = torch.stack([budget_set[torch.randperm(3)[:k]] for _ in range(t)])
     ids[4, 0] = -1
     base = (torch.randn(t, h), torch.rand(t, k), torch.randn(e, 2 * i, h) / h ** 0.5, torch.randn(e, h, i) / i ** 0.5)
-    got_args = [a.clone().requires_grad_() for a in base]
-    ref_args = [a.clone().requires_grad_() for a in base]
     calls = []
     monkeypatch.setattr(experts_op, "_per_expert", lambda *a, f=experts_op._per_expert: calls.append(a[1]) or f(*a))
-    got = torch.ops.moespec.fused_experts(got_args[0], ids, got_args[1], got_args[2], got_args[3])
+    _op_and_gradients_equal_dense(base, ids, dict(rtol=1e-5, atol=1e-5))
     assert len(calls) == 1 and calls[0].tolist() == budget_set.tolist(), "the per-expert path did not run"
-    ref = experts_op._dense(ref_args[0], ids, ref_args[1], ref_args[2], ref_args[3], "silu", None, None, False,
-                            1.702, 7.0, None)
-    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
-    grad = torch.randn_like(got)
-    got.backward(grad)
-    ref.backward(grad)
-    for a, b in zip(got_args, ref_args):
-        assert a.grad is not None and a.grad.abs().sum() > 0
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("bias,w_up,inter,act,dtype", _SMALL_PASS_VARIANTS)
