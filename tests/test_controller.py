@@ -142,6 +142,32 @@ def test_acceptance_is_pooled_and_switching_steps_are_not_timed():
     assert ctl.tokens_per_step(chain4) == pytest.approx(chain_tokens(alpha, 4)) and ctl.tokens_per_step(chain4) > 3
 
 
+def test_a_first_draft_after_autoregressive_steps_is_not_timed(target):
+    """Through the decoder: the step that drafts right after autoregressive steps (it feeds the drafter what they
+    committed) is charged a large virtual cost here, and none of it reaches the controller's step times."""
+    oracle = msc.OracleDrafter(target, acceptance=0.0, seed=5)  # wrong: autoregressive phases, then probes
+    oracle.precompute([PROMPT], 40)
+    dec = msc.SpeculativeDecoder(target, drafter=oracle, tree="auto")
+    virtual_time(dec, 0.05)
+    clock, step, last = dec._clock, dec._step, {"ar": False}
+    extra = [0.0]
+    dec._clock = lambda: clock() + extra[0]
+
+    def charged(shape, *a, **k):
+        if last["ar"] and shape.max_nodes:
+            extra[0] += 100.0  # the catch-up
+        last["ar"] = not shape.max_nodes
+        return step(shape, *a, **k)
+
+    dec._step = charged
+    want = reference(target, PROMPT, 40)
+    for _ in range(4):
+        assert dec.generate(PROMPT, max_new_tokens=40, eos_token_id=None).sequences[0].tolist() == want
+    assert extra[0] > 0  # the trace did switch from autoregressive steps to drafting
+    times = [t for by_cfg in dec.controller._times_by_rows.values() for ts in by_cfg.values() for t in ts]
+    assert times and max(times) < 1.0
+
+
 def test_controller_speculates_with_the_oracle_and_stays_exact(target):
     oracle = msc.OracleDrafter(target, acceptance=1.0)
     oracle.precompute([PROMPT], 48)
