@@ -94,8 +94,61 @@ def moespec_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | No
         return sites.wrap(gm.forward) if names else gm.forward
     from torch._inductor.compile_fx import compile_fx
 
-    compiled = compile_fx(gm, example_inputs)
-    return sites.wrap(compiled) if names else compiled
+    lowered = _in_graph(gm, example_inputs, sites) if names else None
+    if lowered is None:
+        compiled = compile_fx(gm, example_inputs)
+        return sites.wrap(compiled) if names else compiled
+    graph, extra = lowered
+    from . import record
+    from .budget import routing_overrides
+    from .offload import restricting
+
+    traced_under = routing_overrides()  # select_in_graph reads the run-time policy overrides while it is traced
+    in_graph = compile_fx(graph, [*example_inputs, *extra])
+    with_ops = _Lazy(gm)
+
+    def run(*args):
+        if record.active() or restricting() or routing_overrides() != traced_under:
+            return with_ops(*args)  # the host's part: recorded events, resident-only routing, other policies
+        return in_graph(*args, *extra)
+
+    return sites.wrap(run, slots=extra[-1])
+
+
+def _in_graph(gm, example_inputs, sites):
+    """(gm lowered for inductor (passes/lower.py), the tables and slots tensors it takes after gm's inputs), or None:
+    the CPU only for now (the slots are written from the host before each call; on CUDA that copy would have to stay
+    outside captured graphs: not done, nor measured), inference only (the ops' gradients are the ops' own), static
+    routed shapes."""
+    from moe_spec_compile.passes.graph_utils import meta_val
+    from moe_spec_compile.passes.lower import TABLES, in_graph
+
+    devices = {meta_val(n.args[0]).device for n in gm.graph.nodes if n.target is torch.ops.moespec.budget_topk.default}
+    if devices != {torch.device("cpu")} or (torch.is_grad_enabled() and any(
+            isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs)):
+        return None
+    from .budget import tables
+
+    tabs = tables(torch.device("cpu"))
+    slots = torch.zeros(len(sites.names), dtype=torch.int64)
+    graph = in_graph(gm, tabs, slots)
+    if graph is None:
+        return None
+    return graph, [*(tabs[k] for k in TABLES), slots]
+
+
+class _Lazy:
+    """gm (with the routing ops) compiled by inductor at its first call, on that call's inputs."""
+
+    def __init__(self, gm):
+        self.gm, self.fn = gm, None
+
+    def __call__(self, *args):
+        if self.fn is None:
+            from torch._inductor.compile_fx import compile_fx
+
+            self.fn = compile_fx(self.gm, list(args))
+        return self.fn(*args)
 
 
 # Past dynamo's recompile limit a frame runs eagerly without a word, and so without its budget: shared code

@@ -161,6 +161,15 @@ def _override():
     return _UNSET
 
 
+def routing_overrides() -> tuple:
+    """The run-time policy / max_budget_tokens / score overrides in force (innermost wins), as a hashable key: a graph
+    whose routing was traced into it (routing_ops.IN_GRAPH) is valid only under the overrides it was traced under."""
+    values = {}
+    for frame in _state.stack:
+        values.update({k: v for k, v in frame.items() if k != "budget"})
+    return tuple(sorted(values.items()))
+
+
 def effective_budget(policy: str, max_tokens: int | None, score: str, num_tokens: int) -> tuple[bool, str, str]:
     """(budgeted, policy, score) for one pass, host-side; budgeted is False when the pass has more tokens than
     max_budget_tokens. Compile-time values, overridden by the enclosing ``with budget(...)`` frames."""
@@ -228,7 +237,7 @@ class _Tables:
                  "tokens": torch.ones(MAX_TOKENS, dtype=torch.float32, device=device),
                  "share": torch.zeros(MAX_SLOTS, dtype=torch.float32, device=device),
                  "cap": torch.zeros(MAX_SLOTS, dtype=torch.int64, device=device),
-                 "stats": torch.zeros(MAX_SLOTS, 4, dtype=torch.float32, device=device)}
+                 "stats": torch.zeros(MAX_SLOTS, len(COUNTERS), dtype=torch.float32, device=device)}
             self.devices[device] = t
             self._write(t)
         return t
@@ -313,6 +322,18 @@ def count_on_host(slot: int, num_tokens: int) -> None:
 
 def _natural(name: str):
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+# The device counters per slot (tables' "stats" columns): budget size sums C over budgeted passes (0 for exact ones)
+COUNTERS = ("passes", "tokens", "experts loaded", "budget bound", "budget size")
+
+
+def pass_counts(before: torch.Tensor, after: torch.Tensor) -> list[tuple[str, int, int | None]]:
+    """(block, experts loaded, C or None for exact) of each block that ran once between two copies of a device's
+    counters (tables(device)["stats"]): per-pass statistics without recording the routing."""
+    n = len(_tables.names)
+    rows = (after[:n] - before[:n]).tolist()
+    return [(_tables.names[i], round(r[2]), round(r[4]) or None) for i, r in enumerate(rows) if r[2] > 0]
 
 
 def expert_stats() -> dict[str, dict]:

@@ -144,6 +144,7 @@ class Sites:
         self.inputs, self.names, self.spec = inputs, tuple(names), spec
         self.held = tuple(held) if held is not None else (None,) * len(self.names)
         self._cache: dict[tuple[int, ...], tuple] = {}  # data pointers -> (slots, weak refs of the weights)
+        self._written = None  # the slots tuple last copied into wrap's slots tensor
 
     def slots(self, args) -> tuple[int, ...]:
         from .budget import slot_of
@@ -158,11 +159,16 @@ class Sites:
         self._cache[key] = (slots, tuple(weakref.ref(w) if w is not None else None for w in weights))
         return slots
 
-    def wrap(self, fn):
-        """fn(*args) with this graph's slots current while it runs (dynamo calls a backend's result unboxed)."""
+    def wrap(self, fn, slots: torch.Tensor | None = None):
+        """fn(*args) with this graph's slots current while it runs (dynamo calls a backend's result unboxed).
+        slots: a graph input [sites] that holds them on the device too (a graph with its routing traced in),
+        rewritten only when they change."""
 
         def run(*args):
             with self.bound(args):
+                if slots is not None and self._written is not _current.slots:
+                    slots.copy_(torch.tensor(_current.slots, dtype=torch.int64))
+                    self._written = _current.slots
                 return fn(*args)
 
         return run

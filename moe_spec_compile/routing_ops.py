@@ -51,11 +51,12 @@ def token_weights(token_mask: torch.Tensor | None, num_tokens: int) -> torch.Ten
     return token_mask[:, length - num_tokens // rows:].reshape(-1).float()
 
 
-def _weights(token_mask, num_tokens, tabs) -> torch.Tensor | None:
-    """Per-token weights [T]: the attention mask (padding 0) times msc.token_weights (draft-tree node weights)."""
+def _weights(token_mask, num_tokens, tokens: torch.Tensor) -> torch.Tensor | None:
+    """Per-token weights [T]: the attention mask (padding 0) times msc.token_weights (draft-tree node weights, the
+    tables' "tokens" row)."""
     w = token_weights(token_mask, num_tokens)
-    if num_tokens <= tabs["tokens"].shape[0]:
-        given = tabs["tokens"][:num_tokens]
+    if num_tokens <= tokens.shape[0]:
+        given = tokens[:num_tokens]
         w = given if w is None else w * given
     return w
 
@@ -79,12 +80,13 @@ def _expert_scores(p: torch.Tensor, natural: torch.Tensor, w, score: str) -> tor
     raise ValueError(f"unknown score {score!r}")
 
 
-def _budget_size(s: torch.Tensor, tabs, slot: int, k: int, coverage: bool = True) -> torch.Tensor:
-    """C for this pass as a 0-d device tensor: the slot's C, or under Coverage the fewest experts holding
-    `share` of the mass (capped); clamped to [k, E]. C = 0 (exact) means all E. coverage=False: the host knows
-    the slot holds no Coverage spec (never while capturing), so the mass is not sorted."""
+def _budget_size(s: torch.Tensor, c: torch.Tensor, share: torch.Tensor, cap: torch.Tensor, k: int,
+                 coverage: bool = True) -> torch.Tensor:
+    """C for this pass as a 0-d device tensor from the slot's c, share, cap (0-d device tensors): the slot's C, or
+    under Coverage the fewest experts holding `share` of the mass (capped); clamped to [k, E]. C = 0 (exact) means
+    all E. coverage=False: the host knows the slot holds no Coverage spec (never while capturing), so the mass is
+    not sorted."""
     e = s.shape[0]
-    c, share, cap = tabs["c"][slot], tabs["share"][slot], tabs["cap"][slot]
     if not coverage:
         return torch.where(c > 0, c, e).clamp(min=k, max=e)
     sorted_s = torch.sort(s, descending=True).values
@@ -102,15 +104,36 @@ def _count_exact(tabs, slot, num_tokens, ids, e: int) -> None:
     tabs["stats"][slot, 2] += hit.sum()
 
 
-def _count(tabs, slot, num_tokens, ids, keep, natural_ids, size) -> None:
-    """Device counters [passes, tokens, experts loaded, budget bound] of the slot; no host read. ids and
-    natural_ids come from a top-k or a sort over E: all in [0, E)."""
+def _count_row(num_tokens: int, ids, keep, natural_ids, size) -> torch.Tensor:
+    """A pass's row of the slot's device counters (budget.COUNTERS: passes, tokens, experts loaded, budget bound,
+    budget size); no host read. ids and natural_ids come from a top-k or a sort over E: all in [0, E)."""
     e = keep.shape[0]
     used = torch.zeros(e, device=ids.device).index_fill_(0, ids.reshape(-1), 1.0)
     natural = torch.zeros(e, device=ids.device).index_fill_(0, natural_ids.reshape(-1), 1.0).sum()
-    row = torch.stack([torch.ones((), device=ids.device), torch.full((), float(num_tokens), device=ids.device),
-                       (used * keep).sum(), (natural > size).float()])
-    tabs["stats"][slot] += row
+    return torch.stack([torch.ones((), device=ids.device), torch.full((), float(num_tokens), device=ids.device),
+                        (used * keep).sum(), (natural > size).float(), torch.where(size < e, size, 0).float()])
+
+
+def _count(tabs, slot, num_tokens, ids, keep, natural_ids, size) -> None:
+    tabs["stats"][slot] += _count_row(num_tokens, ids, keep, natural_ids, size)
+
+
+def _substitute(x: torch.Tensor, keep: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's top-k within A (keep [E] bool): A's experts rank above all others, even where the model itself
+    masked them to -inf (grouped top-k): such experts rank by index after A's finite ones. Ties: lower index."""
+    key = torch.where(keep, x.clamp(min=torch.finfo(x.dtype).min), float("-inf"))
+    indices = torch.sort(key, dim=-1, descending=True, stable=True).indices[..., :k].contiguous()
+    return x.gather(-1, indices), indices
+
+
+def _scores_and_size(x, scores, k, score_fn, sorted, w, c, share, cap, score, coverage=True):
+    """(natural values, natural indices [..., k], expert scores s [E], C as a 0-d tensor) of a budgeted pass."""
+    e = x.shape[-1]
+    natural_v, natural_i = torch.topk(x, k, dim=-1, sorted=sorted)
+    p = _probs(scores, score_fn).reshape(-1, e)  # [T, E]
+    ranked = natural_i if sorted or score != "top1" else torch.topk(x, k, dim=-1).indices  # top1 needs order
+    s = _expert_scores(p, ranked.reshape(-1, k), w, score)  # [E]
+    return natural_v, natural_i, s, _budget_size(s, c, share, cap, k, coverage)
 
 
 @torch.library.custom_op("moespec::budget_topk", mutates_args=())
@@ -146,11 +169,9 @@ def budget_topk(
         else:
             _count_exact(tabs, slot, num_tokens, indices, e)
         return values, indices, keep
-    natural_v, natural_i = torch.topk(x, k, dim=-1, sorted=sorted)
-    p = _probs(scores, score_fn).reshape(-1, e)  # [T, E]
-    ranked = natural_i if sorted or score != "top1" else torch.topk(x, k, dim=-1).indices  # top1 needs order
-    s = _expert_scores(p, ranked.reshape(-1, k), _weights(token_mask, num_tokens, tabs), score)  # [E]
-    size = _budget_size(s, tabs, slot, k, coverage=mode != "fixed")
+    natural_v, natural_i, s, size = _scores_and_size(
+        x, scores, k, score_fn, sorted, _weights(token_mask, num_tokens, tabs["tokens"]), tabs["c"][slot],
+        tabs["share"][slot], tabs["cap"][slot], score, coverage=mode != "fixed")
     # offload's resident-only passes (the self-drafter's) and prefer_resident(); every other pass skips this with one
     # host check
     block = slot_name(slot) if restricting() and not capturing else None
@@ -164,14 +185,7 @@ def budget_topk(
     keep = expert_ranks(s) < size  # [E] bool
     if allowed is not None:
         keep = keep & allowed
-    if policy == "substitute":
-        # Rank A's experts above all others, even where the model itself masked them to -inf (grouped
-        # top-k): such experts rank by index after A's finite ones. Ties go to the lower index.
-        key = torch.where(keep, x.clamp(min=torch.finfo(x.dtype).min), float("-inf"))
-        indices = torch.sort(key, dim=-1, descending=True, stable=True).indices[..., :k].contiguous()
-        values = x.gather(-1, indices)
-    else:
-        values, indices = natural_v, natural_i
+    values, indices = _substitute(x, keep, k) if policy == "substitute" else (natural_v, natural_i)
     _count(tabs, slot, num_tokens, indices, keep, natural_i, size)
     return values, indices, keep.long()
 
@@ -214,6 +228,12 @@ def _fill_ids(ids: torch.Tensor, dropped: torch.Tensor, keep: torch.Tensor) -> t
     return torch.where(drop, fill.gather(1, nth), flat).reshape(ids.shape).to(ids.dtype)
 
 
+def _apply(ids, weights, keep, to_empty: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    dropped = keep[ids.long()] == 0  # [..., k]; never true under substitute (every slot lies in A)
+    new_weights = weights.masked_fill(dropped, 0)
+    return (ids.masked_fill(dropped, -1) if to_empty else _fill_ids(ids, dropped, keep)), new_weights
+
+
 @torch.library.custom_op("moespec::budget_apply", mutates_args=())
 def budget_apply(
     ids: torch.Tensor,  # [..., k] the routing result as it leaves the router
@@ -222,12 +242,7 @@ def budget_apply(
     to_empty: bool,  # True: dropped slots get id -1 (fused_experts); False: distinct unused experts of A
     site: int = -1,  # names the block in recorded events (naming.site_names)
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    dropped = keep[ids.long()] == 0  # [..., k]; never true under substitute (every slot lies in A)
-    new_weights = weights.masked_fill(dropped, 0)
-    if to_empty:
-        new_ids = ids.masked_fill(dropped, -1)
-    else:
-        new_ids = _fill_ids(ids, dropped, keep)
+    new_ids, new_weights = _apply(ids, weights, keep, to_empty)
     if record.active() and not (ids.is_cuda and torch.cuda.is_current_stream_capturing()):
         k = ids.shape[-1] if ids.dim() else 1
         size = int(keep.sum())
@@ -254,3 +269,42 @@ def _backward_apply(ctx, _grad_ids, grad_weights):
 
 
 torch.library.register_autograd("moespec::budget_apply", _backward_apply, setup_context=_setup_apply)
+
+
+# --- the same selection as plain tensor code inside an inductor graph --------------------------------------------
+# budget_topk and budget_apply are opaque to inductor: every routing site costs two Python custom-op calls of ~30
+# small aten ops each, and splits the graph's fusions around them (bundled target, 17-token pass, 2-core CPU: ~470 us
+# a layer under a budget, where the rest of the pass costs ~380). In a graph inductor compiles they become calls of
+# select_in_graph / apply_in_graph (passes/lower.py), which inductor traces and fuses: the budget tables and the
+# graph's slot per site arrive as graph inputs (naming.Sites writes the slots), the counters are updated in place on
+# the device, and nothing reads the host. What needs the host (recorded events, offload's resident-only passes,
+# other policies than the graph was traced under) runs the graph with the ops instead (backend).
+
+def select_in_graph(x, scores, c, share, cap, tokens, stats, slots, k: int, score_fn: str, policy: str,
+                    max_tokens: int, sorted: bool, token_mask, site: int, score: str):
+    """budget_topk's selection for slot slots[site] of the tables c, share, cap, tokens, stats (budget.tables)."""
+    e = x.shape[-1]
+    num_tokens = x.numel() // e
+    slot = slots[site:site + 1]  # [1]: the slot naming.Sites bound to this site for this call
+    budgeted, policy, score = effective_budget(policy, max_tokens if max_tokens > 0 else None, score, num_tokens)
+    if not budgeted:
+        values, indices = torch.topk(x, k, dim=-1, sorted=sorted)
+        keep = torch.ones(e, dtype=torch.bool, device=x.device)
+        stats.index_add_(0, slot, _count_row(num_tokens, indices, keep, indices, e)[None])
+        return values, indices, keep.long()
+    natural_v, natural_i, s, size = _scores_and_size(
+        x, scores, k, score_fn, sorted, _weights(token_mask, num_tokens, tokens), c.index_select(0, slot)[0],
+        share.index_select(0, slot)[0], cap.index_select(0, slot)[0], score)
+    keep = expert_ranks(s) < size  # [E] bool
+    values, indices = natural_v, natural_i
+    if policy == "substitute":  # exact (C = E): the model's own top-k, ties and all
+        sub_v, sub_i = _substitute(x, keep, k)
+        exact = size >= e
+        values, indices = torch.where(exact, natural_v, sub_v), torch.where(exact, natural_i, sub_i)
+    stats.index_add_(0, slot, _count_row(num_tokens, indices, keep, natural_i, size)[None])
+    return values, indices, keep.long()
+
+
+def apply_in_graph(ids, weights, keep, to_empty: bool):
+    """budget_apply without recorded events."""
+    return _apply(ids, weights, keep, to_empty)

@@ -31,9 +31,8 @@ from functools import partial
 import torch
 
 from ..backend import allow_recompiles, is_moespec_compiled, moespec_options
-from ..budget import MAX_TOKENS, validate_budget, validate_policy
+from ..budget import MAX_TOKENS, pass_counts, tables, validate_budget, validate_policy
 from ..budget import budget as budget_ctx
-from ..record import record_experts
 from .accept import SamplingConfig, accept_greedy, accept_sample, process_logits
 from .buckets import DEFAULT_TREE_BUCKETS, FastestExact, VerifyRunner, compile_pass, pick_bucket
 from .checks import (
@@ -360,9 +359,10 @@ class SpeculativeDecoder:
             logits = self.exact_one(cache, tokens, pos, mask, slots)
             stat.path, self.measuring = self.exact_one.last, self.exact_one.measuring
         elif self.records_experts():
-            with record_experts() as rec:
-                logits = self.runner(cache, tokens, pos, mask, slots, c, weights)
-            _expert_stats(stat, rec.events)
+            counters = tables(dev)["stats"]
+            before = counters.clone()
+            logits = self.runner(cache, tokens, pos, mask, slots, c, weights)
+            _expert_stats(stat, pass_counts(before, counters))
         else:
             logits = self.runner(cache, tokens, pos, mask, slots, c, weights)
         self._start = start
@@ -630,9 +630,10 @@ def _refuse_unbound(budget, binds: bool):
     return budget
 
 
-def _expert_stats(stat: VerifyStats, events) -> None:
-    if not events:
+def _expert_stats(stat: VerifyStats, counts) -> None:
+    """counts: budget.pass_counts of the pass."""
+    if not counts:
         return
-    stat.experts_per_layer = {ev.block: len(ev.experts) for ev in events}
-    stat.layer_budgets = {ev.block: ev.budget for ev in events}
-    stat.budget_bound = any(ev.budget is not None and len(ev.experts) >= ev.budget for ev in events)
+    stat.experts_per_layer = {block: n for block, n, _c in counts}
+    stat.layer_budgets = {block: c for block, _n, c in counts}
+    stat.budget_bound = any(c is not None and n >= c for _block, n, c in counts)
