@@ -100,15 +100,17 @@ def moespec_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | No
         return sites.wrap(compiled) if names else compiled
     graph, extra = lowered
     from . import record
-    from .budget import routing_overrides
+    from .budget import routing_values
     from .offload import restricting
 
-    traced_under = routing_overrides()  # select_in_graph reads the run-time policy overrides while it is traced
+    cfg = opts.budget  # select_in_graph reads the policy, max_budget_tokens and score in force while it is traced
+    traced_under = routing_values(cfg.policy, cfg.max_budget_tokens, cfg.score)
     in_graph = compile_fx(graph, [*example_inputs, *extra])
     with_ops = _Lazy(gm)
 
     def run(*args):
-        if record.active() or restricting() or routing_overrides() != traced_under:
+        if record.active() or restricting() or routing_values(cfg.policy, cfg.max_budget_tokens,
+                                                               cfg.score) != traced_under:
             return with_ops(*args)  # the host's part: recorded events, resident-only routing, other policies
         return in_graph(*args, *extra)
 

@@ -161,23 +161,20 @@ def _override():
     return _UNSET
 
 
-def routing_overrides() -> tuple:
-    """The run-time policy / max_budget_tokens / score overrides in force (innermost wins), as a hashable key: a graph
-    whose routing was traced into it (routing_ops.IN_GRAPH) is valid only under the overrides it was traced under."""
-    values = {}
+def routing_values(policy: str, max_tokens: int | None, score: str) -> tuple[str, int | None, str]:
+    """(policy, max_budget_tokens, score) in force: compile-time values, overridden by the enclosing
+    ``with budget(...)`` frames (innermost wins)."""
+    values = {"policy": policy, "max_budget_tokens": max_tokens, "score": score}
     for frame in _state.stack:
         values.update({k: v for k, v in frame.items() if k != "budget"})
-    return tuple(sorted(values.items()))
+    return values["policy"], values["max_budget_tokens"], values["score"]
 
 
 def effective_budget(policy: str, max_tokens: int | None, score: str, num_tokens: int) -> tuple[bool, str, str]:
     """(budgeted, policy, score) for one pass, host-side; budgeted is False when the pass has more tokens than
     max_budget_tokens. Compile-time values, overridden by the enclosing ``with budget(...)`` frames."""
-    values = {"policy": policy, "max_budget_tokens": max_tokens, "score": score}
-    for frame in _state.stack:
-        values.update({k: v for k, v in frame.items() if k != "budget"})
-    limit = values["max_budget_tokens"]
-    return limit is None or num_tokens <= limit, values["policy"], values["score"]
+    policy, limit, score = routing_values(policy, max_tokens, score)
+    return limit is None or num_tokens <= limit, policy, score
 
 
 # --- the device part: per-slot tables ---------------------------------------------------------------------

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .budget import budget as budget_ctx
-from .record import record_experts
+from .budget import pass_counts, tables
 
 __all__ = ["QualityRow", "WindowScore", "greedy_agreement", "score_windows", "speculative_run", "evaluate"]
 
@@ -85,13 +85,15 @@ def score_windows(model, tokens: torch.Tensor, window: int = 32, budget=None,
     for w in range(n):
         x = tokens[w * window : (w + 1) * window + 1].to(device)
         weights = decay ** torch.arange(window, dtype=torch.float32, device=device) if decay else None
-        with budget_ctx(budget, policy=policy, score=score), record_experts() as rec, _weighted(weights):
+        counters = tables(device)["stats"]
+        before = counters.clone()
+        with budget_ctx(budget, policy=policy, score=score), _weighted(weights):
             logits = compiled(x[None, :-1], use_cache=False).logits[0].float()
         loss += torch.nn.functional.cross_entropy(logits, x[1:], reduction="sum").item()
         preds.append(logits.argmax(-1).cpu())
         correct += (preds[-1] == x[1:].cpu()).sum().item()
         count += window
-        experts += [len(ev.experts) for ev in rec.events]
+        experts += [n for _block, n, _c in pass_counts(before, counters)]
     return WindowScore(loss / count, correct / count, sum(experts) / max(len(experts), 1), torch.cat(preds))
 
 

@@ -71,4 +71,3 @@ def rewrite(gm: fx.GraphModule, fake_mode, router: Router, cfg: BudgetConfig, si
     keep = closure | {applied}
     ids_exit.replace_all_uses_with(new_ids, delete_user_cb=lambda u: u not in keep)
     w_exit.replace_all_uses_with(new_w, delete_user_cb=lambda u: u not in keep)
-
