@@ -53,7 +53,8 @@ for name in sys.argv[2:]:
         dec.generate(*a, max_new_tokens=new, eos_token_id=None, tree=shape, budget=c, **kw)
     for _ in range(4):  # compiles every pass shape the config meets
         dec.generate(*a, max_new_tokens=new, eos_token_id=None, **kw)
-print(json.dumps({"ready": msc.__file__}), flush=True)
+import moe_spec_compile.passes as passes
+print(json.dumps({"ready": f"{msc.__file__}, {passes.__file__}"}), flush=True)
 for line in sys.stdin:
     dec, (a, kw) = decs[line.strip()]
     time.sleep(0.3)  # the other worker's OpenMP threads stop spinning first
@@ -84,6 +85,9 @@ def main(argv=None) -> int:
     wt = tmp / "old"
     subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(wt), args.old], check=True,
                    capture_output=True)
+    for sub in ("passes", "kernels"):  # the package maps these top-level folders in (pyproject's package-dir):
+        # without the links the old tree's moe_spec_compile.passes would come from the editable install, the new tree
+        (wt / "moe_spec_compile" / sub).symlink_to(wt / sub, target_is_directory=True)
     try:
         workers = {}
         for name, tree in (("old", wt), ("new", ROOT)):

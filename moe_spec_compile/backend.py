@@ -1,6 +1,8 @@
 """The `moespec` torch.compile backend.
 
 dynamo graph -> passes (discover, fuse experts, budget routers) -> compile_fx (inductor) | eager
+              CPU, inductor: compile_fx of passes/lower.py's copy (the ops as plain tensor code), the ops graph
+              compiled at the first call that needs the host (recorded events, resident-only routing, other policies)
 
     torch.compile(model, backend="moespec", options={"budget": 16, "policy": "substitute"})
 

@@ -197,8 +197,9 @@ class FastestExact:
     runner (the moespec-compiled target; a CUDA graph where captured), the plain target (the unmodified model:
     eager, or compiled by inductor when the moespec graph's inner compiler is inductor, see SpeculativeDecoder) and
     any `more` (name -> a pass: the plain target with transformers' "batched_mm" experts, decoder.BATCHED). All
-    compute the model's own output. On the CPU a plain target often wins (the moespec ops are opaque to inductor's
-    fusion and cost a Python dispatch each, which an exact pass gains nothing from); on a GPU the captured graph.
+    compute the model's own output. On the CPU a plain target often wins (the moespec graph also computes the budget's
+    selection and counters, the budget being device data, which an exact pass gains nothing from); on a GPU the
+    captured graph.
 
     Per shape, calls go round the paths: each is warmed up WARM times (the first calls compile), then timed TIMED
     times; the path with the lowest best time is kept for that shape from then on (``choices[(R, N)]``, the path's
