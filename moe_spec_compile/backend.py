@@ -96,18 +96,23 @@ def moespec_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | No
         return sites.wrap(gm.forward) if names else gm.forward
     from torch._inductor.compile_fx import compile_fx
 
-    lowered = _in_graph(gm, example_inputs, sites) if names else None
-    if lowered is None:
-        compiled = compile_fx(gm, example_inputs)
-        return sites.wrap(compiled) if names else compiled
-    graph, extra = lowered
     from . import record
     from .budget import routing_values
     from .offload import restricting
 
     cfg = opts.budget  # select_in_graph reads the policy, max_budget_tokens and score in force while it is traced
     traced_under = routing_values(cfg.policy, cfg.max_budget_tokens, cfg.score)
-    in_graph = compile_fx(graph, [*example_inputs, *extra])
+    try:
+        lowered = _in_graph(gm, example_inputs, sites) if names else None
+        in_graph = compile_fx(lowered[0], [*example_inputs, *lowered[1]]) if lowered is not None else None
+    except Exception as err:  # e.g. a torch whose AOTAutograd refuses the appended inputs: the ops, as before
+        warnings.warn(f"moespec: the lowered graph did not compile ({type(err).__name__}: {err}); this graph runs "
+                      "the routing ops instead (same results, slower on the CPU)", RuntimeWarning, stacklevel=2)
+        lowered = None
+    if lowered is None:
+        compiled = compile_fx(gm, example_inputs)
+        return sites.wrap(compiled) if names else compiled
+    extra = lowered[1]
     with_ops = _Lazy(gm)
 
     def run(*args):

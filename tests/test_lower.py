@@ -103,3 +103,25 @@ def test_slots_follow_the_model_that_runs():
             got = compiled(x, use_cache=False).logits
             with reference_budget(model, budget, "substitute"):
                 _close(got, model(x, use_cache=False).logits)
+
+
+def test_a_lowering_that_fails_runs_the_ops(monkeypatch):
+    """Where the lowered graph does not build or compile (another torch, say), the graph runs the ops: a warning,
+    and the same results."""
+    import moe_spec_compile.passes.lower as lower
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no lowering here")
+
+    monkeypatch.setattr(lower, "select_in_graph", broken)
+    torch._dynamo.reset()
+    model, _e, _k = build("qwen3_moe", "grouped_mm", seed=5)
+    compiled = torch.compile(model, backend="moespec", dynamic=False, options={"max_budget_tokens": None})
+    x = _ids(8, seed=6)
+    with torch.no_grad(), msc.budget(5):
+        with pytest.warns(RuntimeWarning, match="lowered graph did not compile"):
+            got = compiled(x, use_cache=False).logits
+        called = _moespec_ops_called(lambda: compiled(x, use_cache=False))
+    assert "moespec::budget_topk" in called
+    with torch.no_grad(), reference_budget(model, 5, "substitute"):
+        _close(got, model(x, use_cache=False).logits)
