@@ -11,6 +11,8 @@ changed after compiling (load_state_dict, an optimizer step) are always the ones
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from .checks import ACTIVATIONS, check_expert_lists, check_fused_experts_args, check_ids_in_range
@@ -74,17 +76,50 @@ def _grouped(hidden, topk_ids, topk_weights, num_experts, gate_up_fn, down_fn, a
     return slot_out.view(t, k, h).sum(1).to(hidden.dtype)
 
 
-def _mm_t(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [n, in] @ w [out, in].T; fp32 weights of 256 KB and more on the CPU through oneDNN's linear, which runs
-    the few rows an expert gets in a pass faster than MKL's GEMM and uses both cores for one row (smaller weights:
-    its fixed cost, ~8 us a call, outweighs that). Measured on the 2-core CPU, weights cold, x @ w.T against oneDNN,
+def _mm_t(x: torch.Tensor, w: torch.Tensor, onednn: bool | None = None) -> torch.Tensor:
+    """x [n, in] @ w [out, in].T. onednn None: fp32 weights of 256 KB and more on the CPU through oneDNN's linear,
+    which ran the few rows an expert gets in a pass faster than MKL's GEMM and uses both cores for one row (smaller
+    weights: its fixed cost, ~8 us a call, outweighs that); True / False: oneDNN where it applies / MKL (the loop's
+    measured choice, LOOP_GEMM). Measured on the 2-core CPU on 2026-12-05, weights cold, x @ w.T against oneDNN,
     per 3 MB expert (gate_up [512, 1024] + down [1024, 256]), 2 threads: n = 1 240 / 153 us, 8 353 / 243, 16
     419 / 296, 32 546 / 406; 1 thread: n = 1 238 / 228, 8 453 / 398, 32 805 / 728; per [256, 256] weight: n = 1
-    33 / 31, per [128, 128]: 12.7 / 21.4."""
-    if (_ONEDNN and x.device.type == "cpu" and x.dtype == w.dtype == torch.float32
+    33 / 31, per [128, 128]: 12.7 / 21.4. On 2026-12-06, the same VM: n = 1 65 / 99, 4 86 / 138, 16 252 / 208."""
+    if (_ONEDNN and onednn is not False and x.device.type == "cpu" and x.dtype == w.dtype == torch.float32
             and w.numel() * 4 >= ONEDNN_WEIGHT_BYTES):
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w, None, "none", [], "")
     return x @ w.t()
+
+
+class _FasterGemm:
+    """Which GEMM the loop over large experts runs (_mm_t's onednn=True or False), measured in this process per key
+    (the experts' shapes, the power-of-two bucket of rows per used expert, the thread count): the first ROUNDS calls
+    of each choice alternate and are timed (whole calls: every used expert's weights as cold as in use), then the
+    choice with the lower best time is kept. MKL and oneDNN trade places by machine and by day: on the same 2-core VM
+    oneDNN took 0.6x MKL's time per 3 MB expert at one row on 2026-12-05 and 1.5x on 2026-12-06."""
+
+    ROUNDS = 3
+
+    def __init__(self, clock=time.perf_counter):
+        self.clock = clock
+        self.times: dict[tuple, dict[bool, list[float]]] = {}
+        self.kept: dict[tuple, bool] = {}
+
+    def run(self, key: tuple, fn):
+        """fn(onednn) for `key`'s kept choice, or while measuring the choice that has run less."""
+        kept = self.kept.get(key)
+        if kept is not None:
+            return fn(kept)
+        times = self.times.setdefault(key, {True: [], False: []})
+        onednn = len(times[True]) <= len(times[False])
+        t0 = self.clock()
+        out = fn(onednn)
+        times[onednn].append(self.clock() - t0)
+        if all(len(t) >= self.ROUNDS for t in times.values()):
+            self.kept[key] = min(times, key=lambda c: min(times[c]))
+        return out
+
+
+LOOP_GEMM = _FasterGemm()
 
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
@@ -264,18 +299,28 @@ def fused_experts_torch(hidden, topk_ids, topk_weights, w_gate_up, w_down, activ
         return _grouped_gemm(hidden, topk_ids, topk_weights, w_gate_up, w_down, activation, b_gate_up, b_down,
                              interleaved, alpha, limit, w_up)
 
-    def gate_up_fn(e, x):  # x [n, H] fp32
-        gate_up = _mm_t(x, _up(w_gate_up[e]))  # [n, 2I] (gate rows only with w_up)
-        if w_up is not None:
-            gate_up = torch.cat([gate_up, _mm_t(x, _up(w_up[e]))], dim=-1)
-        return gate_up + _up(b_gate_up[e]) if b_gate_up is not None else gate_up
+    def loop(onednn):
+        def gate_up_fn(e, x):  # x [n, H] fp32
+            gate_up = _mm_t(x, _up(w_gate_up[e]), onednn)  # [n, 2I] (gate rows only with w_up)
+            if w_up is not None:
+                gate_up = torch.cat([gate_up, _mm_t(x, _up(w_up[e]), onednn)], dim=-1)
+            return gate_up + _up(b_gate_up[e]) if b_gate_up is not None else gate_up
 
-    def down_fn(e, a):  # a [n, I] fp32
-        y = _mm_t(a, _up(w_down[e]))  # [n, H]
-        return y + _up(b_down[e]) if b_down is not None else y
+        def down_fn(e, a):  # a [n, I] fp32
+            y = _mm_t(a, _up(w_down[e]), onednn)  # [n, H]
+            return y + _up(b_down[e]) if b_down is not None else y
 
-    return _grouped(hidden, topk_ids, topk_weights, w_gate_up.shape[0], gate_up_fn, down_fn, activation, interleaved,
-                    alpha, limit)
+        return _grouped(hidden, topk_ids, topk_weights, w_gate_up.shape[0], gate_up_fn, down_fn, activation,
+                        interleaved, alpha, limit)
+
+    weights = [w for w in (w_gate_up, w_down, w_up) if w is not None]
+    if not (_ONEDNN and hidden.device.type == "cpu" and all(
+            w.dtype == torch.float32 and w[0].numel() * 4 >= ONEDNN_WEIGHT_BYTES for w in weights)):
+        return loop(None)  # oneDNN does not apply here: MKL, nothing to measure
+    ids = topk_ids[topk_ids >= 0]
+    rows = -(-ids.numel() // max(int(torch.unique(ids).numel()), 1))  # rows per used expert, what the GEMMs see
+    key = (*(tuple(w.shape[1:]) for w in weights), 1 << (rows - 1).bit_length(), torch.get_num_threads())
+    return LOOP_GEMM.run(key, loop)
 
 
 def _list_torch(hidden, topk_ids, topk_weights, gate, up, down, activation, alpha, limit) -> torch.Tensor:

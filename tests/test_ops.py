@@ -275,6 +275,50 @@ def test_large_experts_loop_in_grad_mode_and_bf16():
     torch.testing.assert_close(half.float(), full, rtol=1.6e-2, atol=1e-2)
 
 
+
+def test_large_experts_loop_keeps_the_gemm_measured_faster(monkeypatch):
+    """The loop over large fp32 experts times oneDNN's and MKL's GEMM on its first calls (alternating, ROUNDS each)
+    and keeps the faster per (shapes, rows per expert bucket, threads); every call equals the dense reference."""
+    from moe_spec_compile import experts_op
+
+    if not experts_op._ONEDNN:
+        pytest.skip("no oneDNN in this torch: MKL is the only GEMM")
+    now = [0.0]
+    monkeypatch.setattr(experts_op, "LOOP_GEMM", experts_op._FasterGemm(clock=lambda: now[0]))
+    mm_t, used = experts_op._mm_t, []
+
+    def costing(onednn_s, mkl_s):  # _mm_t on a virtual clock: each product costs this many seconds
+        def timed_mm_t(x, w, onednn=None):
+            used.append(onednn)
+            now[0] += onednn_s if onednn else mkl_s
+            return mm_t(x, w, onednn)
+        return timed_mm_t
+
+    monkeypatch.setattr(experts_op, "_mm_t", costing(4.0, 1.0))
+    torch.manual_seed(6)
+    e, k, h, i, t = 4, 2, 256, 256, 6  # 768 KB per fp32 expert: the loop, both GEMMs candidates
+    hidden, weights = torch.randn(t, h), torch.rand(t, k)
+    ids = torch.stack([torch.randperm(e)[:k] for _ in range(t)])
+    wgu, wd = torch.randn(e, 2 * i, h) / h ** 0.5, torch.randn(e, h, i) / i ** 0.5
+    want = experts_op._dense(hidden, ids, weights, wgu, wd, "silu", None, None, False, 1.702, 7.0, None)
+    per_call = []
+    for _ in range(2 * experts_op._FasterGemm.ROUNDS + 2):
+        used.clear()
+        with torch.no_grad():
+            got = torch.ops.moespec.fused_experts(hidden, ids, weights, wgu, wd)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        per_call.append(set(used))
+    rounds = 2 * experts_op._FasterGemm.ROUNDS
+    assert per_call[:rounds] == [{True}, {False}] * experts_op._FasterGemm.ROUNDS  # measuring: alternate
+    assert per_call[rounds:] == [{False}, {False}] and list(experts_op.LOOP_GEMM.kept.values()) == [False]
+    monkeypatch.setattr(experts_op, "LOOP_GEMM", experts_op._FasterGemm(clock=lambda: now[0]))
+    monkeypatch.setattr(experts_op, "_mm_t", costing(1.0, 4.0))  # another machine: oneDNN the faster
+    for _ in range(rounds + 1):
+        with torch.no_grad():
+            torch.ops.moespec.fused_experts(hidden, ids, weights, wgu, wd)
+    assert list(experts_op.LOOP_GEMM.kept.values()) == [True]
+
+
 # weight layouts, activations and dtypes the small-pass paths are checked on against the loop over experts
 _SMALL_PASS_VARIANTS = [(False, False, False, "silu", torch.float32),
                         (True, False, True, "swiglu_clamp", torch.float32),
