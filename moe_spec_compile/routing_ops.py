@@ -228,7 +228,8 @@ def _fill_ids(ids: torch.Tensor, dropped: torch.Tensor, keep: torch.Tensor) -> t
     return torch.where(drop, fill.gather(1, nth), flat).reshape(ids.shape).to(ids.dtype)
 
 
-def _apply(ids, weights, keep, to_empty: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def apply_keep(ids, weights, keep, to_empty: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """budget_apply's math (no recorded events): what the op runs and what a lowered graph traces (passes/lower.py)."""
     dropped = keep[ids.long()] == 0  # [..., k]; never true under substitute (every slot lies in A)
     new_weights = weights.masked_fill(dropped, 0)
     return (ids.masked_fill(dropped, -1) if to_empty else _fill_ids(ids, dropped, keep)), new_weights
@@ -242,7 +243,7 @@ def budget_apply(
     to_empty: bool,  # True: dropped slots get id -1 (fused_experts); False: distinct unused experts of A
     site: int = -1,  # names the block in recorded events (naming.site_names)
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    new_ids, new_weights = _apply(ids, weights, keep, to_empty)
+    new_ids, new_weights = apply_keep(ids, weights, keep, to_empty)
     if record.active() and not (ids.is_cuda and torch.cuda.is_current_stream_capturing()):
         k = ids.shape[-1] if ids.dim() else 1
         size = int(keep.sum())
@@ -275,7 +276,7 @@ torch.library.register_autograd("moespec::budget_apply", _backward_apply, setup_
 # budget_topk and budget_apply are opaque to inductor: every routing site costs two Python custom-op calls of ~30
 # small aten ops each, and splits the graph's fusions around them (bundled target, 17-token pass, 2-core CPU: ~470 us
 # a layer under a budget, where the rest of the pass costs ~380). In a graph inductor compiles they become calls of
-# select_in_graph / apply_in_graph (passes/lower.py), which inductor traces and fuses: the budget tables and the
+# select_in_graph / apply_keep (passes/lower.py), which inductor traces and fuses: the budget tables and the
 # graph's slot per site arrive as graph inputs (naming.Sites writes the slots), the counters are updated in place on
 # the device, and nothing reads the host. What needs the host (recorded events, offload's resident-only passes,
 # other policies than the graph was traced under) runs the graph with the ops instead (backend).
@@ -304,7 +305,3 @@ def select_in_graph(x, scores, c, share, cap, tokens, stats, slots, k: int, scor
     stats.index_add_(0, slot, _count_row(num_tokens, indices, keep, natural_i, size)[None])
     return values, indices, keep.long()
 
-
-def apply_in_graph(ids, weights, keep, to_empty: bool):
-    """budget_apply without recorded events."""
-    return _apply(ids, weights, keep, to_empty)

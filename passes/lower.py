@@ -1,7 +1,7 @@
 """Lowering for inductor: a copy of the rewritten graph whose moespec ops run as plain tensor code.
 
     budget_topk(x, scores, ..., site)  ->  select_in_graph(x, scores, c, share, cap, tokens, stats, slots, ..., site)
-    budget_apply(ids, w, keep, ...)    ->  apply_in_graph(ids, w, keep, to_empty)
+    budget_apply(ids, w, keep, ...)    ->  apply_keep(ids, w, keep, to_empty)
     fused_experts(...)                 ->  experts_in_graph(...)        (where experts_op.in_graph_pays)
 
 The ops are opaque to inductor: Python calls of many small aten ops that split the graph's fusions. Their in-graph
@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 
 from moe_spec_compile.experts_op import experts_in_graph, in_graph_pays
-from moe_spec_compile.routing_ops import apply_in_graph, select_in_graph
+from moe_spec_compile.routing_ops import apply_keep, select_in_graph
 
 from .graph_utils import call, meta_val
 
@@ -55,7 +55,7 @@ def in_graph(gm: fx.GraphModule, tables: dict[str, torch.Tensor], slots: torch.T
             target, args = select_in_graph, (x, scores, *extra, k, score_fn, policy, max_tokens, sorted_, token_mask,
                                              site, score)
         elif old.target is torch.ops.moespec.budget_apply.default:
-            target, args = apply_in_graph, tuple(new.args[:4])
+            target, args = apply_keep, tuple(new.args[:4])
         elif old.target is torch.ops.moespec.fused_experts.default and _experts_pay(new):
             target, args = experts_in_graph, new.args
         else:

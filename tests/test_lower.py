@@ -125,3 +125,25 @@ def test_a_lowering_that_fails_runs_the_ops(monkeypatch):
     assert "moespec::budget_topk" in called
     with torch.no_grad(), reference_budget(model, 5, "substitute"):
         _close(got, model(x, use_cache=False).logits)
+
+
+def test_a_padded_batch_votes_without_its_padding(qwen):
+    """Two rows, the second left-padded: the lowered graph reads the attention mask (padding does not vote for the
+    budget set) as the ops do; the real positions' logits equal the ops', the padding changes the budget set of
+    neither."""
+    _model, lowered, with_ops, _e, _k = qwen
+    x = torch.cat([_ids(4, seed=7), _ids(4, seed=8)])
+    mask = torch.ones_like(x)
+    mask[1, :2] = 0
+    with torch.no_grad(), msc.budget(5):
+        lowered(x, attention_mask=mask, use_cache=False)
+        called = _moespec_ops_called(lambda: lowered(x, attention_mask=mask, use_cache=False))
+        got = lowered(x, attention_mask=mask, use_cache=False).logits
+        want = with_ops(x, attention_mask=mask, use_cache=False).logits
+        x_other = x.clone()
+        x_other[1, :2] = (x[1, :2] + 11) % VOCAB  # other tokens under the padding
+        other = lowered(x_other, attention_mask=mask, use_cache=False).logits
+    assert called == set(), called
+    real = mask.bool()
+    _close(got[real], want[real])
+    _close(other[real], got[real])
